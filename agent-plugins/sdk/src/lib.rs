@@ -1,0 +1,238 @@
+//! The contract between the agent runtime and its executors.
+//!
+//! An executor knows how to make one kind of target (docker host, compose project, ssh host, ...)
+//! run exactly the digests a verified job names. The agent has already checked the job's
+//! signature, audience, expiry and sequence before it calls anything here, so executors deal
+//! only with the target. Executors depend on this crate alone: never on the agent, the
+//! control plane, or each other.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// File name of the version sticker written on every target after a deployment.
+pub const STICKER_FILE_NAME: &str = "stella.version.json";
+/// Schema tag carried inside every sticker, so readers can refuse what they do not understand.
+pub const STICKER_SCHEMA: &str = "stella.version/v1";
+
+/// Where a job runs, as the control plane defined it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TargetRef {
+    pub name: String,
+    /// Executor kind, e.g. `docker`.
+    pub kind: String,
+    /// Executor-specific settings, validated by the executor (`Executor::validate_config`).
+    #[serde(default)]
+    pub config: serde_json::Value,
+}
+
+/// One component of a release: an image repository pinned to a digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComponentSpec {
+    pub name: String,
+    /// Repository, optionally with a tag (`demo/app` or `demo/app:1`). Informational: the digest decides.
+    pub image: String,
+    /// `sha256:<64 hex>`.
+    pub digest: String,
+}
+
+/// Everything an executor needs to put a release on a target.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeploySpec {
+    pub job_id: String,
+    pub deployment_id: String,
+    pub release_id: String,
+    pub release_name: String,
+    pub target: TargetRef,
+    pub components: Vec<ComponentSpec>,
+}
+
+/// What happened to one component during a deploy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ComponentAction {
+    /// Nothing ran for this component before; a new workload was started.
+    Created,
+    /// A workload of another release/digest was replaced.
+    Replaced,
+    /// The workload already ran the wanted digest for this release: nothing was touched.
+    Unchanged,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComponentOutcome {
+    pub name: String,
+    pub digest: String,
+    /// Executor-specific id of the workload (container id, service ARN, ...).
+    pub workload_id: String,
+    pub action: ComponentAction,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployOutcome {
+    pub components: Vec<ComponentOutcome>,
+    pub duration_ms: u64,
+}
+
+/// One Stella-managed workload as it really is on the target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryItem {
+    pub component: String,
+    /// The digest the workload really runs (not the one it was asked to run).
+    pub digest: String,
+    /// e.g. `running`, `exited`, `created`.
+    pub state: String,
+    /// `healthy` / `unhealthy` / `starting` where the workload has a health check.
+    pub health: Option<String>,
+    pub workload_id: String,
+    pub release_id: Option<String>,
+    pub deployment_id: Option<String>,
+}
+
+/// `stella.version.json`: which release, which digests, which deployment a target runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionSticker {
+    pub schema: String,
+    pub target: String,
+    pub release_id: String,
+    pub release_name: String,
+    pub deployment_id: String,
+    pub job_id: String,
+    pub components: Vec<ComponentSpec>,
+    /// RFC 3339.
+    pub written_at: String,
+}
+
+impl VersionSticker {
+    pub fn for_deploy(spec: &DeploySpec, written_at: String) -> Self {
+        Self {
+            schema: STICKER_SCHEMA.to_string(),
+            target: spec.target.name.clone(),
+            release_id: spec.release_id.clone(),
+            release_name: spec.release_name.clone(),
+            deployment_id: spec.deployment_id.clone(),
+            job_id: spec.job_id.clone(),
+            components: spec.components.clone(),
+            written_at,
+        }
+    }
+}
+
+/// Host-side context handed to executors when the agent builds them.
+#[derive(Debug, Clone)]
+pub struct ExecutorContext {
+    /// A directory the executor may use for its own state (stickers of local targets, caches).
+    /// It lives under the agent's data directory and survives agent restarts.
+    pub state_dir: PathBuf,
+}
+
+/// Receives human-readable progress lines while a job runs; the agent forwards them to the plane.
+pub trait ProgressSink: Send + Sync {
+    fn progress(&self, message: &str);
+}
+
+/// A sink that drops everything; handy for inventory-only callers and tests.
+pub struct NoProgress;
+
+impl ProgressSink for NoProgress {
+    fn progress(&self, _message: &str) {}
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("invalid target configuration: {0}")]
+    InvalidConfig(String),
+    #[error("component {component}: image {image} runs as {actual} but the job requires {expected}")]
+    DigestMismatch {
+        component: String,
+        image: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("component {component}: no image with digest {digest} is available ({detail})")]
+    ImageUnavailable {
+        component: String,
+        digest: String,
+        detail: String,
+    },
+    #[error("component {component} did not become ready: {detail}; log tail:\n{log_tail}")]
+    Unhealthy {
+        component: String,
+        detail: String,
+        log_tail: String,
+    },
+    #[error("timed out after {seconds}s: {what}")]
+    Timeout { what: String, seconds: u64 },
+    #[error("executor backend error: {0}")]
+    Backend(String),
+    #[error("sticker I/O: {0}")]
+    Sticker(String),
+}
+
+impl PluginError {
+    /// Stable machine-readable code, used in job results and metrics labels.
+    pub fn reason_code(&self) -> &'static str {
+        match self {
+            PluginError::InvalidConfig(_) => "invalid_target_config",
+            PluginError::DigestMismatch { .. } => "digest_mismatch",
+            PluginError::ImageUnavailable { .. } => "image_unavailable",
+            PluginError::Unhealthy { .. } => "unhealthy",
+            PluginError::Timeout { .. } => "timeout",
+            PluginError::Backend(_) => "backend_error",
+            PluginError::Sticker(_) => "sticker_error",
+        }
+    }
+}
+
+/// One executor kind. Every operation is an "ensure": running it twice has the effect of once.
+#[async_trait::async_trait]
+pub trait Executor: Send + Sync {
+    /// The capability this executor gives its agent, e.g. `docker`.
+    fn kind(&self) -> &'static str;
+
+    /// Checks a target's configuration without touching the target.
+    fn validate_config(&self, target: &TargetRef) -> Result<(), PluginError>;
+
+    /// Makes the target run exactly `spec.components` at their digests, replacing what the
+    /// previous release ran, and waits until the workloads are running (and healthy where they
+    /// declare a health check). Refuses before changing anything when a digest cannot be honoured.
+    async fn deploy(
+        &self,
+        spec: &DeploySpec,
+        progress: &dyn ProgressSink,
+    ) -> Result<DeployOutcome, PluginError>;
+
+    /// What Stella-managed workloads really run on the target.
+    async fn inventory(&self, target: &TargetRef) -> Result<Vec<InventoryItem>, PluginError>;
+
+    async fn write_sticker(
+        &self,
+        target: &TargetRef,
+        sticker: &VersionSticker,
+    ) -> Result<(), PluginError>;
+
+    async fn read_sticker(&self, target: &TargetRef) -> Result<Option<VersionSticker>, PluginError>;
+}
+
+/// Checks the `sha256:<64 lowercase hex>` shape every digest in Stella has.
+pub fn is_valid_digest(digest: &str) -> bool {
+    match digest.strip_prefix("sha256:") {
+        Some(hex) => hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_shape() {
+        assert!(is_valid_digest(&format!("sha256:{}", "a".repeat(64))));
+        assert!(!is_valid_digest(&format!("sha256:{}", "A".repeat(64))));
+        assert!(!is_valid_digest(&format!("sha256:{}", "a".repeat(63))));
+        assert!(!is_valid_digest(&format!("sha512:{}", "a".repeat(64))));
+        assert!(!is_valid_digest("latest"));
+    }
+}

@@ -1,0 +1,250 @@
+//! The agent's durable memory of work, so that nothing accepted is lost or done twice:
+//!
+//! - `journal/state.json`: the highest job sequence accepted (replay protection across restarts);
+//! - `journal/<job>.json`: each accepted job, its envelope digest and, once done, its result
+//!   (a re-offer of a finished job gets the stored result back instead of running again);
+//! - `spool/<job>.json`: results the plane has not acknowledged yet; re-sent on every session.
+//!
+//! Every write is atomic and fsynced before the agent tells the plane anything about it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{read_json, write_json};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JournalStatus {
+    Accepted,
+    Finished,
+}
+
+/// A job result as stored on disk (the wire message is built from it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredResult {
+    pub job_id: String,
+    /// `succeeded`, `failed` or `refused`.
+    pub status: String,
+    pub reason_code: String,
+    pub message: String,
+    pub outcome_json: String,
+    pub envelope_digest: String,
+    pub started_at_unix_ms: i64,
+    pub finished_at_unix_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JournalEntry {
+    pub job_id: String,
+    pub sequence: u64,
+    pub envelope_digest: String,
+    pub status: JournalStatus,
+    pub result: Option<StoredResult>,
+    /// The verified envelope, kept so an interrupted job can be resumed after a restart.
+    pub envelope: String,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct SequenceState {
+    last_sequence: u64,
+}
+
+pub struct Journal {
+    dir: PathBuf,
+    spool: PathBuf,
+    last_sequence: u64,
+    entries: BTreeMap<String, JournalEntry>,
+}
+
+fn safe_name(job_id: &str) -> Option<String> {
+    let ok = !job_id.is_empty()
+        && job_id.len() <= 128
+        && job_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    ok.then(|| job_id.to_string())
+}
+
+impl Journal {
+    pub fn open(dir: PathBuf, spool: PathBuf) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        std::fs::create_dir_all(&spool)?;
+        let state_path = dir.join("state.json");
+        let last_sequence = if state_path.exists() {
+            read_json::<SequenceState>(&state_path)
+                .map_err(std::io::Error::other)?
+                .last_sequence
+        } else {
+            0
+        };
+        let mut entries = BTreeMap::new();
+        for item in std::fs::read_dir(&dir)? {
+            let path = item?.path();
+            let is_entry = path.extension().is_some_and(|e| e == "json")
+                && path.file_name().is_some_and(|n| n != "state.json");
+            if !is_entry {
+                continue;
+            }
+            match read_json::<JournalEntry>(&path) {
+                Ok(entry) => {
+                    entries.insert(entry.job_id.clone(), entry);
+                }
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "unreadable journal entry skipped"),
+            }
+        }
+        Ok(Self {
+            dir,
+            spool,
+            last_sequence,
+            entries,
+        })
+    }
+
+    pub fn last_sequence(&self) -> u64 {
+        self.last_sequence
+    }
+
+    pub fn get(&self, job_id: &str) -> Option<&JournalEntry> {
+        self.entries.get(job_id)
+    }
+
+    /// Jobs accepted and not finished (interrupted by a restart, or running now).
+    pub fn in_flight(&self) -> Vec<JournalEntry> {
+        self.entries
+            .values()
+            .filter(|e| e.status == JournalStatus::Accepted)
+            .cloned()
+            .collect()
+    }
+
+    /// Records acceptance and advances the sequence, durably, before the job runs.
+    pub fn accept(&mut self, entry: JournalEntry) -> std::io::Result<()> {
+        let name = safe_name(&entry.job_id)
+            .ok_or_else(|| std::io::Error::other("job id not usable as a file name"))?;
+        write_json(&self.dir.join(format!("{name}.json")), &entry)?;
+        if entry.sequence > self.last_sequence {
+            write_json(
+                &self.dir.join("state.json"),
+                &SequenceState {
+                    last_sequence: entry.sequence,
+                },
+            )?;
+            self.last_sequence = entry.sequence;
+        }
+        self.entries.insert(entry.job_id.clone(), entry);
+        Ok(())
+    }
+
+    /// Stores a result: in the journal (if the job was accepted) and in the spool until acked.
+    pub fn finish(&mut self, result: StoredResult) -> std::io::Result<()> {
+        let name = safe_name(&result.job_id)
+            .ok_or_else(|| std::io::Error::other("job id not usable as a file name"))?;
+        write_json(&self.spool.join(format!("{name}.json")), &result)?;
+        if let Some(entry) = self.entries.get_mut(&result.job_id) {
+            entry.status = JournalStatus::Finished;
+            entry.result = Some(result);
+            write_json(&self.dir.join(format!("{name}.json")), &*entry)?;
+        }
+        Ok(())
+    }
+
+    /// Results not yet acknowledged by the plane.
+    pub fn spooled(&self) -> Vec<StoredResult> {
+        let mut out = Vec::new();
+        let Ok(items) = std::fs::read_dir(&self.spool) else {
+            return out;
+        };
+        for item in items.flatten() {
+            let path = item.path();
+            if path.extension().is_some_and(|e| e == "json") {
+                match read_json::<StoredResult>(&path) {
+                    Ok(r) => out.push(r),
+                    Err(e) => tracing::warn!(path = %path.display(), error = %e, "unreadable spooled result skipped"),
+                }
+            }
+        }
+        out.sort_by_key(|r| r.finished_at_unix_ms);
+        out
+    }
+
+    /// The plane persisted this result: it may leave the spool.
+    pub fn acknowledge(&mut self, job_id: &str) -> std::io::Result<()> {
+        if let Some(name) = safe_name(job_id) {
+            match std::fs::remove_file(self.spool.join(format!("{name}.json"))) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Refusals of envelopes whose job id is unusable as a file name are sent but not spooled.
+    pub fn can_spool(job_id: &str) -> bool {
+        safe_name(job_id).is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(job: &str) -> StoredResult {
+        StoredResult {
+            job_id: job.to_string(),
+            status: "succeeded".to_string(),
+            reason_code: String::new(),
+            message: String::new(),
+            outcome_json: "{}".to_string(),
+            envelope_digest: "sha256:00".to_string(),
+            started_at_unix_ms: 1,
+            finished_at_unix_ms: 2,
+        }
+    }
+
+    #[test]
+    fn survives_reopen_and_spools_until_acknowledged() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (j, s) = (tmp.path().join("journal"), tmp.path().join("spool"));
+        let mut journal = Journal::open(j.clone(), s.clone()).unwrap();
+        journal
+            .accept(JournalEntry {
+                job_id: "job_1".into(),
+                sequence: 7,
+                envelope_digest: "sha256:aa".into(),
+                status: JournalStatus::Accepted,
+                result: None,
+                envelope: "{}".into(),
+            })
+            .unwrap();
+        drop(journal);
+
+        let mut journal = Journal::open(j.clone(), s.clone()).unwrap();
+        assert_eq!(journal.last_sequence(), 7);
+        assert_eq!(journal.in_flight().len(), 1);
+        journal.finish(result("job_1")).unwrap();
+        assert!(journal.in_flight().is_empty());
+        drop(journal);
+
+        let mut journal = Journal::open(j.clone(), s.clone()).unwrap();
+        assert_eq!(journal.spooled().len(), 1);
+        assert_eq!(
+            journal.get("job_1").and_then(|e| e.result.clone()),
+            Some(result("job_1"))
+        );
+        journal.acknowledge("job_1").unwrap();
+        drop(journal);
+        let journal = Journal::open(j, s).unwrap();
+        assert!(journal.spooled().is_empty());
+        assert_eq!(journal.last_sequence(), 7);
+    }
+
+    #[test]
+    fn refuses_path_like_job_ids() {
+        assert!(!Journal::can_spool("../etc/passwd"));
+        assert!(!Journal::can_spool(""));
+        assert!(Journal::can_spool("job_abc-1"));
+    }
+}

@@ -1,0 +1,132 @@
+//! `stella-agent`: enroll once, then run. The agent only dials out.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use stella_agent::config::DataDir;
+use stella_agent::enroll::{self, EnrollOptions};
+use stella_agent::executors;
+use stella_agent::runtime::{self, RunOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "stella-agent",
+    version,
+    about = "Stella agent: runs signed jobs from a Stella control plane on this host",
+    long_about = "Stella agent.\n\nEnroll once with a join token (`stella token create` on the plane prints one with the \
+CA fingerprint), then `run`. The agent generates its private key here, dials out to the plane \
+(no inbound port is needed) and verifies every job's signature, audience, expiry and sequence \
+before it acts."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Enroll this host: generate a key, send a CSR with the join token, store the identity.
+    Enroll {
+        /// The control plane's API URL, e.g. https://plane.example:7443.
+        #[arg(long, env = "STELLA_SERVER")]
+        server: String,
+        /// One-time join token.
+        #[arg(long, env = "STELLA_JOIN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// sha256 fingerprint of the plane's CA, printed with the token; the only CA trusted.
+        #[arg(long)]
+        ca_fingerprint: String,
+        /// Where the agent keeps its identity and state.
+        #[arg(long, env = "STELLA_AGENT_DATA_DIR", default_value = "/var/lib/stella-agent")]
+        data_dir: PathBuf,
+        /// Agent name (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Label to request (repeatable, k=v); labels from the join token take precedence.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Executors not to offer even if available (repeatable, e.g. docker).
+        #[arg(long = "disable")]
+        disabled: Vec<String>,
+    },
+    /// Run the agent: hold a session with the plane and execute jobs until stopped.
+    Run {
+        #[arg(long, env = "STELLA_AGENT_DATA_DIR", default_value = "/var/lib/stella-agent")]
+        data_dir: PathBuf,
+        /// Executors not to start even if available (repeatable).
+        #[arg(long = "disable")]
+        disabled: Vec<String>,
+    },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("label {s:?} must be KEY=VALUE"))
+}
+
+async fn shutdown_signal() {
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+    match term {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Enroll { server, token, ca_fingerprint, data_dir, name, labels, disabled } => {
+            let dir = DataDir::new(data_dir);
+            let capabilities = executors::capabilities(&executors::detect(&dir, &disabled).await);
+            let config = enroll::enroll(
+                &dir,
+                EnrollOptions {
+                    server,
+                    token,
+                    ca_fingerprint,
+                    name: name.unwrap_or_else(enroll::hostname),
+                    labels: labels.into_iter().collect::<BTreeMap<_, _>>(),
+                    capabilities: capabilities.clone(),
+                },
+            )
+            .await?;
+            println!("enrolled as agent {} ({})", config.agent_id, config.name);
+            println!("capabilities: {}", if capabilities.is_empty() { "none".to_string() } else { capabilities.join(", ") });
+            println!("agent endpoint: {}", config.agent_endpoint);
+            println!("start it with: stella-agent run --data-dir {}", dir.root.display());
+            Ok(())
+        }
+        Command::Run { data_dir, disabled } => {
+            runtime::run(DataDir::new(data_dir), RunOptions { disabled_executors: disabled }, shutdown_signal()).await
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STELLA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(Cli::parse())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,601 @@
+//! The running agent: one outbound session at a time, reconnecting with capped exponential
+//! backoff and full jitter; jobs verified offline before anything runs; results journaled and
+//! spooled before they are sent, and dropped from the spool only when the plane acknowledges.
+
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use rand::Rng;
+use stella_pki::{JobPayload, JobRefusal, JobVerifier};
+use stella_plugin_sdk::{
+    ComponentSpec, DeploySpec, PluginError, ProgressSink, TargetRef, VersionSticker,
+};
+use stella_proto::agent_message::Body as AgentBody;
+use stella_proto::agent_session_client::AgentSessionClient;
+use stella_proto::plane_message::Body as PlaneBody;
+use stella_proto::{
+    AgentMessage, Heartbeat, Hello, InventoryReport, JobAccepted, JobOffer, JobProgress,
+    JobResult, JobStatus, TargetInventory, Workload,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+use crate::config::{AgentConfig, DataDir, read_json, write_json};
+use crate::executors::{self, Executors};
+use crate::journal::{Journal, JournalEntry, JournalStatus, StoredResult};
+
+const BACKOFF_BASE: Duration = Duration::from_millis(500);
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
+const INVENTORY_INTERVAL: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Executors not to start even when their backend is reachable.
+    pub disabled_executors: Vec<String>,
+}
+
+struct WorkItem {
+    payload: JobPayload,
+    envelope_digest: String,
+}
+
+struct Shared {
+    config: AgentConfig,
+    verifier: JobVerifier,
+    executors: Executors,
+    journal: Mutex<Journal>,
+    targets: Mutex<BTreeMap<String, TargetRef>>,
+    dir: DataDir,
+    uplink: mpsc::UnboundedSender<AgentMessage>,
+    work: mpsc::UnboundedSender<WorkItem>,
+    /// Held while a job executes, so shutdown can wait for the current step to finish.
+    busy: tokio::sync::Mutex<()>,
+    running: Mutex<HashSet<String>>,
+}
+
+fn now_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+fn msg(body: AgentBody) -> AgentMessage {
+    AgentMessage { body: Some(body) }
+}
+
+fn result_message(r: &StoredResult) -> AgentMessage {
+    let status = match r.status.as_str() {
+        "succeeded" => JobStatus::Succeeded,
+        "refused" => JobStatus::Refused,
+        _ => JobStatus::Failed,
+    };
+    msg(AgentBody::Result(JobResult {
+        job_id: r.job_id.clone(),
+        status: status as i32,
+        reason_code: r.reason_code.clone(),
+        message: r.message.clone(),
+        outcome_json: r.outcome_json.clone(),
+        envelope_digest: r.envelope_digest.clone(),
+        started_at_unix_ms: r.started_at_unix_ms,
+        finished_at_unix_ms: r.finished_at_unix_ms,
+    }))
+}
+
+/// Runs the agent until `shutdown` resolves.
+pub async fn run(
+    dir: DataDir,
+    options: RunOptions,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    stella_pki::install_crypto_provider();
+    let config = dir.load_config()?;
+    let trusted = dir.load_trust()?;
+    let cert_pem = dir.read_text(&dir.cert_file())?;
+    let key_pem = dir.read_text(&dir.key_file())?;
+    let ca_pem = dir.read_text(&dir.ca_file())?;
+    let executors = executors::detect(&dir, &options.disabled_executors).await;
+    let journal = Journal::open(dir.journal_dir(), dir.spool_dir()).context("opening the job journal")?;
+    let targets: BTreeMap<String, TargetRef> = if dir.targets_file().exists() {
+        read_json(&dir.targets_file())?
+    } else {
+        BTreeMap::new()
+    };
+
+    let (uplink_tx, mut uplink_rx) = mpsc::unbounded_channel();
+    let (work_tx, work_rx) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared {
+        verifier: JobVerifier {
+            agent_id: config.agent_id.clone(),
+            trusted,
+            capabilities: executors::capabilities(&executors),
+        },
+        config,
+        executors,
+        journal: Mutex::new(journal),
+        targets: Mutex::new(targets),
+        dir,
+        uplink: uplink_tx,
+        work: work_tx,
+        busy: tokio::sync::Mutex::new(()),
+        running: Mutex::new(HashSet::new()),
+    });
+    tracing::info!(agent_id = %shared.config.agent_id, endpoint = %shared.config.agent_endpoint,
+        capabilities = ?shared.verifier.capabilities, "agent starting");
+
+    // Jobs accepted before a restart and not finished: run them again (every step is an ensure).
+    let resumed = lock(&shared.journal).in_flight();
+    for entry in resumed {
+        match serde_json::from_str::<stella_pki::Envelope>(&entry.envelope)
+            .ok()
+            .and_then(|env| stella_pki::decode_payload(&env).ok())
+            .and_then(|bytes| serde_json::from_slice::<JobPayload>(&bytes).ok())
+        {
+            Some(payload) => {
+                tracing::info!(job_id = %entry.job_id, "resuming a job interrupted by a restart");
+                let _ = shared.work.send(WorkItem {
+                    payload,
+                    envelope_digest: entry.envelope_digest.clone(),
+                });
+            }
+            None => tracing::error!(job_id = %entry.job_id, "journal entry unreadable; job cannot resume"),
+        }
+    }
+    let worker = tokio::spawn(worker(shared.clone(), work_rx));
+
+    let identity = Identity::from_pem(cert_pem, key_pem);
+    let ca = Certificate::from_pem(ca_pem);
+    tokio::pin!(shutdown);
+    let mut attempt: u32 = 0;
+    loop {
+        let outcome = tokio::select! {
+            _ = &mut shutdown => break,
+            o = session(&shared, identity.clone(), ca.clone(), &mut uplink_rx) => o,
+        };
+        let delay = match outcome {
+            Ok(SessionEnd::Drained(delay)) => {
+                attempt = 0;
+                tracing::info!(?delay, "plane asked us to reconnect later");
+                delay + jitter(Duration::from_millis(500))
+            }
+            Ok(SessionEnd::Closed { established }) => {
+                if established {
+                    attempt = 0;
+                }
+                tracing::warn!("session closed by the plane");
+                backoff(attempt)
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "session failed");
+                backoff(attempt)
+            }
+        };
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+    tracing::info!("agent stopping; waiting for the running job step to finish");
+    let _ = tokio::time::timeout(Duration::from_secs(60), shared.busy.lock()).await;
+    worker.abort();
+    Ok(())
+}
+
+fn jitter(max: Duration) -> Duration {
+    let ms = max.as_millis() as u64;
+    Duration::from_millis(if ms == 0 { 0 } else { rand::thread_rng().gen_range(0..=ms) })
+}
+
+/// Full jitter: uniformly random in [0, min(cap, base * 2^attempt)], so a fleet that lost its
+/// plane at the same moment does not come back at the same moment.
+pub fn backoff(attempt: u32) -> Duration {
+    let exp = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(16));
+    jitter(exp.min(BACKOFF_CAP))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+enum SessionEnd {
+    Drained(Duration),
+    Closed { established: bool },
+}
+
+async fn session(
+    shared: &Arc<Shared>,
+    identity: Identity,
+    ca: Certificate,
+    uplink_rx: &mut mpsc::UnboundedReceiver<AgentMessage>,
+) -> anyhow::Result<SessionEnd> {
+    let endpoint_url = shared.config.agent_endpoint.clone();
+    let host = endpoint_url
+        .trim_start_matches("https://")
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_string())
+        .unwrap_or_else(|| "localhost".to_string());
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(ca)
+        .identity(identity)
+        .domain_name(host);
+    let channel = Endpoint::from_shared(endpoint_url.clone())
+        .with_context(|| format!("invalid agent endpoint {endpoint_url}"))?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(Duration::from_secs(15))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {endpoint_url}"))?;
+    let mut client = AgentSessionClient::new(channel);
+
+    let (out_tx, out_rx) = mpsc::channel::<AgentMessage>(256);
+    let hello = {
+        let journal = lock(&shared.journal);
+        Hello {
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            capabilities: shared.verifier.capabilities.clone(),
+            labels: shared.config.labels.clone().into_iter().collect(),
+            in_flight_job_ids: journal.in_flight().into_iter().map(|e| e.job_id).collect(),
+            last_sequence: journal.last_sequence(),
+            hostname: crate::enroll::hostname(),
+        }
+    };
+    out_tx.send(msg(AgentBody::Hello(hello))).await?;
+    let mut inbound = client
+        .session(ReceiverStream::new(out_rx))
+        .await
+        .context("opening the session")?
+        .into_inner();
+
+    let welcome = match tokio::time::timeout(Duration::from_secs(15), inbound.message()).await {
+        Err(_) => anyhow::bail!("no welcome from the plane within 15s"),
+        Ok(m) => match m?.and_then(|m| m.body) {
+            Some(PlaneBody::Welcome(w)) => w,
+            Some(PlaneBody::Drain(d)) => {
+                return Ok(SessionEnd::Drained(Duration::from_millis(u64::from(d.reconnect_after_ms))));
+            }
+            _ => anyhow::bail!("the plane did not start with a welcome"),
+        },
+    };
+    tracing::info!(agent_id = %welcome.agent_id, "session established");
+    remember_targets(
+        shared,
+        welcome.targets.iter().map(|t| TargetRef {
+            name: t.name.clone(),
+            kind: t.kind.clone(),
+            config: serde_json::from_str(&t.config_json).unwrap_or(serde_json::Value::Null),
+        }),
+    );
+    let heartbeat_every = u64::try_from(welcome.heartbeat_interval_ms)
+        .ok()
+        .filter(|ms| *ms >= 100)
+        .map(Duration::from_millis)
+        .unwrap_or(DEFAULT_HEARTBEAT);
+
+    // Unacknowledged results first: the plane may have lost nothing, but only it can say so.
+    let spooled = lock(&shared.journal).spooled();
+    for r in &spooled {
+        out_tx.send(result_message(r)).await?;
+    }
+    out_tx.send(inventory_message(shared, None).await).await?;
+
+    let mut heartbeat = tokio::time::interval(heartbeat_every);
+    heartbeat.tick().await;
+    let mut inventory = tokio::time::interval(INVENTORY_INTERVAL);
+    inventory.tick().await;
+    loop {
+        tokio::select! {
+            incoming = inbound.message() => {
+                let Some(incoming) = incoming.context("session stream")? else {
+                    return Ok(SessionEnd::Closed { established: true });
+                };
+                match incoming.body {
+                    Some(PlaneBody::Offer(offer)) => handle_offer(shared, offer, &out_tx).await?,
+                    Some(PlaneBody::ResultAck(ack)) => {
+                        if let Err(e) = lock(&shared.journal).acknowledge(&ack.job_id) {
+                            tracing::error!(job_id = %ack.job_id, error = %e, "cannot drop acknowledged result from the spool");
+                        }
+                    }
+                    Some(PlaneBody::Drain(d)) => {
+                        return Ok(SessionEnd::Drained(Duration::from_millis(u64::from(d.reconnect_after_ms))));
+                    }
+                    Some(PlaneBody::Welcome(_)) | None => {}
+                }
+            }
+            Some(up) = uplink_rx.recv() => out_tx.send(up).await?,
+            _ = heartbeat.tick() => {
+                out_tx.send(msg(AgentBody::Heartbeat(Heartbeat { sent_at_unix_ms: now_ms() }))).await?;
+            }
+            _ = inventory.tick() => out_tx.send(inventory_message(shared, None).await).await?,
+        }
+    }
+}
+
+fn remember_targets(shared: &Shared, targets: impl Iterator<Item = TargetRef>) {
+    let mut known = lock(&shared.targets);
+    let mut changed = false;
+    for t in targets {
+        if known.get(&t.name) != Some(&t) {
+            known.insert(t.name.clone(), t);
+            changed = true;
+        }
+    }
+    if changed && let Err(e) = write_json(&shared.dir.targets_file(), &*known) {
+        tracing::warn!(error = %e, "cannot persist the target list");
+    }
+}
+
+async fn handle_offer(
+    shared: &Arc<Shared>,
+    offer: JobOffer,
+    out: &mpsc::Sender<AgentMessage>,
+) -> anyhow::Result<()> {
+    let digest = stella_pki::envelope_digest(&offer.envelope);
+    let known = lock(&shared.journal).get(&offer.job_id).cloned();
+    if let Some(entry) = known {
+        if entry.envelope_digest != digest {
+            let r = refusal(&offer.job_id, &digest, "duplicate_job_id",
+                format!("job {} was already accepted with another envelope; this one is refused", offer.job_id));
+            return send_refusal(shared, r, out).await;
+        }
+        match (entry.status, entry.result) {
+            (JournalStatus::Finished, Some(result)) => {
+                // Idempotency: a re-offer of a finished job gets its stored result, not a re-run.
+                tracing::info!(job_id = %offer.job_id, "re-offered job already ran; returning its stored result");
+                out.send(result_message(&result)).await?;
+            }
+            _ => {
+                out.send(msg(AgentBody::Accepted(JobAccepted { job_id: offer.job_id.clone() }))).await?;
+            }
+        }
+        return Ok(());
+    }
+
+    let last = lock(&shared.journal).last_sequence();
+    let verified = shared
+        .verifier
+        .verify(&offer.envelope, time::OffsetDateTime::now_utc(), last);
+    let (payload, _envelope) = match verified {
+        Ok(v) => v,
+        Err(refused) => {
+            let r = refusal(&offer.job_id, &digest, refused.reason_code(), refused.to_string());
+            return send_refusal(shared, r, out).await;
+        }
+    };
+    if payload.job_id != offer.job_id {
+        let r = refusal(&offer.job_id, &digest, JobRefusal::Malformed(String::new()).reason_code(),
+            format!("offer names job {} but the signed envelope is for job {}", offer.job_id, payload.job_id));
+        return send_refusal(shared, r, out).await;
+    }
+
+    let entry = JournalEntry {
+        job_id: payload.job_id.clone(),
+        sequence: payload.sequence,
+        envelope_digest: digest.clone(),
+        status: JournalStatus::Accepted,
+        result: None,
+        envelope: String::from_utf8_lossy(&offer.envelope).into_owned(),
+    };
+    lock(&shared.journal)
+        .accept(entry)
+        .context("journaling an accepted job")?;
+    tracing::info!(job_id = %payload.job_id, sequence = payload.sequence, target = %payload.target.name, "job verified and accepted");
+    out.send(msg(AgentBody::Accepted(JobAccepted { job_id: payload.job_id.clone() }))).await?;
+    shared
+        .work
+        .send(WorkItem { payload, envelope_digest: digest })
+        .map_err(|_| anyhow::anyhow!("job worker stopped"))?;
+    Ok(())
+}
+
+fn refusal(job_id: &str, digest: &str, reason: &str, message: String) -> StoredResult {
+    let now = now_ms();
+    StoredResult {
+        job_id: job_id.to_string(),
+        status: "refused".to_string(),
+        reason_code: reason.to_string(),
+        message,
+        outcome_json: String::new(),
+        envelope_digest: digest.to_string(),
+        started_at_unix_ms: now,
+        finished_at_unix_ms: now,
+    }
+}
+
+async fn send_refusal(
+    shared: &Arc<Shared>,
+    result: StoredResult,
+    out: &mpsc::Sender<AgentMessage>,
+) -> anyhow::Result<()> {
+    tracing::warn!(job_id = %result.job_id, reason = %result.reason_code, message = %result.message, "job refused; nothing executed");
+    if Journal::can_spool(&result.job_id)
+        && let Err(e) = lock(&shared.journal).finish(result.clone())
+    {
+        tracing::error!(error = %e, "cannot spool a refusal");
+    }
+    out.send(result_message(&result)).await?;
+    Ok(())
+}
+
+struct UplinkProgress {
+    job_id: String,
+    uplink: mpsc::UnboundedSender<AgentMessage>,
+}
+
+impl ProgressSink for UplinkProgress {
+    fn progress(&self, message: &str) {
+        let _ = self.uplink.send(msg(AgentBody::Progress(JobProgress {
+            job_id: self.job_id.clone(),
+            message: message.to_string(),
+            at_unix_ms: now_ms(),
+        })));
+    }
+}
+
+/// Executes jobs one at a time, in the order they were accepted.
+async fn worker(shared: Arc<Shared>, mut work: mpsc::UnboundedReceiver<WorkItem>) {
+    while let Some(item) = work.recv().await {
+        let job_id = item.payload.job_id.clone();
+        if !lock(&shared.running).insert(job_id.clone()) {
+            continue;
+        }
+        let result = {
+            let _busy = shared.busy.lock().await;
+            execute(&shared, &item).await
+        };
+        lock(&shared.running).remove(&job_id);
+        if let Err(e) = lock(&shared.journal).finish(result.clone()) {
+            // The result still goes out; only its durability across a crash is lost, and a
+            // re-offer then re-runs an ensure operation.
+            tracing::error!(job_id = %job_id, error = %e, "cannot journal a job result");
+        }
+        tracing::info!(job_id = %job_id, status = %result.status, reason = %result.reason_code, "job finished");
+        let _ = shared.uplink.send(result_message(&result));
+        let target = item.payload.target.name.clone();
+        let _ = shared.uplink.send(inventory_message(&shared, Some(&target)).await);
+    }
+}
+
+async fn execute(shared: &Shared, item: &WorkItem) -> StoredResult {
+    let started = now_ms();
+    let p = &item.payload;
+    let target = TargetRef {
+        name: p.target.name.clone(),
+        kind: p.target.kind.clone(),
+        config: p.target.config.clone(),
+    };
+    remember_targets(shared, std::iter::once(target.clone()));
+    let finish = |status: &str, reason: &str, message: String, outcome: String| StoredResult {
+        job_id: p.job_id.clone(),
+        status: status.to_string(),
+        reason_code: reason.to_string(),
+        message,
+        outcome_json: outcome,
+        envelope_digest: item.envelope_digest.clone(),
+        started_at_unix_ms: started,
+        finished_at_unix_ms: now_ms(),
+    };
+    let Some(executor) = shared.executors.get(&target.kind) else {
+        return finish("refused", "unsupported_target", format!("no {} executor on this agent", target.kind), String::new());
+    };
+    let spec = DeploySpec {
+        job_id: p.job_id.clone(),
+        deployment_id: p.deployment_id.clone(),
+        release_id: p.release_id.clone(),
+        release_name: p.release_name.clone(),
+        target: target.clone(),
+        components: p
+            .components
+            .iter()
+            .map(|c| ComponentSpec {
+                name: c.name.clone(),
+                image: c.image.clone(),
+                digest: c.digest.clone(),
+            })
+            .collect(),
+    };
+    let progress = UplinkProgress {
+        job_id: p.job_id.clone(),
+        uplink: shared.uplink.clone(),
+    };
+    let failure = |e: PluginError| {
+        // A digest the agent cannot honour is a refusal: nothing was changed on the target.
+        let status = if matches!(e, PluginError::DigestMismatch { .. } | PluginError::InvalidConfig(_)) {
+            "refused"
+        } else {
+            "failed"
+        };
+        let outcome = serde_json::json!({ "error": e.to_string() }).to_string();
+        finish(status, e.reason_code(), e.to_string(), outcome)
+    };
+    if let Err(e) = executor.validate_config(&target) {
+        return failure(e);
+    }
+    let outcome = match executor.deploy(&spec, &progress).await {
+        Ok(o) => o,
+        Err(e) => return failure(e),
+    };
+    let written_at = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    if let Err(e) = executor
+        .write_sticker(&target, &VersionSticker::for_deploy(&spec, written_at))
+        .await
+    {
+        return failure(e);
+    }
+    progress.progress("version sticker written");
+    let outcome_json = serde_json::to_string(&outcome).unwrap_or_default();
+    finish("succeeded", "", String::new(), outcome_json)
+}
+
+async fn inventory_message(shared: &Shared, only: Option<&str>) -> AgentMessage {
+    let targets: Vec<TargetRef> = lock(&shared.targets)
+        .values()
+        .filter(|t| only.is_none_or(|o| o == t.name))
+        .cloned()
+        .collect();
+    let mut report = InventoryReport {
+        observed_at_unix_ms: now_ms(),
+        targets: Vec::new(),
+    };
+    for t in targets {
+        let Some(executor) = shared.executors.get(&t.kind) else {
+            continue;
+        };
+        let mut entry = TargetInventory {
+            target: t.name.clone(),
+            kind: t.kind.clone(),
+            ..Default::default()
+        };
+        match executor.inventory(&t).await {
+            Ok(items) => {
+                entry.workloads = items
+                    .into_iter()
+                    .map(|i| Workload {
+                        component: i.component,
+                        digest: i.digest,
+                        state: i.state,
+                        health: i.health.unwrap_or_default(),
+                        workload_id: i.workload_id,
+                        release_id: i.release_id.unwrap_or_default(),
+                        deployment_id: i.deployment_id.unwrap_or_default(),
+                    })
+                    .collect();
+            }
+            Err(e) => entry.error = e.to_string(),
+        }
+        match executor.read_sticker(&t).await {
+            Ok(Some(s)) => entry.sticker_json = serde_json::to_string(&s).unwrap_or_default(),
+            Ok(None) => {}
+            Err(e) if entry.error.is_empty() => entry.error = e.to_string(),
+            Err(_) => {}
+        }
+        report.targets.push(entry);
+    }
+    msg(AgentBody::Inventory(report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        for attempt in 0..40 {
+            let d = backoff(attempt);
+            assert!(d <= BACKOFF_CAP, "attempt {attempt}: {d:?}");
+            let bound = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(16)).min(BACKOFF_CAP);
+            assert!(d <= bound);
+        }
+        // Full jitter: over many draws at the cap, values spread over the range.
+        let draws: Vec<Duration> = (0..200).map(|_| backoff(20)).collect();
+        assert!(draws.iter().any(|d| *d < BACKOFF_CAP / 2));
+        assert!(draws.iter().any(|d| *d > BACKOFF_CAP / 2));
+    }
+}

@@ -1,0 +1,326 @@
+//! Agents: enrollment by CSR + one-time join token, and the fleet view.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use stella_pki::PublicKeyRecord;
+
+use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
+use crate::store::{new_id, now_ms, rfc3339};
+use crate::tokens::validate_labels;
+
+#[derive(Debug, Deserialize)]
+pub struct EnrollRequest {
+    pub token: String,
+    pub csr_pem: String,
+    pub name: String,
+    #[serde(default)]
+    pub hostname: String,
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub version: String,
+}
+
+/// What an agent pins at enrollment: the CA for mTLS and the keys that sign its jobs.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TrustBundle {
+    pub ca_pem: String,
+    pub job_signing_keys: Vec<PublicKeyRecord>,
+    pub trust_domain: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EnrollResponse {
+    pub agent_id: String,
+    pub cert_pem: String,
+    pub cert_not_after: String,
+    pub spiffe_id: String,
+    pub agent_endpoint: String,
+    pub trust_bundle: TrustBundle,
+    pub labels: BTreeMap<String, String>,
+}
+
+fn validate_name(kind: &str, name: &str) -> ApiResult<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "invalid {kind} name {name:?}: use 1-63 characters from [A-Za-z0-9-_.]"
+        )))
+    }
+}
+
+pub use validate_name as validate_resource_name;
+
+pub async fn enroll(state: &AppState, req: EnrollRequest) -> ApiResult<EnrollResponse> {
+    validate_name("agent", &req.name)?;
+    validate_labels(&req.labels)?;
+    for cap in &req.capabilities {
+        validate_name("capability", cap)?;
+    }
+    let now = now_ms();
+    let hash = stella_pki::hash_token(&req.token);
+    let mut tx = state.db.begin().await?;
+    let row = sqlx::query(
+        "SELECT id, token_hash, labels, max_uses, uses, expires_at FROM join_tokens WHERE token_hash = ?",
+    )
+    .bind(&hash)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = row else {
+        return Err(ApiError::Unauthorized("join token is not valid".to_string()));
+    };
+    let stored: String = row.get("token_hash");
+    if !stella_pki::token_matches(&req.token, &stored) {
+        return Err(ApiError::Unauthorized("join token is not valid".to_string()));
+    }
+    let token_id: String = row.get("id");
+    let uses: i64 = row.get("uses");
+    let max_uses: i64 = row.get("max_uses");
+    let expires_at: i64 = row.get("expires_at");
+    if uses >= max_uses {
+        return Err(ApiError::Unauthorized(
+            "join token has already been used; create a new one with `stella token create`"
+                .to_string(),
+        ));
+    }
+    if expires_at <= now {
+        return Err(ApiError::Unauthorized(format!(
+            "join token expired at {}; create a new one with `stella token create`",
+            rfc3339(expires_at)
+        )));
+    }
+    // Token labels are the operator's word and override what the agent asks for.
+    let token_labels: BTreeMap<String, String> =
+        serde_json::from_str(row.get::<&str, _>("labels")).unwrap_or_default();
+    let mut labels = req.labels.clone();
+    labels.extend(token_labels);
+
+    let agent_id = new_id("agt");
+    let issued = state
+        .keys
+        .ca
+        .sign_agent_csr(
+            &req.csr_pem,
+            &state.keys.trust_domain,
+            &agent_id,
+            state.config.agent_cert_validity,
+        )
+        .map_err(|e| ApiError::BadRequest(format!("certificate signing request refused: {e}")))?;
+    let not_after_ms = (issued.not_after.unix_timestamp_nanos() / 1_000_000) as i64;
+
+    // Consuming the token and creating the agent commit together: a failure leaves the token usable.
+    let consumed = sqlx::query("UPDATE join_tokens SET uses = uses + 1 WHERE id = ? AND uses < max_uses")
+        .bind(&token_id)
+        .execute(&mut *tx)
+        .await?;
+    if consumed.rows_affected() != 1 {
+        return Err(ApiError::Unauthorized(
+            "join token has already been used".to_string(),
+        ));
+    }
+    let labels_json =
+        serde_json::to_string(&labels).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let caps_json = serde_json::to_string(&req.capabilities)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    sqlx::query(
+        "INSERT INTO agents (id, name, hostname, labels, capabilities, version, cert_serial,
+            cert_not_after, status, join_token_id, next_sequence, enrolled_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'enrolled', ?, 0, ?)",
+    )
+    .bind(&agent_id)
+    .bind(&req.name)
+    .bind(&req.hostname)
+    .bind(&labels_json)
+    .bind(&caps_json)
+    .bind(&req.version)
+    .bind(&issued.serial_hex)
+    .bind(not_after_ms)
+    .bind(&token_id)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    tracing::info!(agent_id = %agent_id, name = %req.name, "agent enrolled");
+
+    Ok(EnrollResponse {
+        agent_id,
+        cert_pem: issued.cert_pem,
+        cert_not_after: rfc3339(not_after_ms),
+        spiffe_id: issued.spiffe_id,
+        agent_endpoint: state.config.agent_endpoint.clone(),
+        trust_bundle: TrustBundle {
+            ca_pem: state.keys.ca.cert_pem().to_string(),
+            job_signing_keys: vec![state.keys.job_key.public_key()],
+            trust_domain: state.keys.trust_domain.clone(),
+        },
+        labels,
+    })
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentView {
+    pub id: String,
+    pub name: String,
+    pub hostname: String,
+    /// `connected`, `disconnected` or `revoked`.
+    pub status: String,
+    pub capabilities: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub version: String,
+    pub last_heartbeat: Option<String>,
+    pub cert_not_after: String,
+    pub enrolled_at: String,
+}
+
+/// The parts of an agent row other modules decide on.
+#[derive(Debug, Clone)]
+pub struct AgentRecord {
+    pub id: String,
+    pub name: String,
+    pub status: String,
+    pub cert_serial: String,
+    pub capabilities: Vec<String>,
+}
+
+const AGENT_COLUMNS: &str = "id, name, hostname, labels, capabilities, version, cert_serial, \
+     cert_not_after, status, last_heartbeat, enrolled_at";
+
+fn view_from_row(state: &AppState, row: &sqlx::sqlite::SqliteRow) -> AgentView {
+    let id: String = row.get("id");
+    let status: String = row.get("status");
+    let status = if status == "revoked" {
+        status
+    } else if state.hub.is_connected(&id) {
+        "connected".to_string()
+    } else {
+        "disconnected".to_string()
+    };
+    AgentView {
+        name: row.get("name"),
+        hostname: row.get("hostname"),
+        status,
+        capabilities: serde_json::from_str(row.get::<&str, _>("capabilities")).unwrap_or_default(),
+        labels: serde_json::from_str(row.get::<&str, _>("labels")).unwrap_or_default(),
+        version: row.get("version"),
+        last_heartbeat: row.get::<Option<i64>, _>("last_heartbeat").map(rfc3339),
+        cert_not_after: rfc3339(row.get("cert_not_after")),
+        enrolled_at: rfc3339(row.get("enrolled_at")),
+        id,
+    }
+}
+
+pub async fn list(state: &AppState) -> ApiResult<Vec<AgentView>> {
+    let rows = sqlx::query(&format!(
+        "SELECT {AGENT_COLUMNS} FROM agents ORDER BY enrolled_at, id"
+    ))
+    .fetch_all(&state.db)
+    .await?;
+    Ok(rows.iter().map(|r| view_from_row(state, r)).collect())
+}
+
+/// Finds an agent by id or, when unambiguous, by name.
+pub async fn find(state: &AppState, id_or_name: &str) -> ApiResult<AgentRecord> {
+    let rows = sqlx::query(&format!(
+        "SELECT {AGENT_COLUMNS} FROM agents WHERE id = ? OR name = ? ORDER BY enrolled_at"
+    ))
+    .bind(id_or_name)
+    .bind(id_or_name)
+    .fetch_all(&state.db)
+    .await?;
+    if let Some(row) = rows.iter().find(|r| r.get::<&str, _>("id") == id_or_name) {
+        return Ok(record_from_row(row));
+    }
+    match rows.as_slice() {
+        [] => Err(ApiError::NotFound(format!("agent {id_or_name:?} not found"))),
+        [row] => Ok(record_from_row(row)),
+        _ => Err(ApiError::Conflict(format!(
+            "{} agents are named {id_or_name:?}; use the agent id",
+            rows.len()
+        ))),
+    }
+}
+
+pub async fn view(state: &AppState, id_or_name: &str) -> ApiResult<AgentView> {
+    let record = find(state, id_or_name).await?;
+    let row = sqlx::query(&format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?"))
+        .bind(&record.id)
+        .fetch_one(&state.db)
+        .await?;
+    Ok(view_from_row(state, &row))
+}
+
+fn record_from_row(row: &sqlx::sqlite::SqliteRow) -> AgentRecord {
+    AgentRecord {
+        id: row.get("id"),
+        name: row.get("name"),
+        status: row.get("status"),
+        cert_serial: row.get("cert_serial"),
+        capabilities: serde_json::from_str(row.get::<&str, _>("capabilities")).unwrap_or_default(),
+    }
+}
+
+pub async fn get_record(state: &AppState, agent_id: &str) -> ApiResult<Option<AgentRecord>> {
+    let row = sqlx::query(&format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?"))
+        .bind(agent_id)
+        .fetch_optional(&state.db)
+        .await?;
+    Ok(row.as_ref().map(record_from_row))
+}
+
+/// Records what the agent announced in its hello.
+pub async fn record_hello(
+    state: &AppState,
+    agent_id: &str,
+    capabilities: &[String],
+    labels: &BTreeMap<String, String>,
+    version: &str,
+    hostname: &str,
+) -> ApiResult<()> {
+    let now = now_ms();
+    // Labels given by the join token stay authoritative: merge the agent's over the stored ones
+    // only for keys the agent owns (keys not yet set).
+    let stored: Option<(String,)> = sqlx::query_as("SELECT labels FROM agents WHERE id = ?")
+        .bind(agent_id)
+        .fetch_optional(&state.db)
+        .await?;
+    let mut merged: BTreeMap<String, String> = stored
+        .and_then(|(l,)| serde_json::from_str(&l).ok())
+        .unwrap_or_default();
+    for (k, v) in labels {
+        merged.entry(k.clone()).or_insert_with(|| v.clone());
+    }
+    sqlx::query(
+        "UPDATE agents SET capabilities = ?, labels = ?, version = ?, hostname = ?,
+            last_connected = ?, last_heartbeat = ? WHERE id = ?",
+    )
+    .bind(serde_json::to_string(capabilities).map_err(|e| ApiError::Internal(e.to_string()))?)
+    .bind(serde_json::to_string(&merged).map_err(|e| ApiError::Internal(e.to_string()))?)
+    .bind(version)
+    .bind(hostname)
+    .bind(now)
+    .bind(now)
+    .bind(agent_id)
+    .execute(&state.db)
+    .await?;
+    Ok(())
+}
+
+pub async fn record_heartbeat(state: &AppState, agent_id: &str) -> ApiResult<()> {
+    sqlx::query("UPDATE agents SET last_heartbeat = ? WHERE id = ?")
+        .bind(now_ms())
+        .bind(agent_id)
+        .execute(&state.db)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,625 @@
+//! Command-line interface. Read commands take `--output json`; every command is a REST call.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use stella_control_plane::agents::AgentView;
+use stella_control_plane::client::{ApiClient, ConnectionArgs};
+use stella_control_plane::deployments::Deployment;
+use stella_control_plane::environments::Environment;
+use stella_control_plane::releases::{Release, ReleaseComponent};
+use stella_control_plane::server::ServeOptions;
+use stella_control_plane::targets::{Target, TargetDetail};
+use stella_control_plane::tokens::JoinTokenCreated;
+use stella_control_plane::{duration, server};
+
+use crate::dev;
+
+#[derive(Parser)]
+#[command(
+    name = "stella",
+    version,
+    about = "Stella release orchestrator: control plane server and CLI",
+    long_about = "Stella release orchestrator.\n\nRun `stella dev` to start a local control plane and agent in one command. \
+Every other command talks to a control plane's REST API: the server URL, admin token and CA \
+certificate come from --server/--token/--ca-file, the STELLA_* environment variables, or the \
+data directory (./.stella by default) that `stella dev` and `stella serve` write them to."
+)]
+struct Cli {
+    /// Data directory of the control plane (also where the CLI finds api.url, admin.token, pki/ca.pem).
+    #[arg(long, global = true, env = "STELLA_DATA_DIR", default_value = ".stella")]
+    data_dir: PathBuf,
+    /// Control plane API URL, e.g. https://127.0.0.1:7443.
+    #[arg(long, global = true, env = "STELLA_SERVER")]
+    server: Option<String>,
+    /// Admin API token.
+    #[arg(long, global = true, env = "STELLA_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// CA certificate (PEM) that signed the plane's server certificate.
+    #[arg(long, global = true, env = "STELLA_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// Output format of read commands.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a local control plane on SQLite and one local agent (docker when reachable).
+    Dev(DevArgs),
+    /// Run the control plane server.
+    Serve(ServeArgs),
+    /// Join tokens for enrolling agents.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Agents of the fleet (`stella agents` lists them).
+    #[command(alias = "agent")]
+    Agents {
+        #[command(subcommand)]
+        command: Option<AgentsCommand>,
+    },
+    /// Environments (dev, stage, prod).
+    #[command(subcommand, alias = "envs", alias = "environment")]
+    Env(EnvCommand),
+    /// Targets: where releases run.
+    #[command(subcommand, alias = "targets")]
+    Target(TargetCommand),
+    /// Releases: immutable sets of component@digest.
+    #[command(subcommand, alias = "releases")]
+    Release(ReleaseCommand),
+    /// Deploy a release to every target of an environment and follow it until done.
+    Deploy(DeployArgs),
+    /// Deployments and their jobs.
+    #[command(subcommand, alias = "deployment")]
+    Deployments(DeploymentsCommand),
+}
+
+#[derive(Args, Clone)]
+pub struct PlaneListenArgs {
+    /// Address of the REST API (HTTPS).
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    pub api_listen: SocketAddr,
+    /// Address of the agent endpoint (gRPC over mTLS).
+    #[arg(long, default_value = "127.0.0.1:7444")]
+    pub agent_listen: SocketAddr,
+    /// Extra DNS names or IPs for the server certificate (repeatable).
+    #[arg(long = "hostname")]
+    pub hostnames: Vec<String>,
+    /// Host name agents use to reach the agent endpoint (default: the listen address).
+    #[arg(long)]
+    pub advertise_host: Option<String>,
+    /// SPIFFE trust domain of agent identities.
+    #[arg(long, default_value = stella_pki::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Interval at which agents send heartbeats; a session silent for three intervals is closed.
+    #[arg(long, default_value = "10s", value_parser = duration::parse)]
+    pub heartbeat_interval: Duration,
+    /// How long a signed job stays valid (its not-after).
+    #[arg(long, default_value = "1h", value_parser = duration::parse)]
+    pub job_ttl: Duration,
+    /// Lifetime of agent certificates issued at enrollment.
+    #[arg(long, default_value = "30d", value_parser = duration::parse)]
+    pub agent_cert_ttl: Duration,
+}
+
+impl PlaneListenArgs {
+    pub fn options(&self, data_dir: PathBuf) -> ServeOptions {
+        ServeOptions {
+            data_dir,
+            api_listen: self.api_listen,
+            agent_listen: self.agent_listen,
+            hostnames: self.hostnames.clone(),
+            advertise_host: self.advertise_host.clone(),
+            trust_domain: self.trust_domain.clone(),
+            heartbeat_interval: self.heartbeat_interval,
+            job_ttl: self.job_ttl,
+            agent_cert_validity: self.agent_cert_ttl,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct DevArgs {
+    #[command(flatten)]
+    pub listen: PlaneListenArgs,
+    /// Do not start the local agent.
+    #[arg(long)]
+    pub no_agent: bool,
+    /// Path of the stella-agent binary (default: next to this binary, then PATH).
+    #[arg(long, env = "STELLA_AGENT_BIN")]
+    pub agent_bin: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    listen: PlaneListenArgs,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a one-time join token; prints it with the CA fingerprint agents pin.
+    Create {
+        /// How long the token can be used (e.g. 15m, 1h, 7d).
+        #[arg(long, default_value = "1h", value_parser = duration::parse)]
+        ttl: Duration,
+        /// Label the enrolled agent receives (repeatable, k=v).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentsCommand {
+    /// List agents.
+    List,
+    /// Show one agent (by id or name).
+    Show { agent: String },
+}
+
+#[derive(Subcommand)]
+enum EnvCommand {
+    /// Create an environment.
+    Create { name: String },
+    /// List environments.
+    List,
+    /// Show an environment.
+    Show { name: String },
+}
+
+#[derive(Subcommand)]
+enum TargetCommand {
+    /// Create a target served by an agent that has the kind's capability.
+    Create {
+        name: String,
+        #[arg(long)]
+        env: String,
+        /// Executor kind: docker (compose, ssh, winrm, ecs, nomad come with their plugins).
+        #[arg(long)]
+        kind: String,
+        /// Agent id or name.
+        #[arg(long)]
+        agent: String,
+        /// Executor configuration as a JSON object.
+        #[arg(long)]
+        config: Option<String>,
+    },
+    /// List targets.
+    List {
+        #[arg(long)]
+        env: Option<String>,
+    },
+    /// Show a target: desired release vs what its agent observes.
+    Show { name: String },
+}
+
+#[derive(Subcommand)]
+enum ReleaseCommand {
+    /// Create an immutable release.
+    Create {
+        name: String,
+        /// NAME=IMAGE@sha256:DIGEST (repeatable). A tag without digest is refused.
+        #[arg(long = "component", required = true)]
+        components: Vec<String>,
+    },
+    /// List releases.
+    List,
+    /// Show a release.
+    Show { name: String },
+}
+
+#[derive(Args)]
+struct DeployArgs {
+    /// Release name or id.
+    release: String,
+    /// Environment name.
+    #[arg(long)]
+    env: String,
+    /// Return once the deployment is created instead of following it.
+    #[arg(long)]
+    no_wait: bool,
+    /// Give up following after this long (the deployment goes on).
+    #[arg(long, default_value = "10m", value_parser = duration::parse)]
+    timeout: Duration,
+}
+
+#[derive(Subcommand)]
+enum DeploymentsCommand {
+    /// List recent deployments.
+    List,
+    /// Show a deployment with its jobs and their events.
+    Show { id: String },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("label {s:?} must be KEY=VALUE"))
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STELLA_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(match cli.command {
+            Command::Dev(_) | Command::Serve(_) => "info",
+            _ => "warn",
+        })
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let conn = ConnectionArgs {
+        server: cli.server.clone(),
+        token: cli.token.clone(),
+        ca_file: cli.ca_file.clone(),
+        data_dir: cli.data_dir.clone(),
+    };
+    let out = cli.output;
+    match cli.command {
+        Command::Dev(args) => dev::run(cli.data_dir, args).await,
+        Command::Serve(args) => serve(cli.data_dir, args).await,
+        Command::Token(TokenCommand::Create { ttl, labels }) => {
+            let client = ApiClient::connect(&conn)?;
+            let labels: BTreeMap<String, String> = labels.into_iter().collect();
+            let created: JoinTokenCreated = client
+                .post("/v1/tokens", &json!({"ttl_secs": ttl.as_secs(), "labels": labels}))
+                .await?;
+            if out == Output::Json {
+                return print_json(&created);
+            }
+            println!("token:          {}", created.token);
+            println!("ca fingerprint: {}", created.ca_fingerprint);
+            println!("expires at:     {}", created.expires_at);
+            println!("\nOn the agent's host:\n  stella-agent enroll --server {} --token {} --ca-fingerprint {} --data-dir /var/lib/stella-agent",
+                client.base(), created.token, created.ca_fingerprint);
+            Ok(())
+        }
+        Command::Agents { command } => {
+            let client = ApiClient::connect(&conn)?;
+            match command.unwrap_or(AgentsCommand::List) {
+                AgentsCommand::List => {
+                    let agents: Vec<AgentView> = client.get("/v1/agents").await?;
+                    render(out, &agents, print_agents)
+                }
+                AgentsCommand::Show { agent } => {
+                    let agent: AgentView = client.get(&format!("/v1/agents/{}", path_seg(&agent))).await?;
+                    render(out, &agent, |a| print_agents(std::slice::from_ref(a)))
+                }
+            }
+        }
+        Command::Env(cmd) => {
+            let client = ApiClient::connect(&conn)?;
+            match cmd {
+                EnvCommand::Create { name } => {
+                    let env: Environment = client.post("/v1/environments", &json!({"name": name})).await?;
+                    render(out, &env, |e| println!("created environment {} ({})", e.name, e.id))
+                }
+                EnvCommand::List => {
+                    let envs: Vec<Environment> = client.get("/v1/environments").await?;
+                    render(out, &envs, |envs| {
+                        table(&["NAME", "ID", "CREATED"], envs.iter().map(|e| vec![e.name.clone(), e.id.clone(), e.created_at.clone()]).collect())
+                    })
+                }
+                EnvCommand::Show { name } => {
+                    let env: Environment = client.get(&format!("/v1/environments/{}", path_seg(&name))).await?;
+                    render(out, &env, |e| println!("{} ({}) created {}", e.name, e.id, e.created_at))
+                }
+            }
+        }
+        Command::Target(cmd) => {
+            let client = ApiClient::connect(&conn)?;
+            match cmd {
+                TargetCommand::Create { name, env, kind, agent, config } => {
+                    let config: Option<serde_json::Value> = match config {
+                        Some(c) => Some(serde_json::from_str(&c).context("--config must be a JSON object")?),
+                        None => None,
+                    };
+                    let target: Target = client
+                        .post("/v1/targets", &json!({"name": name, "env": env, "kind": kind, "agent": agent, "config": config}))
+                        .await?;
+                    render(out, &target, |t| println!("created target {} ({}) in {} served by agent {}", t.name, t.kind, t.environment, t.agent_id))
+                }
+                TargetCommand::List { env } => {
+                    let path = match env {
+                        Some(e) => format!("/v1/targets?env={}", path_seg(&e)),
+                        None => "/v1/targets".to_string(),
+                    };
+                    let targets: Vec<Target> = client.get(&path).await?;
+                    render(out, &targets, |ts| {
+                        table(&["NAME", "ENV", "KIND", "AGENT"], ts.iter().map(|t| vec![t.name.clone(), t.environment.clone(), t.kind.clone(), t.agent_id.clone()]).collect())
+                    })
+                }
+                TargetCommand::Show { name } => {
+                    let detail: TargetDetail = client.get(&format!("/v1/targets/{}", path_seg(&name))).await?;
+                    render(out, &detail, print_target_detail)
+                }
+            }
+        }
+        Command::Release(cmd) => {
+            let client = ApiClient::connect(&conn)?;
+            match cmd {
+                ReleaseCommand::Create { name, components } => {
+                    let components = components
+                        .iter()
+                        .map(|c| ReleaseComponent::parse(c))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(anyhow::Error::msg)?;
+                    let release: Release = client
+                        .post("/v1/releases", &json!({"name": name, "components": components}))
+                        .await?;
+                    render(out, &release, |r| {
+                        println!("created release {} ({})", r.name, r.id);
+                        print_components(&r.components);
+                    })
+                }
+                ReleaseCommand::List => {
+                    let releases: Vec<Release> = client.get("/v1/releases").await?;
+                    render(out, &releases, |rs| {
+                        table(&["NAME", "ID", "COMPONENTS", "CREATED"], rs.iter().map(|r| vec![
+                            r.name.clone(), r.id.clone(),
+                            r.components.iter().map(|c| c.name.clone()).collect::<Vec<_>>().join(","),
+                            r.created_at.clone()]).collect())
+                    })
+                }
+                ReleaseCommand::Show { name } => {
+                    let release: Release = client.get(&format!("/v1/releases/{}", path_seg(&name))).await?;
+                    render(out, &release, |r| {
+                        println!("{} ({}) created {}", r.name, r.id, r.created_at);
+                        print_components(&r.components);
+                    })
+                }
+            }
+        }
+        Command::Deploy(args) => {
+            let client = ApiClient::connect(&conn)?;
+            deploy(&client, out, args).await
+        }
+        Command::Deployments(cmd) => {
+            let client = ApiClient::connect(&conn)?;
+            match cmd {
+                DeploymentsCommand::List => {
+                    let deps: Vec<Deployment> = client.get("/v1/deployments").await?;
+                    render(out, &deps, |ds| {
+                        table(&["ID", "RELEASE", "ENV", "STATUS", "CREATED"], ds.iter().map(|d| vec![
+                            d.id.clone(), d.release.clone(), d.environment.clone(), d.status.clone(), d.created_at.clone()]).collect())
+                    })
+                }
+                DeploymentsCommand::Show { id } => {
+                    let dep: Deployment = client.get(&format!("/v1/deployments/{}", path_seg(&id))).await?;
+                    render(out, &dep, print_deployment)
+                }
+            }
+        }
+    }
+}
+
+async fn serve(data_dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
+    let plane = server::start(args.listen.options(data_dir)).await?;
+    println!("Stella control plane");
+    println!("  API:            {}", plane.api_url);
+    println!("  agent endpoint: {}", plane.agent_url);
+    println!("  CA fingerprint: {}", plane.ca_fingerprint);
+    println!("  admin token:    {}", plane.admin_token_path.display());
+    dev::wait_for_shutdown_signal().await?;
+    println!("shutting down");
+    plane.shutdown().await;
+    Ok(())
+}
+
+async fn deploy(client: &ApiClient, out: Output, args: DeployArgs) -> anyhow::Result<()> {
+    let created: Deployment = client
+        .post("/v1/deployments", &json!({"release": args.release, "env": args.env}))
+        .await?;
+    if args.no_wait {
+        return render(out, &created, |d| println!("deployment {} created ({})", d.id, d.status));
+    }
+    if out == Output::Text {
+        println!("deployment {}: {} to {} ({} target{})", created.id, created.release, created.environment,
+            created.jobs.len(), if created.jobs.len() == 1 { "" } else { "s" });
+    }
+    let deadline = tokio::time::Instant::now() + args.timeout;
+    let mut printed: BTreeMap<String, usize> = BTreeMap::new();
+    let mut statuses: BTreeMap<String, String> = BTreeMap::new();
+    let path = format!("/v1/deployments/{}", path_seg(&created.id));
+    loop {
+        let dep: Deployment = client.get(&path).await?;
+        if out == Output::Text {
+            for job in &dep.jobs {
+                let seen = printed.entry(job.id.clone()).or_default();
+                for event in job.events.iter().skip(*seen) {
+                    println!("  [{}] {}", job.target, event.message);
+                }
+                *seen = job.events.len();
+                if statuses.get(&job.id) != Some(&job.status) {
+                    statuses.insert(job.id.clone(), job.status.clone());
+                    if matches!(job.status.as_str(), "succeeded" | "failed" | "refused") {
+                        let reason = if job.reason_code.is_empty() { String::new() } else { format!(" ({})", job.reason_code) };
+                        println!("  [{}] job {}{}{}", job.target, job.status, reason,
+                            if job.message.is_empty() { String::new() } else { format!(": {}", job.message) });
+                    }
+                }
+            }
+        }
+        if dep.status != "running" {
+            if out == Output::Json {
+                print_json(&dep)?;
+            } else {
+                println!("deployment {} {}", dep.id, dep.status);
+            }
+            if dep.status == "succeeded" {
+                return Ok(());
+            }
+            bail!("deployment {} {}: {}", dep.id, dep.status, dep.message);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("gave up following deployment {} after {:?}; it is still running (see `stella deployments show {}`)", dep.id, args.timeout, dep.id);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn path_seg(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn render<T: Serialize + DeserializeOwned>(out: Output, value: &T, text: impl FnOnce(&T)) -> anyhow::Result<()> {
+    match out {
+        Output::Json => print_json(value),
+        Output::Text => {
+            text(value);
+            Ok(())
+        }
+    }
+}
+
+fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (i, cell) in row.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = widths.get(i).copied().unwrap_or(0)))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row);
+    }
+}
+
+fn print_agents(agents: &[AgentView]) {
+    table(
+        &["ID", "NAME", "STATUS", "CAPABILITIES", "LABELS", "LAST HEARTBEAT", "CERT EXPIRES"],
+        agents
+            .iter()
+            .map(|a| {
+                vec![
+                    a.id.clone(),
+                    a.name.clone(),
+                    a.status.clone(),
+                    a.capabilities.join(","),
+                    a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","),
+                    a.last_heartbeat.clone().unwrap_or_else(|| "-".to_string()),
+                    a.cert_not_after.clone(),
+                ]
+            })
+            .collect(),
+    );
+}
+
+fn print_components(components: &[ReleaseComponent]) {
+    for c in components {
+        println!("  {} = {}@{}", c.name, c.image, c.digest);
+    }
+}
+
+fn print_target_detail(d: &TargetDetail) {
+    println!("target {} ({}) in {}, agent {}", d.target.name, d.target.kind, d.target.environment, d.target.agent_id);
+    match &d.desired {
+        Some(desired) => {
+            println!("desired: release {} (deployment {})", desired.release_name, desired.deployment_id);
+            print_components(&desired.components);
+        }
+        None => println!("desired: nothing deployed yet"),
+    }
+    match &d.observed_at {
+        Some(at) => println!("observed at {at}:"),
+        None => println!("observed: no inventory reported yet"),
+    }
+    for o in &d.observed {
+        let health = if o.health.is_empty() { String::new() } else { format!(" ({})", o.health) };
+        println!("  {} {} {}{} [{}]", o.component, o.digest, o.state, health, o.workload_id.chars().take(12).collect::<String>());
+    }
+    if let Some(err) = &d.observation_error {
+        println!("observation error: {err}");
+    }
+    if d.desired.is_some() {
+        if d.in_sync {
+            println!("in sync");
+        } else {
+            println!("DIFFERS:");
+            for diff in &d.differences {
+                println!("  {}: desired {} observed {} ({})", diff.component,
+                    diff.desired_digest.as_deref().unwrap_or("(nothing)"),
+                    diff.observed_digest.as_deref().unwrap_or("(nothing)"),
+                    diff.observed_state.as_deref().unwrap_or("missing"));
+            }
+        }
+    }
+}
+
+fn print_deployment(d: &Deployment) {
+    println!("deployment {}: release {} to {} — {}", d.id, d.release, d.environment, d.status);
+    println!("created {}{}", d.created_at, d.finished_at.as_ref().map(|f| format!(", finished {f}")).unwrap_or_default());
+    if !d.message.is_empty() {
+        println!("{}", d.message);
+    }
+    for j in &d.jobs {
+        let reason = if j.reason_code.is_empty() { String::new() } else { format!(" ({})", j.reason_code) };
+        println!("  job {} target {} agent {} seq {}: {}{}", j.id, j.target, j.agent_id, j.sequence, j.status, reason);
+        if !j.message.is_empty() {
+            for line in j.message.lines() {
+                println!("      {line}");
+            }
+        }
+        for e in &j.events {
+            println!("    {} {}", e.at, e.message);
+        }
+    }
+}

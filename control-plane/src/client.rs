@@ -1,0 +1,124 @@
+//! The CLI's HTTP client for the REST API: server URL, admin token and CA come from flags,
+//! environment variables, or the data directory a local plane writes them to.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, anyhow, bail};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::server::{ADMIN_TOKEN_FILE, API_URL_FILE, CA_FILE};
+
+pub struct ApiClient {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionArgs {
+    pub server: Option<String>,
+    pub token: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub data_dir: PathBuf,
+}
+
+fn read_trimmed(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+impl ApiClient {
+    pub fn connect(args: &ConnectionArgs) -> anyhow::Result<Self> {
+        stella_pki::install_crypto_provider();
+        let base = match &args.server {
+            Some(s) => s.trim_end_matches('/').to_string(),
+            None => read_trimmed(&args.data_dir.join(API_URL_FILE)).ok_or_else(|| {
+                anyhow!(
+                    "no control plane given: pass --server URL (or STELLA_SERVER), or run next to a \
+                     data directory of `stella dev` / `stella serve` (looked in {})",
+                    args.data_dir.display()
+                )
+            })?,
+        };
+        let token = match &args.token {
+            Some(t) => Some(t.clone()),
+            None => read_trimmed(&args.data_dir.join(ADMIN_TOKEN_FILE)),
+        };
+        let mut builder = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(30))
+            .user_agent(concat!("stella-cli/", env!("CARGO_PKG_VERSION")));
+        if base.starts_with("https://") {
+            let ca_path = args
+                .ca_file
+                .clone()
+                .unwrap_or_else(|| args.data_dir.join(CA_FILE));
+            let ca_pem = std::fs::read_to_string(&ca_path).with_context(|| {
+                format!(
+                    "reading the plane's CA certificate {} (pass --ca-file or STELLA_CA_FILE)",
+                    ca_path.display()
+                )
+            })?;
+            let tls = stella_pki::client_config_ca(&ca_pem)?;
+            builder = builder.use_preconfigured_tls(tls);
+        } else if !base.starts_with("http://") {
+            bail!("server URL {base:?} must start with https:// or http://");
+        }
+        Ok(Self {
+            base,
+            token,
+            http: builder.build()?,
+        })
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> anyhow::Result<reqwest::RequestBuilder> {
+        let token = self.token.as_ref().ok_or_else(|| {
+            anyhow!("no API token: pass --token (or STELLA_TOKEN), or run next to the plane's data directory")
+        })?;
+        Ok(self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(token))
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let resp = self
+            .request(reqwest::Method::GET, path)?
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the control plane at {}", self.base))?;
+        decode(resp).await
+    }
+
+    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+        let resp = self
+            .request(reqwest::Method::POST, path)?
+            .json(body)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the control plane at {}", self.base))?;
+        decode(resp).await
+    }
+}
+
+async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> anyhow::Result<T> {
+    let status = resp.status();
+    let bytes = resp.bytes().await?;
+    if status.is_success() {
+        return serde_json::from_slice(&bytes).context("the control plane sent an unreadable response");
+    }
+    let parsed: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
+    let message = parsed
+        .as_ref()
+        .and_then(|v| v.pointer("/error/message"))
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+        .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+    bail!("{message} (HTTP {})", status.as_u16())
+}

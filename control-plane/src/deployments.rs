@@ -1,0 +1,450 @@
+//! Deployments and their jobs: one signed job per target of the environment.
+//!
+//! A deployment and all its signed jobs are written in one transaction, so a failure leaves
+//! nothing behind. Job outcomes are recorded once: the first terminal result wins and later
+//! duplicates (re-sent from an agent's spool) are acknowledged without effect.
+
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use stella_pki::{JobComponent, JobKind, JobPayload, JobTarget};
+
+use crate::agents;
+use crate::environments;
+use crate::error::{ApiError, ApiResult};
+use crate::releases;
+use crate::state::AppState;
+use crate::store::{new_id, now_ms, rfc3339};
+use crate::targets;
+
+pub const TERMINAL_JOB_STATUSES: &[&str] = &["succeeded", "failed", "refused"];
+
+#[derive(Debug, Deserialize)]
+pub struct CreateDeployment {
+    pub release: String,
+    pub env: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobEvent {
+    pub at: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobView {
+    pub id: String,
+    pub target: String,
+    pub agent_id: String,
+    pub kind: String,
+    pub sequence: i64,
+    /// queued, offered, accepted, succeeded, failed, refused.
+    pub status: String,
+    pub reason_code: String,
+    pub message: String,
+    pub outcome: Option<serde_json::Value>,
+    pub events: Vec<JobEvent>,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Deployment {
+    pub id: String,
+    pub release: String,
+    pub release_id: String,
+    pub environment: String,
+    /// running, succeeded, failed.
+    pub status: String,
+    pub message: String,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+    pub jobs: Vec<JobView>,
+}
+
+pub async fn create(state: &AppState, req: CreateDeployment) -> ApiResult<Deployment> {
+    let release = releases::find(state, &req.release).await?;
+    let env = environments::find(state, &req.env).await?;
+    let env_targets = targets::list(state, Some(&env.id)).await?;
+    if env_targets.is_empty() {
+        return Err(ApiError::Unprocessable(format!(
+            "environment {} has no targets; add one with `stella target create NAME --env {} --kind docker --agent AGENT`",
+            env.name, env.name
+        )));
+    }
+    for t in &env_targets {
+        let agent = agents::get_record(state, &t.agent_id)
+            .await?
+            .ok_or_else(|| ApiError::Internal(format!("target {} has no agent", t.name)))?;
+        if agent.status == "revoked" {
+            return Err(ApiError::Unprocessable(format!(
+                "target {}: agent {} is revoked",
+                t.name, agent.id
+            )));
+        }
+        if !agent.capabilities.iter().any(|c| c == &t.kind) {
+            return Err(ApiError::Unprocessable(format!(
+                "target {}: agent {} ({}) lacks the {:?} capability",
+                t.name, agent.name, agent.id, t.kind
+            )));
+        }
+    }
+
+    let deployment_id = new_id("dep");
+    let now = now_ms();
+    let ttl_ms = state.config.job_ttl.as_millis() as i64;
+    let mut tx = state.db.begin().await?;
+    sqlx::query(
+        "INSERT INTO deployments (id, release_id, environment_id, status, message, created_at, updated_at)
+         VALUES (?, ?, ?, 'running', '', ?, ?)",
+    )
+    .bind(&deployment_id)
+    .bind(&release.id)
+    .bind(&env.id)
+    .bind(now)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    for t in &env_targets {
+        // The sequence is allocated in the same transaction as the job, so sequences stay
+        // gap-free and strictly increasing per agent even with concurrent deployments.
+        let (sequence,): (i64,) = sqlx::query_as(
+            "UPDATE agents SET next_sequence = next_sequence + 1 WHERE id = ? RETURNING next_sequence",
+        )
+        .bind(&t.agent_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let job_id = new_id("job");
+        let issued_at = time::OffsetDateTime::now_utc();
+        let not_after = issued_at + state.config.job_ttl;
+        let payload = JobPayload {
+            job_id: job_id.clone(),
+            agent_id: t.agent_id.clone(),
+            target: JobTarget {
+                name: t.name.clone(),
+                kind: t.kind.clone(),
+                config: t.config.clone(),
+            },
+            kind: JobKind::Deploy,
+            deployment_id: deployment_id.clone(),
+            release_id: release.id.clone(),
+            release_name: release.name.clone(),
+            components: release
+                .components
+                .iter()
+                .map(|c| JobComponent {
+                    name: c.name.clone(),
+                    image: c.image.clone(),
+                    digest: c.digest.clone(),
+                })
+                .collect(),
+            issued_at,
+            not_after,
+            sequence: sequence as u64,
+            idempotency_key: format!("{deployment_id}/{}", t.id),
+        };
+        let envelope = stella_pki::sign_job(&state.keys.job_key, &payload)?;
+        let envelope_json =
+            serde_json::to_string(&envelope).map_err(|e| ApiError::Internal(e.to_string()))?;
+        sqlx::query(
+            "INSERT INTO jobs (id, deployment_id, agent_id, target_id, kind, sequence, idempotency_key,
+                envelope, not_after, status, created_at, updated_at)
+             VALUES (?, ?, ?, ?, 'deploy', ?, ?, ?, ?, 'queued', ?, ?)",
+        )
+        .bind(&job_id)
+        .bind(&deployment_id)
+        .bind(&t.agent_id)
+        .bind(&t.id)
+        .bind(sequence)
+        .bind(&payload.idempotency_key)
+        .bind(&envelope_json)
+        .bind(now + ttl_ms)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    tracing::info!(deployment_id = %deployment_id, release = %release.name, env = %env.name, jobs = env_targets.len(), "deployment created");
+    for t in &env_targets {
+        state.hub.notify(&t.agent_id);
+    }
+    get(state, &deployment_id).await
+}
+
+const DEPLOYMENT_SELECT: &str = "SELECT d.id, r.name AS release, r.id AS release_id, \
+     e.name AS environment, d.status, d.message, d.created_at, d.finished_at FROM deployments d \
+     JOIN releases r ON r.id = d.release_id JOIN environments e ON e.id = d.environment_id";
+
+fn deployment_from_row(row: &sqlx::sqlite::SqliteRow) -> Deployment {
+    Deployment {
+        id: row.get("id"),
+        release: row.get("release"),
+        release_id: row.get("release_id"),
+        environment: row.get("environment"),
+        status: row.get("status"),
+        message: row.get("message"),
+        created_at: rfc3339(row.get("created_at")),
+        finished_at: row.get::<Option<i64>, _>("finished_at").map(rfc3339),
+        jobs: Vec::new(),
+    }
+}
+
+pub async fn get(state: &AppState, id: &str) -> ApiResult<Deployment> {
+    let row = sqlx::query(&format!("{DEPLOYMENT_SELECT} WHERE d.id = ?"))
+        .bind(id)
+        .fetch_optional(&state.db)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("deployment {id:?} not found")))?;
+    let mut deployment = deployment_from_row(&row);
+    let jobs = sqlx::query(
+        "SELECT j.id, t.name AS target, j.agent_id, j.kind, j.sequence, j.status, j.reason_code,
+            j.message, j.outcome, j.created_at, j.finished_at
+         FROM jobs j JOIN targets t ON t.id = j.target_id WHERE j.deployment_id = ? ORDER BY t.name",
+    )
+    .bind(id)
+    .fetch_all(&state.db)
+    .await?;
+    for j in &jobs {
+        let job_id: String = j.get("id");
+        let events: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT at, message FROM job_events WHERE job_id = ? ORDER BY seq",
+        )
+        .bind(&job_id)
+        .fetch_all(&state.db)
+        .await?;
+        let outcome: String = j.get("outcome");
+        deployment.jobs.push(JobView {
+            id: job_id,
+            target: j.get("target"),
+            agent_id: j.get("agent_id"),
+            kind: j.get("kind"),
+            sequence: j.get("sequence"),
+            status: j.get("status"),
+            reason_code: j.get("reason_code"),
+            message: j.get("message"),
+            outcome: serde_json::from_str(&outcome).ok(),
+            events: events
+                .into_iter()
+                .map(|(at, message)| JobEvent {
+                    at: rfc3339(at),
+                    message,
+                })
+                .collect(),
+            created_at: rfc3339(j.get("created_at")),
+            finished_at: j.get::<Option<i64>, _>("finished_at").map(rfc3339),
+        });
+    }
+    Ok(deployment)
+}
+
+pub async fn list(state: &AppState) -> ApiResult<Vec<Deployment>> {
+    let rows = sqlx::query(&format!("{DEPLOYMENT_SELECT} ORDER BY d.created_at DESC LIMIT 200"))
+        .fetch_all(&state.db)
+        .await?;
+    Ok(rows.iter().map(deployment_from_row).collect())
+}
+
+/// A job waiting to be offered to its agent.
+#[derive(Debug, Clone)]
+pub struct PendingJob {
+    pub id: String,
+    pub envelope: String,
+    pub not_after_ms: i64,
+}
+
+/// Jobs the agent has not finished, in sequence order (the agent refuses out-of-order sequences).
+pub async fn pending_for_agent(state: &AppState, agent_id: &str) -> ApiResult<Vec<PendingJob>> {
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT id, envelope, not_after FROM jobs
+         WHERE agent_id = ? AND status IN ('queued', 'offered', 'accepted') ORDER BY sequence",
+    )
+    .bind(agent_id)
+    .fetch_all(&state.db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, envelope, not_after_ms)| PendingJob {
+            id,
+            envelope,
+            not_after_ms,
+        })
+        .collect())
+}
+
+async fn add_event(state: &AppState, job_id: &str, message: &str) -> ApiResult<()> {
+    // Events are numbered per job; a UNIQUE clash only happens on concurrent writers, and the
+    // single session per agent writes its jobs' events serially.
+    sqlx::query(
+        "INSERT INTO job_events (job_id, seq, at, message)
+         VALUES (?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM job_events WHERE job_id = ?), ?, ?)",
+    )
+    .bind(job_id)
+    .bind(job_id)
+    .bind(now_ms())
+    .bind(message)
+    .execute(&state.db)
+    .await?;
+    Ok(())
+}
+
+pub async fn mark_offered(state: &AppState, agent_id: &str, job_id: &str) -> ApiResult<()> {
+    sqlx::query(
+        "UPDATE jobs SET status = 'offered', updated_at = ? WHERE id = ? AND agent_id = ? AND status = 'queued'",
+    )
+    .bind(now_ms())
+    .bind(job_id)
+    .bind(agent_id)
+    .execute(&state.db)
+    .await?;
+    Ok(())
+}
+
+pub async fn mark_accepted(state: &AppState, agent_id: &str, job_id: &str) -> ApiResult<()> {
+    let updated = sqlx::query(
+        "UPDATE jobs SET status = 'accepted', updated_at = ? WHERE id = ? AND agent_id = ?
+         AND status IN ('queued', 'offered')",
+    )
+    .bind(now_ms())
+    .bind(job_id)
+    .bind(agent_id)
+    .execute(&state.db)
+    .await?;
+    if updated.rows_affected() == 1 {
+        add_event(state, job_id, "accepted by agent").await?;
+    }
+    Ok(())
+}
+
+pub async fn record_progress(
+    state: &AppState,
+    agent_id: &str,
+    job_id: &str,
+    message: &str,
+) -> ApiResult<()> {
+    let owned: Option<(String,)> = sqlx::query_as("SELECT id FROM jobs WHERE id = ? AND agent_id = ?")
+        .bind(job_id)
+        .bind(agent_id)
+        .fetch_optional(&state.db)
+        .await?;
+    if owned.is_some() {
+        let message: String = message.chars().take(2000).collect();
+        add_event(state, job_id, &message).await?;
+    }
+    Ok(())
+}
+
+/// Records a job's terminal outcome (first one wins) and settles its deployment.
+/// Returns false when the job is unknown to this agent (nothing is written then).
+pub async fn record_result(
+    state: &AppState,
+    agent_id: &str,
+    status: &str,
+    result: &stella_proto::JobResult,
+) -> ApiResult<bool> {
+    let now = now_ms();
+    let mut tx = state.db.begin().await?;
+    let row: Option<(String, String)> =
+        sqlx::query_as("SELECT deployment_id, status FROM jobs WHERE id = ? AND agent_id = ?")
+            .bind(&result.job_id)
+            .bind(agent_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some((deployment_id, current)) = row else {
+        return Ok(false);
+    };
+    if TERMINAL_JOB_STATUSES.contains(&current.as_str()) {
+        // A duplicate from the agent's spool: already recorded, acknowledge without effect.
+        return Ok(true);
+    }
+    let message: String = result.message.chars().take(8000).collect();
+    sqlx::query(
+        "UPDATE jobs SET status = ?, reason_code = ?, message = ?, outcome = ?, updated_at = ?, finished_at = ?
+         WHERE id = ?",
+    )
+    .bind(status)
+    .bind(&result.reason_code)
+    .bind(&message)
+    .bind(&result.outcome_json)
+    .bind(now)
+    .bind(now)
+    .bind(&result.job_id)
+    .execute(&mut *tx)
+    .await?;
+    settle_deployment(&mut tx, &deployment_id, now).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Fails a job the plane gave up on before delivery (its not-after passed), with the reason.
+pub async fn expire_job(state: &AppState, job_id: &str) -> ApiResult<()> {
+    let now = now_ms();
+    let mut tx = state.db.begin().await?;
+    let row: Option<(String,)> = sqlx::query_as(
+        "SELECT deployment_id FROM jobs WHERE id = ? AND status IN ('queued', 'offered')",
+    )
+    .bind(job_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((deployment_id,)) = row else {
+        return Ok(());
+    };
+    sqlx::query(
+        "UPDATE jobs SET status = 'failed', reason_code = 'expired_before_delivery',
+            message = 'the job expired before its agent received it', updated_at = ?, finished_at = ?
+         WHERE id = ?",
+    )
+    .bind(now)
+    .bind(now)
+    .bind(job_id)
+    .execute(&mut *tx)
+    .await?;
+    settle_deployment(&mut tx, &deployment_id, now).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn settle_deployment(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    deployment_id: &str,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    let jobs: Vec<(String, String, String, String)> = sqlx::query_as(
+        "SELECT t.name, j.status, j.reason_code, j.message FROM jobs j JOIN targets t ON t.id = j.target_id
+         WHERE j.deployment_id = ? ORDER BY t.name",
+    )
+    .bind(deployment_id)
+    .fetch_all(&mut **tx)
+    .await?;
+    if jobs
+        .iter()
+        .any(|(_, s, _, _)| !TERMINAL_JOB_STATUSES.contains(&s.as_str()))
+    {
+        return Ok(());
+    }
+    let failures: Vec<String> = jobs
+        .iter()
+        .filter(|(_, s, _, _)| s != "succeeded")
+        .map(|(target, status, reason, message)| {
+            let first_line = message.lines().next().unwrap_or_default();
+            format!("{target}: {status} ({reason}): {first_line}")
+        })
+        .collect();
+    let (status, message) = if failures.is_empty() {
+        ("succeeded", String::new())
+    } else {
+        ("failed", failures.join("; "))
+    };
+    sqlx::query(
+        "UPDATE deployments SET status = ?, message = ?, updated_at = ?, finished_at = ?
+         WHERE id = ? AND status = 'running'",
+    )
+    .bind(status)
+    .bind(&message)
+    .bind(now)
+    .bind(now)
+    .bind(deployment_id)
+    .execute(&mut **tx)
+    .await?;
+    tracing::info!(deployment_id, status, "deployment finished");
+    Ok(())
+}

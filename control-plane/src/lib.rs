@@ -1,0 +1,24 @@
+//! The Stella control plane: REST API, agent endpoint, storage and the domain modules
+//! (agents, environments, targets, releases, deployments). The `stella` binary is both the
+//! server (`serve`, `dev`) and the CLI that talks to the REST API.
+//!
+//! The control plane never links an executor plugin: agents run plugins, the plane only signs
+//! and records work.
+
+pub mod agents;
+pub mod api;
+pub mod client;
+pub mod deployments;
+pub mod duration;
+pub mod environments;
+pub mod error;
+pub mod hub;
+pub mod keys;
+pub mod metrics;
+pub mod releases;
+pub mod server;
+pub mod session;
+pub mod state;
+pub mod store;
+pub mod targets;
+pub mod tokens;

@@ -1,0 +1,81 @@
+//! Prometheus text exposition, computed from the database at scrape time so that counters
+//! survive restarts and every replica reports the same truth.
+
+use std::fmt::Write;
+
+use crate::error::ApiResult;
+use crate::state::AppState;
+use crate::store::now_ms;
+
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+pub async fn render(state: &AppState) -> ApiResult<String> {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP stella_agents_connected Agents holding a session with this plane.\n# TYPE stella_agents_connected gauge\nstella_agents_connected {}",
+        state.hub.connected_count()
+    );
+
+    let agents: Vec<(String, String, Option<i64>)> =
+        sqlx::query_as("SELECT id, name, last_heartbeat FROM agents WHERE status != 'revoked' ORDER BY id")
+            .fetch_all(&state.db)
+            .await?;
+    let _ = writeln!(out, "# HELP stella_agents_enrolled Agents enrolled and not revoked.\n# TYPE stella_agents_enrolled gauge\nstella_agents_enrolled {}", agents.len());
+    let _ = writeln!(out, "# HELP stella_agent_heartbeat_age_seconds Seconds since each agent's last heartbeat.\n# TYPE stella_agent_heartbeat_age_seconds gauge");
+    let now = now_ms();
+    for (id, name, last) in &agents {
+        if let Some(last) = last {
+            let age = ((now - last).max(0) as f64) / 1000.0;
+            let _ = writeln!(
+                out,
+                "stella_agent_heartbeat_age_seconds{{agent=\"{}\",name=\"{}\"}} {age:.3}",
+                escape(id),
+                escape(name)
+            );
+        }
+    }
+
+    let _ = writeln!(out, "# HELP stella_deployments_total Deployments by status.\n# TYPE stella_deployments_total counter");
+    let by_status: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status, COUNT(*) FROM deployments GROUP BY status ORDER BY status")
+            .fetch_all(&state.db)
+            .await?;
+    for status in ["running", "succeeded", "failed"] {
+        let n = by_status
+            .iter()
+            .find(|(s, _)| s == status)
+            .map(|(_, n)| *n)
+            .unwrap_or(0);
+        let _ = writeln!(out, "stella_deployments_total{{status=\"{status}\"}} {n}");
+    }
+
+    let _ = writeln!(out, "# HELP stella_jobs_total Jobs by status.\n# TYPE stella_jobs_total counter");
+    let jobs: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status, COUNT(*) FROM jobs GROUP BY status ORDER BY status")
+            .fetch_all(&state.db)
+            .await?;
+    for (status, n) in &jobs {
+        let _ = writeln!(out, "stella_jobs_total{{status=\"{}\"}} {n}", escape(status));
+    }
+
+    let _ = writeln!(out, "# HELP stella_agent_job_refusals_total Jobs refused by agents, by reason.\n# TYPE stella_agent_job_refusals_total counter");
+    let refusals: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT reason_code, COUNT(*) FROM jobs WHERE status = 'refused' GROUP BY reason_code ORDER BY reason_code",
+    )
+    .fetch_all(&state.db)
+    .await?;
+    for (reason, n) in &refusals {
+        let _ = writeln!(
+            out,
+            "stella_agent_job_refusals_total{{reason=\"{}\"}} {n}",
+            escape(reason)
+        );
+    }
+    Ok(out)
+}

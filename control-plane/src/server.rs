@@ -1,0 +1,212 @@
+//! Wiring of a running control plane: storage, keys, the REST API (HTTPS) and the agent
+//! endpoint (gRPC over mTLS, client certificate required).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use stella_proto::agent_session_server::AgentSessionServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+use crate::hub::Hub;
+use crate::keys::PlaneKeys;
+use crate::session::AgentSessionService;
+use crate::state::{AppState, PlaneConfig, SharedState};
+use crate::{api, store, tokens};
+
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+pub const API_URL_FILE: &str = "api.url";
+pub const CA_FILE: &str = "pki/ca.pem";
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub data_dir: PathBuf,
+    pub api_listen: SocketAddr,
+    pub agent_listen: SocketAddr,
+    /// Extra names/addresses for the server certificate and the advertised agent endpoint.
+    pub hostnames: Vec<String>,
+    /// Host agents use to reach the agent endpoint; defaults to the listen address (or
+    /// 127.0.0.1 when listening on all interfaces).
+    pub advertise_host: Option<String>,
+    pub trust_domain: String,
+    pub heartbeat_interval: Duration,
+    pub job_ttl: Duration,
+    pub agent_cert_validity: Duration,
+}
+
+pub struct RunningPlane {
+    pub api_url: String,
+    pub agent_url: String,
+    pub ca_fingerprint: String,
+    pub admin_token_path: PathBuf,
+    pub state: SharedState,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+fn advertised(host: &Option<String>, addr: SocketAddr) -> String {
+    let host = match host {
+        Some(h) => h.clone(),
+        None if addr.ip().is_unspecified() => "127.0.0.1".to_string(),
+        None => addr.ip().to_string(),
+    };
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{}", addr.port())
+    } else {
+        format!("{host}:{}", addr.port())
+    }
+}
+
+/// Writes the admin token file if it is missing (creating or replacing the token's hash).
+async fn ensure_admin_token_file(db: &store::Db, path: &Path) -> anyhow::Result<()> {
+    if path.exists() {
+        let token = std::fs::read_to_string(path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if tokens::authenticate(db, token.trim()).await.is_ok() {
+            return Ok(());
+        }
+    }
+    let token = match tokens::ensure_admin_token(db, "admin").await? {
+        Some(token) => token,
+        // The token exists in the database but its file is gone or stale: only the hash is
+        // stored, so the old plaintext cannot be recovered; issue a new one.
+        None => tokens::rotate_admin_token(db, "admin").await?,
+    };
+    stella_pki::write_secret_file(path, format!("{token}\n").as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
+    stella_pki::install_crypto_provider();
+    std::fs::create_dir_all(&opts.data_dir)
+        .with_context(|| format!("creating data directory {}", opts.data_dir.display()))?;
+    let db = store::open_sqlite(&opts.data_dir.join("stella.db")).await?;
+    let keys = PlaneKeys::load_or_create(&opts.data_dir.join("pki"), &opts.trust_domain, &opts.hostnames)?;
+    let admin_token_path = opts.data_dir.join(ADMIN_TOKEN_FILE);
+    ensure_admin_token_file(&db, &admin_token_path).await?;
+
+    let api_listener = TcpListener::bind(opts.api_listen)
+        .await
+        .with_context(|| format!("binding the API address {}", opts.api_listen))?;
+    let agent_listener = TcpListener::bind(opts.agent_listen)
+        .await
+        .with_context(|| format!("binding the agent endpoint address {}", opts.agent_listen))?;
+    let api_addr = api_listener.local_addr()?;
+    let agent_addr = agent_listener.local_addr()?;
+    let api_url = format!("https://{}", advertised(&opts.advertise_host, api_addr));
+    let agent_url = format!("https://{}", advertised(&opts.advertise_host, agent_addr));
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let state: SharedState = Arc::new(AppState {
+        db,
+        hub: Hub::default(),
+        config: PlaneConfig {
+            agent_endpoint: agent_url.clone(),
+            heartbeat_interval: opts.heartbeat_interval,
+            job_ttl: opts.job_ttl,
+            agent_cert_validity: opts.agent_cert_validity,
+        },
+        shutdown: shutdown_rx.clone(),
+        keys,
+    });
+
+    let tls = Arc::new(stella_pki::server_config(
+        &state.keys.server_cert_pem,
+        &state.keys.server_key_pem,
+        state.keys.ca.cert_pem(),
+    )?);
+    let api_task = tokio::spawn(serve_api(api_listener, tls, api::router(state.clone()), shutdown_rx.clone()));
+
+    let agent_tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(state.keys.server_chain_pem(), &state.keys.server_key_pem))
+        .client_ca_root(Certificate::from_pem(state.keys.ca.cert_pem()));
+    let mut grpc_shutdown = shutdown_rx.clone();
+    let grpc = tonic::transport::Server::builder()
+        .tls_config(agent_tls)
+        .context("configuring mTLS for the agent endpoint")?
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(AgentSessionServer::new(AgentSessionService::new(state.clone())));
+    let agent_task = tokio::spawn(async move {
+        let incoming = tonic::transport::server::TcpIncoming::from(agent_listener);
+        let signal = async move {
+            let _ = grpc_shutdown.wait_for(|v| *v).await;
+        };
+        if let Err(e) = grpc.serve_with_incoming_shutdown(incoming, signal).await {
+            tracing::error!(error = %e, "agent endpoint stopped");
+        }
+    });
+
+    std::fs::write(opts.data_dir.join(API_URL_FILE), format!("{api_url}\n"))
+        .context("writing api.url")?;
+    tracing::info!(%api_url, %agent_url, "control plane ready");
+    Ok(RunningPlane {
+        api_url,
+        agent_url,
+        ca_fingerprint: state.keys.ca.fingerprint(),
+        admin_token_path,
+        state,
+        shutdown: shutdown_tx,
+        tasks: vec![api_task, agent_task],
+    })
+}
+
+impl RunningPlane {
+    /// Stops accepting, drains agent sessions (they are told to come back) and waits briefly.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            if tokio::time::timeout(Duration::from_secs(5), task).await.is_err() {
+                tracing::warn!("a server task did not stop within 5s");
+            }
+        }
+        self.state.db.close().await;
+    }
+}
+
+async fn serve_api(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    router: axum::Router,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(error = %e, "API accept failed");
+                    continue;
+                }
+            },
+            _ = shutdown.wait_for(|v| *v) => return,
+        };
+        let acceptor = acceptor.clone();
+        let service = TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "API TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), service)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "API connection ended with an error");
+            }
+        });
+    }
+}

@@ -1,0 +1,294 @@
+//! The agent endpoint: one bidirectional gRPC stream per agent, over mTLS.
+//!
+//! The agent's identity comes from its client certificate alone (the SPIFFE URI SAN); nothing a
+//! message says can change whose session it is. Jobs are pushed down the open stream as soon as
+//! they are created (the hub wakes the session), and re-offered after a reconnect until the agent
+//! reports an outcome. Results are persisted before they are acknowledged.
+
+use std::collections::{BTreeMap, HashSet};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::Stream;
+use stella_proto::agent_message::Body as AgentBody;
+use stella_proto::agent_session_server::AgentSession;
+use stella_proto::plane_message::Body as PlaneBody;
+use stella_proto::{
+    AgentMessage, Drain, JobOffer, JobStatus, PlaneMessage, ResultAck, TargetInfo, Welcome,
+};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::ApiError;
+use crate::state::SharedState;
+use crate::store::now_ms;
+use crate::{agents, deployments, targets};
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct AgentSessionService {
+    state: SharedState,
+}
+
+impl AgentSessionService {
+    pub fn new(state: SharedState) -> Self {
+        Self { state }
+    }
+}
+
+type PlaneStream = Pin<Box<dyn Stream<Item = Result<PlaneMessage, Status>> + Send>>;
+
+fn plane(body: PlaneBody) -> Result<PlaneMessage, Status> {
+    Ok(PlaneMessage { body: Some(body) })
+}
+
+#[tonic::async_trait]
+impl AgentSession for AgentSessionService {
+    type SessionStream = PlaneStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let certs = request
+            .peer_certs()
+            .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+        let leaf = certs
+            .first()
+            .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+        let agent_id = stella_pki::agent_id_from_cert(leaf, &self.state.keys.trust_domain)
+            .map_err(|e| {
+                tracing::warn!(error = %e, "session refused: bad client certificate identity");
+                Status::unauthenticated(format!("client certificate refused: {e}"))
+            })?;
+        let record = agents::get_record(&self.state, &agent_id)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .ok_or_else(|| {
+                tracing::warn!(agent_id, "session refused: unknown agent");
+                Status::permission_denied(format!("agent {agent_id} is not enrolled"))
+            })?;
+        if record.status == "revoked" {
+            tracing::warn!(agent_id, "session refused: agent revoked");
+            return Err(Status::permission_denied(format!("agent {agent_id} is revoked")));
+        }
+        // A certificate of a former enrollment of the same id (not possible with random ids,
+        // but cheap to check) must not open a session.
+        let serial = x509_serial_hex(leaf);
+        if serial.as_deref() != Some(record.cert_serial.as_str()) {
+            tracing::warn!(agent_id, "session refused: certificate serial does not match enrollment");
+            return Err(Status::permission_denied(
+                "client certificate is not the one issued to this agent",
+            ));
+        }
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel::<Result<PlaneMessage, Status>>(64);
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            let agent_id_for_log = agent_id.clone();
+            if let Err(e) = run_session(state, agent_id, inbound, tx).await {
+                tracing::info!(agent_id = %agent_id_for_log, reason = %e, "session ended");
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+fn x509_serial_hex(cert_der: &[u8]) -> Option<String> {
+    stella_pki::cert_serial_hex(cert_der).ok()
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionEnd {
+    #[error("agent closed the stream")]
+    Closed,
+    #[error("stream error: {0}")]
+    Stream(#[from] Status),
+    #[error("no hello within {0:?}")]
+    NoHello(Duration),
+    #[error("first message was not a hello")]
+    NotHello,
+    #[error("no message for {0:?} (heartbeats missed)")]
+    Silent(Duration),
+    #[error("a newer session of the same agent replaced this one")]
+    Replaced,
+    #[error("plane shutting down")]
+    Shutdown,
+    #[error("outbound channel closed")]
+    OutboundClosed,
+    #[error("storage: {0}")]
+    Storage(#[from] ApiError),
+}
+
+async fn send(
+    tx: &mpsc::Sender<Result<PlaneMessage, Status>>,
+    body: PlaneBody,
+) -> Result<(), SessionEnd> {
+    tx.send(plane(body))
+        .await
+        .map_err(|_| SessionEnd::OutboundClosed)
+}
+
+async fn run_session(
+    state: SharedState,
+    agent_id: String,
+    mut inbound: Streaming<AgentMessage>,
+    tx: mpsc::Sender<Result<PlaneMessage, Status>>,
+) -> Result<(), SessionEnd> {
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.next()).await {
+        Err(_) => return Err(SessionEnd::NoHello(HELLO_TIMEOUT)),
+        Ok(None) => return Err(SessionEnd::Closed),
+        Ok(Some(msg)) => match msg?.body {
+            Some(AgentBody::Hello(h)) => h,
+            _ => return Err(SessionEnd::NotHello),
+        },
+    };
+    let labels: BTreeMap<String, String> = hello.labels.clone().into_iter().collect();
+    agents::record_hello(
+        &state,
+        &agent_id,
+        &hello.capabilities,
+        &labels,
+        &hello.agent_version,
+        &hello.hostname,
+    )
+    .await?;
+    let registration = state.hub.register(&agent_id);
+    tracing::info!(agent_id, version = %hello.agent_version, last_sequence = hello.last_sequence, in_flight = hello.in_flight_job_ids.len(), "agent connected");
+    let result = serve_session(&state, &agent_id, hello, &mut inbound, &tx, registration.wake, registration.evicted).await;
+    state.hub.unregister(&agent_id, registration.session_id);
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve_session(
+    state: &SharedState,
+    agent_id: &str,
+    hello: stella_proto::Hello,
+    inbound: &mut Streaming<AgentMessage>,
+    tx: &mpsc::Sender<Result<PlaneMessage, Status>>,
+    wake: Arc<tokio::sync::Notify>,
+    mut evicted: tokio::sync::oneshot::Receiver<()>,
+) -> Result<(), SessionEnd> {
+    let interval = state.config.heartbeat_interval;
+    let targets = targets::list_for_agent(state, agent_id).await?;
+    send(
+        tx,
+        PlaneBody::Welcome(Welcome {
+            agent_id: agent_id.to_string(),
+            heartbeat_interval_ms: interval.as_millis() as i64,
+            server_time_unix_ms: now_ms(),
+            targets: targets
+                .iter()
+                .map(|t| TargetInfo {
+                    name: t.name.clone(),
+                    kind: t.kind.clone(),
+                    config_json: t.config.to_string(),
+                })
+                .collect(),
+        }),
+    )
+    .await?;
+
+    // Jobs offered on this session; the agent's in-flight jobs count as offered already.
+    let mut offered: HashSet<String> = hello.in_flight_job_ids.into_iter().collect();
+    offer_pending(state, agent_id, tx, &mut offered).await?;
+
+    let silence_limit = interval * 3;
+    let mut shutdown = state.shutdown.clone();
+    loop {
+        tokio::select! {
+            msg = tokio::time::timeout(silence_limit, inbound.next()) => {
+                let msg = match msg {
+                    Err(_) => return Err(SessionEnd::Silent(silence_limit)),
+                    Ok(None) => return Err(SessionEnd::Closed),
+                    Ok(Some(msg)) => msg?,
+                };
+                handle_message(state, agent_id, msg, tx).await?;
+            }
+            _ = wake.notified() => {
+                offer_pending(state, agent_id, tx, &mut offered).await?;
+            }
+            _ = &mut evicted => return Err(SessionEnd::Replaced),
+            changed = shutdown.changed() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    let _ = send(tx, PlaneBody::Drain(Drain { reconnect_after_ms: 1000, reason: "plane shutting down".to_string() })).await;
+                    return Err(SessionEnd::Shutdown);
+                }
+            }
+        }
+    }
+}
+
+async fn offer_pending(
+    state: &SharedState,
+    agent_id: &str,
+    tx: &mpsc::Sender<Result<PlaneMessage, Status>>,
+    offered: &mut HashSet<String>,
+) -> Result<(), SessionEnd> {
+    let now = now_ms();
+    for job in deployments::pending_for_agent(state, agent_id).await? {
+        if offered.contains(&job.id) {
+            continue;
+        }
+        if job.not_after_ms <= now {
+            tracing::warn!(agent_id, job_id = %job.id, "job expired before delivery");
+            deployments::expire_job(state, &job.id).await?;
+            continue;
+        }
+        send(
+            tx,
+            PlaneBody::Offer(JobOffer {
+                job_id: job.id.clone(),
+                envelope: job.envelope.into_bytes(),
+            }),
+        )
+        .await?;
+        deployments::mark_offered(state, agent_id, &job.id).await?;
+        tracing::debug!(agent_id, job_id = %job.id, "job offered");
+        offered.insert(job.id);
+    }
+    Ok(())
+}
+
+async fn handle_message(
+    state: &SharedState,
+    agent_id: &str,
+    msg: AgentMessage,
+    tx: &mpsc::Sender<Result<PlaneMessage, Status>>,
+) -> Result<(), SessionEnd> {
+    match msg.body {
+        Some(AgentBody::Heartbeat(_)) => agents::record_heartbeat(state, agent_id).await?,
+        Some(AgentBody::Accepted(a)) => deployments::mark_accepted(state, agent_id, &a.job_id).await?,
+        Some(AgentBody::Progress(p)) => {
+            deployments::record_progress(state, agent_id, &p.job_id, &p.message).await?
+        }
+        Some(AgentBody::Result(r)) => {
+            let status = match JobStatus::try_from(r.status) {
+                Ok(JobStatus::Succeeded) => "succeeded",
+                Ok(JobStatus::Failed) => "failed",
+                Ok(JobStatus::Refused) => "refused",
+                _ => {
+                    tracing::warn!(agent_id, job_id = %r.job_id, status = r.status, "result with unknown status ignored");
+                    return Ok(());
+                }
+            };
+            if status == "refused" {
+                tracing::warn!(agent_id, job_id = %r.job_id, reason = %r.reason_code, message = %r.message, "agent refused job");
+            }
+            let known = deployments::record_result(state, agent_id, status, &r).await?;
+            if !known {
+                tracing::warn!(agent_id, job_id = %r.job_id, "result for a job this agent does not own; acknowledged and ignored");
+            }
+            // Persisted (or known to be a duplicate): only now may the agent drop it from its spool.
+            send(tx, PlaneBody::ResultAck(ResultAck { job_id: r.job_id })).await?;
+        }
+        Some(AgentBody::Inventory(report)) => targets::record_inventory(state, agent_id, &report).await?,
+        Some(AgentBody::Hello(_)) => tracing::warn!(agent_id, "second hello on a session ignored"),
+        None => tracing::warn!(agent_id, "empty message ignored"),
+    }
+    Ok(())
+}

@@ -1,0 +1,30 @@
+//! What every request handler and agent session shares.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::hub::Hub;
+use crate::keys::PlaneKeys;
+use crate::store::Db;
+
+#[derive(Debug, Clone)]
+pub struct PlaneConfig {
+    /// The agent endpoint URL handed to agents at enrollment (`https://host:port`).
+    pub agent_endpoint: String,
+    pub heartbeat_interval: Duration,
+    pub job_ttl: Duration,
+    pub agent_cert_validity: Duration,
+}
+
+pub struct AppState {
+    pub db: Db,
+    pub keys: PlaneKeys,
+    pub hub: Hub,
+    pub config: PlaneConfig,
+    /// Flips to true when the plane shuts down; sessions then drain their agents.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+pub type SharedState = Arc<AppState>;

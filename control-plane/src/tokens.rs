@@ -1,0 +1,134 @@
+//! Join tokens (one-time, expiring, stored hashed) and admin API tokens.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
+use crate::store::{Db, new_id, now_ms, rfc3339};
+
+pub const MAX_JOIN_TOKEN_TTL_SECS: u64 = 30 * 24 * 3600;
+
+#[derive(Debug, Deserialize)]
+pub struct CreateJoinToken {
+    pub ttl_secs: u64,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct JoinTokenCreated {
+    pub id: String,
+    /// Shown once; only its hash is stored.
+    pub token: String,
+    pub expires_at: String,
+    pub ca_fingerprint: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+pub fn validate_labels(labels: &BTreeMap<String, String>) -> ApiResult<()> {
+    for (k, v) in labels {
+        let key_ok = !k.is_empty()
+            && k.len() <= 63
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
+        if !key_ok {
+            return Err(ApiError::BadRequest(format!(
+                "invalid label key {k:?}: use 1-63 characters from [A-Za-z0-9-_./]"
+            )));
+        }
+        if v.len() > 255 || v.chars().any(char::is_control) {
+            return Err(ApiError::BadRequest(format!(
+                "invalid value for label {k:?}: at most 255 printable characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
+pub async fn create_join_token(state: &AppState, req: CreateJoinToken) -> ApiResult<JoinTokenCreated> {
+    if req.ttl_secs == 0 || req.ttl_secs > MAX_JOIN_TOKEN_TTL_SECS {
+        return Err(ApiError::BadRequest(format!(
+            "ttl must be between 1 second and {} days",
+            MAX_JOIN_TOKEN_TTL_SECS / 86400
+        )));
+    }
+    validate_labels(&req.labels)?;
+    let token = stella_pki::generate_join_token();
+    let id = new_id("jt");
+    let now = now_ms();
+    let expires_at = now + (req.ttl_secs as i64) * 1000;
+    let labels = serde_json::to_string(&req.labels)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    sqlx::query(
+        "INSERT INTO join_tokens (id, token_hash, labels, max_uses, uses, expires_at, created_at)
+         VALUES (?, ?, ?, 1, 0, ?, ?)",
+    )
+    .bind(&id)
+    .bind(stella_pki::hash_token(&token))
+    .bind(&labels)
+    .bind(expires_at)
+    .bind(now)
+    .execute(&state.db)
+    .await?;
+    tracing::info!(token_id = %id, ttl_secs = req.ttl_secs, "join token created");
+    Ok(JoinTokenCreated {
+        id,
+        token,
+        expires_at: rfc3339(expires_at),
+        ca_fingerprint: state.keys.ca.fingerprint(),
+        labels: req.labels,
+    })
+}
+
+/// Ensures the named admin API token exists; returns the plaintext only when it was created now.
+pub async fn ensure_admin_token(db: &Db, name: &str) -> Result<Option<String>, sqlx::Error> {
+    let exists: Option<(String,)> = sqlx::query_as("SELECT id FROM api_tokens WHERE name = ?")
+        .bind(name)
+        .fetch_optional(db)
+        .await?;
+    if exists.is_some() {
+        return Ok(None);
+    }
+    let token = stella_pki::generate_api_token();
+    sqlx::query("INSERT INTO api_tokens (id, name, token_hash, created_at) VALUES (?, ?, ?, ?)")
+        .bind(new_id("at"))
+        .bind(name)
+        .bind(stella_pki::hash_token(&token))
+        .bind(now_ms())
+        .execute(db)
+        .await?;
+    Ok(Some(token))
+}
+
+/// Replaces the named admin token (used when its file was lost); returns the new plaintext.
+pub async fn rotate_admin_token(db: &Db, name: &str) -> Result<String, sqlx::Error> {
+    let token = stella_pki::generate_api_token();
+    sqlx::query("DELETE FROM api_tokens WHERE name = ?")
+        .bind(name)
+        .execute(db)
+        .await?;
+    sqlx::query("INSERT INTO api_tokens (id, name, token_hash, created_at) VALUES (?, ?, ?, ?)")
+        .bind(new_id("at"))
+        .bind(name)
+        .bind(stella_pki::hash_token(&token))
+        .bind(now_ms())
+        .execute(db)
+        .await?;
+    Ok(token)
+}
+
+/// Checks a bearer token against the stored hashes (constant-time comparison of the hash).
+pub async fn authenticate(db: &Db, token: &str) -> ApiResult<String> {
+    let hash = stella_pki::hash_token(token);
+    let row: Option<(String, String)> =
+        sqlx::query_as("SELECT name, token_hash FROM api_tokens WHERE token_hash = ?")
+            .bind(&hash)
+            .fetch_optional(db)
+            .await?;
+    match row {
+        Some((name, stored)) if stella_pki::token_matches(token, &stored) => Ok(name),
+        _ => Err(ApiError::Unauthorized("invalid API token".to_string())),
+    }
+}

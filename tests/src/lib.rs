@@ -1,0 +1,486 @@
+//! Harness for end-to-end tests: starts the real `stella` and `stella-agent` binaries as
+//! processes on free loopback ports, drives them through the CLI, and builds tiny images on the
+//! machine's Docker Engine (no registry can be reached, so images are imported from a rootfs
+//! holding the static busybox binary).
+//!
+//! The binaries must be built first (`cargo build --bins`); the README's test command does that.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub fn bin_dir() -> PathBuf {
+    // Test executables live in target/<profile>/deps; the binaries one level up.
+    let exe = std::env::current_exe().expect("test executable path");
+    let deps = exe.parent().expect("deps dir");
+    let dir = deps.parent().expect("profile dir").to_path_buf();
+    for b in ["stella", "stella-agent"] {
+        assert!(
+            dir.join(b).exists(),
+            "{} is missing: run `cargo build --bins` before the end-to-end tests",
+            dir.join(b).display()
+        );
+    }
+    dir
+}
+
+pub fn stella_bin() -> PathBuf {
+    bin_dir().join("stella")
+}
+
+pub fn agent_bin() -> PathBuf {
+    bin_dir().join("stella-agent")
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{:08x}", rand::random::<u32>())
+}
+
+/// Polls `probe` until it returns Some, failing the test after `timeout`. Used where the thing
+/// awaited lives in another process and offers no event to wait on.
+pub fn wait_until<T>(timeout: Duration, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on a pid we spawned, with a valid signal number.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, sig);
+    }
+}
+
+fn stop_child(child: &mut Child) -> Option<std::process::ExitStatus> {
+    if let Ok(Some(status)) = child.try_wait() {
+        return Some(status);
+    }
+    signal(child, libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    child.wait().ok()
+}
+
+pub struct Plane {
+    pub dir: PathBuf,
+    pub api_port: u16,
+    pub agent_port: u16,
+    child: Option<Child>,
+}
+
+impl Plane {
+    pub fn start(dir: &Path) -> Plane {
+        Self::start_on(dir, free_port(), free_port())
+    }
+
+    pub fn start_on(dir: &Path, api_port: u16, agent_port: u16) -> Plane {
+        let mut plane = Plane {
+            dir: dir.to_path_buf(),
+            api_port,
+            agent_port,
+            child: None,
+        };
+        plane.restart();
+        plane
+    }
+
+    /// Starts the plane process (again) on the same ports and data directory.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "plane already running");
+        let _ = std::fs::remove_file(self.dir.join("api.url"));
+        let child = Command::new(stella_bin())
+            .args(["--data-dir", &self.dir.display().to_string(), "serve"])
+            .args(["--api-listen", &format!("127.0.0.1:{}", self.api_port)])
+            .args(["--agent-listen", &format!("127.0.0.1:{}", self.agent_port)])
+            .args(["--heartbeat-interval", "1s"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start stella serve");
+        self.child = Some(child);
+        let url_file = self.dir.join("api.url");
+        wait_until(Duration::from_secs(30), "the plane to write api.url", || {
+            url_file.exists().then_some(())
+        });
+        wait_until(Duration::from_secs(30), "the plane API to answer", || {
+            self.cli(&["env", "list"]).status.success().then_some(())
+        });
+    }
+
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(stop_child).inspect(|_| {
+            self.child = None;
+        })
+    }
+
+    pub fn api_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.api_port)
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(stella_bin())
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(args)
+            .env_remove("STELLA_SERVER")
+            .env_remove("STELLA_TOKEN")
+            .env_remove("STELLA_CA_FILE")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run stella")
+    }
+
+    /// Runs a CLI command that must succeed; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "stella {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs a CLI command that must fail; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            !out.status.success(),
+            "stella {args:?} unexpectedly succeeded: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut full = args.to_vec();
+        full.extend(["--output", "json"]);
+        let stdout = self.ok(&full);
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("stella {args:?}: not JSON ({e}): {stdout}"))
+    }
+
+    /// Creates a join token and returns (token, ca fingerprint).
+    pub fn join_token(&self) -> (String, String) {
+        let v = self.json(&["token", "create", "--ttl", "10m"]);
+        (
+            v["token"].as_str().expect("token").to_string(),
+            v["ca_fingerprint"].as_str().expect("fingerprint").to_string(),
+        )
+    }
+
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.dir.join("admin.token"))
+            .expect("admin token")
+            .trim()
+            .to_string()
+    }
+
+    pub fn agent_status(&self, agent_id: &str) -> String {
+        let v = self.json(&["agents", "show", agent_id]);
+        v["status"].as_str().unwrap_or_default().to_string()
+    }
+
+    /// Follows a deployment until it leaves `running`.
+    pub fn wait_deployment(&self, id: &str) -> Value {
+        wait_until(Duration::from_secs(120), "the deployment to finish", || {
+            let v = self.json(&["deployments", "show", id]);
+            (v["status"] != "running").then_some(v)
+        })
+    }
+
+    /// GET /metrics over HTTPS, trusting only the plane's CA.
+    pub fn metrics(&self) -> String {
+        let ca = std::fs::read_to_string(self.dir.join("pki/ca.pem")).expect("ca.pem");
+        let url = format!("{}/metrics", self.api_url());
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async {
+            stella_pki::install_crypto_provider();
+            let tls = stella_pki::client_config_ca(&ca).expect("tls config");
+            let client = reqwest::Client::builder().use_preconfigured_tls(tls).build().expect("client");
+            let resp = client.get(&url).send().await.expect("GET /metrics");
+            assert!(resp.status().is_success(), "/metrics: {}", resp.status());
+            resp.text().await.expect("metrics body")
+        })
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.join("stella.db")
+    }
+}
+
+impl Drop for Plane {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub struct Agent {
+    pub dir: PathBuf,
+    pub id: String,
+    child: Option<Child>,
+}
+
+pub fn enroll_cmd(agent_dir: &Path, server: &str, token: &str, fingerprint: &str, name: &str) -> Output {
+    Command::new(agent_bin())
+        .args(["enroll", "--server", server, "--token", token, "--ca-fingerprint", fingerprint])
+        .arg("--data-dir")
+        .arg(agent_dir)
+        .args(["--name", name])
+        .env_remove("STELLA_SERVER")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run stella-agent enroll")
+}
+
+impl Agent {
+    /// Enrolls a new agent with a fresh join token and starts it.
+    pub fn enroll_and_start(plane: &Plane, dir: &Path, name: &str) -> Agent {
+        let (token, fp) = plane.join_token();
+        let out = enroll_cmd(dir, &plane.api_url(), &token, &fp, name);
+        assert!(
+            out.status.success(),
+            "enroll failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let config: Value = serde_json::from_slice(&std::fs::read(dir.join("agent.json")).expect("agent.json"))
+            .expect("agent.json is JSON");
+        let mut agent = Agent {
+            dir: dir.to_path_buf(),
+            id: config["agent_id"].as_str().expect("agent id").to_string(),
+            child: None,
+        };
+        agent.start();
+        wait_until(Duration::from_secs(30), "the agent to connect", || {
+            (plane.agent_status(&agent.id) == "connected").then_some(())
+        });
+        agent
+    }
+
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "agent already running");
+        let child = Command::new(agent_bin())
+            .arg("run")
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start stella-agent");
+        self.child = Some(child);
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop_child(&mut child);
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A tiny image on the local engine, removed when dropped.
+pub struct TestImage {
+    pub repo: String,
+    pub tag: String,
+    pub id: String,
+}
+
+impl TestImage {
+    /// `docker import` of a rootfs holding the static busybox binary and a marker file that makes
+    /// the image unique; `cmd` is its CMD as JSON array items.
+    pub fn build(repo: &str, tag: &str, cmd: &[&str]) -> TestImage {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().join("rootfs");
+        std::fs::create_dir_all(root.join("bin")).expect("rootfs");
+        std::fs::copy("/bin/busybox", root.join("bin/busybox"))
+            .expect("/bin/busybox is needed (Debian busybox-static)");
+        std::os::unix::fs::symlink("busybox", root.join("bin/sh")).expect("symlink");
+        std::fs::write(root.join("marker"), unique("image-")).expect("marker");
+        let tar = tmp.path().join("rootfs.tar");
+        let status = Command::new("tar")
+            .arg("-C")
+            .arg(&root)
+            .arg("-cf")
+            .arg(&tar)
+            .arg(".")
+            .status()
+            .expect("tar");
+        assert!(status.success(), "tar failed");
+        let cmd_json = serde_json::to_string(cmd).expect("cmd json");
+        let reference = format!("{repo}:{tag}");
+        let out = Command::new("docker")
+            .args(["import", "--change", &format!("CMD {cmd_json}")])
+            .arg(&tar)
+            .arg(&reference)
+            .output()
+            .expect("docker import");
+        assert!(out.status.success(), "docker import failed: {}", String::from_utf8_lossy(&out.stderr));
+        let id = docker(&["image", "inspect", "-f", "{{.Id}}", &reference]);
+        TestImage {
+            repo: repo.to_string(),
+            tag: tag.to_string(),
+            id,
+        }
+    }
+
+    pub fn busybox_sleeper(repo: &str, tag: &str) -> TestImage {
+        // A shell that exits on SIGTERM: a bare `sleep` as PID 1 ignores it and every replace
+        // would wait for the engine's 10 s stop timeout.
+        Self::build(
+            repo,
+            tag,
+            &["/bin/busybox", "sh", "-c", "trap 'exit 0' TERM; while :; do /bin/busybox sleep 3600 & wait $!; done"],
+        )
+    }
+
+    /// `name=repo:tag@id`: the release component form.
+    pub fn component(&self, name: &str) -> String {
+        format!("{name}={}:{}@{}", self.repo, self.tag, self.id)
+    }
+}
+
+impl Drop for TestImage {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["image", "rm", "-f", &format!("{}:{}", self.repo, self.tag), &self.id])
+            .output();
+    }
+}
+
+/// Runs a docker CLI command that must succeed; returns trimmed stdout.
+pub fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker").args(args).output().expect("docker CLI");
+    assert!(
+        out.status.success(),
+        "docker {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Container ids carrying `stella.target=<target>` (all states).
+pub fn containers_of(target: &str) -> Vec<String> {
+    docker(&["ps", "-aq", "--no-trunc", "--filter", &format!("label=stella.target={target}")])
+        .lines()
+        .map(str::to_string)
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+pub fn inspect(container: &str) -> Value {
+    let raw = docker(&["inspect", container]);
+    let v: Value = serde_json::from_str(&raw).expect("docker inspect JSON");
+    v[0].clone()
+}
+
+/// Removes every container of a target (test clean-up).
+pub fn remove_target_containers(target: &str) {
+    for id in containers_of(target) {
+        let _ = Command::new("docker").args(["rm", "-f", &id]).output();
+    }
+}
+
+/// Removes a target's containers when dropped, also when the test fails.
+pub struct TargetCleanup(pub String);
+
+impl Drop for TargetCleanup {
+    fn drop(&mut self) {
+        remove_target_containers(&self.0);
+    }
+}
+
+/// Runs SQL against the plane's SQLite database, as a database writer (or attacker) could.
+pub fn sql_exec(db: &Path, sql: &str, binds: &[&str]) -> u64 {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let url = format!("sqlite://{}", db.display());
+        let pool = sqlx::SqlitePool::connect(&url).await.expect("open db");
+        let mut q = sqlx::query(sql);
+        for b in binds {
+            q = q.bind(*b);
+        }
+        let n = q.execute(&pool).await.expect("sql").rows_affected();
+        pool.close().await;
+        n
+    })
+}
+
+pub fn sql_string(db: &Path, sql: &str, binds: &[&str]) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let url = format!("sqlite://{}", db.display());
+        let pool = sqlx::SqlitePool::connect(&url).await.expect("open db");
+        let mut q = sqlx::query_scalar::<_, String>(sql);
+        for b in binds {
+            q = q.bind(*b);
+        }
+        let v = q.fetch_one(&pool).await.expect("sql");
+        pool.close().await;
+        v
+    })
+}
+
+/// A plane, one enrolled docker agent, an environment `dev` and one docker target in it.
+pub struct Stack {
+    pub agent: Agent,
+    pub plane: Plane,
+    pub target: String,
+    _cleanup: TargetCleanup,
+    pub tmp: tempfile::TempDir,
+}
+
+impl Stack {
+    pub fn new() -> Stack {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let plane = Plane::start(&tmp.path().join("plane"));
+        let agent = Agent::enroll_and_start(&plane, &tmp.path().join("agent"), "e2e");
+        let target = unique("web");
+        plane.ok(&["env", "create", "dev"]);
+        plane.ok(&["target", "create", &target, "--env", "dev", "--kind", "docker", "--agent", &agent.id]);
+        Stack {
+            agent,
+            plane,
+            _cleanup: TargetCleanup(target.clone()),
+            target,
+            tmp,
+        }
+    }
+
+    /// Creates a release and a deployment of it without following; returns the deployment JSON.
+    pub fn deploy_no_wait(&self, release: &str, components: &[String]) -> Value {
+        let mut args = vec!["release", "create", release];
+        for c in components {
+            args.extend(["--component", c.as_str()]);
+        }
+        self.plane.ok(&args);
+        self.plane.json(&["deploy", release, "--env", "dev", "--no-wait"])
+    }
+}
