@@ -179,6 +179,9 @@ pub async fn enroll(dir: &DataDir, opts: EnrollOptions) -> Result<AgentConfig, E
     }
 
     let key_file = dir.key_file();
+    if let Some(identity_dir) = key_file.parent() {
+        create_private_dir(identity_dir).map_err(io_err(identity_dir))?;
+    }
     stella_pki::write_secret_file(&key_file, key_pem.as_bytes()).map_err(io_err(&key_file))?;
     let cert_file = dir.cert_file();
     write_atomic(&cert_file, answer.cert_pem.as_bytes()).map_err(io_err(&cert_file))?;
@@ -207,6 +210,13 @@ pub async fn enroll(dir: &DataDir, opts: EnrollOptions) -> Result<AgentConfig, E
     let agent_file = dir.agent_file();
     write_json(&agent_file, &config).map_err(io_err(&agent_file))?;
     Ok(config)
+}
+
+/// The identity directory holds the private key: owner-only from the start.
+fn create_private_dir(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

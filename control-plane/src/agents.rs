@@ -45,7 +45,7 @@ pub struct EnrollResponse {
     pub labels: BTreeMap<String, String>,
 }
 
-fn validate_name(kind: &str, name: &str) -> ApiResult<()> {
+pub fn validate_name(kind: &str, name: &str) -> ApiResult<()> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name
@@ -221,9 +221,9 @@ fn view_from_row(state: &AppState, row: &sqlx::sqlite::SqliteRow) -> AgentView {
 }
 
 pub async fn list(state: &AppState) -> ApiResult<Vec<AgentView>> {
-    let rows = sqlx::query(&format!(
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT {AGENT_COLUMNS} FROM agents ORDER BY enrolled_at, id"
-    ))
+    )))
     .fetch_all(&state.db)
     .await?;
     Ok(rows.iter().map(|r| view_from_row(state, r)).collect())
@@ -231,9 +231,9 @@ pub async fn list(state: &AppState) -> ApiResult<Vec<AgentView>> {
 
 /// Finds an agent by id or, when unambiguous, by name.
 pub async fn find(state: &AppState, id_or_name: &str) -> ApiResult<AgentRecord> {
-    let rows = sqlx::query(&format!(
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT {AGENT_COLUMNS} FROM agents WHERE id = ? OR name = ? ORDER BY enrolled_at"
-    ))
+    )))
     .bind(id_or_name)
     .bind(id_or_name)
     .fetch_all(&state.db)
@@ -253,7 +253,7 @@ pub async fn find(state: &AppState, id_or_name: &str) -> ApiResult<AgentRecord> 
 
 pub async fn view(state: &AppState, id_or_name: &str) -> ApiResult<AgentView> {
     let record = find(state, id_or_name).await?;
-    let row = sqlx::query(&format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?"))
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?")))
         .bind(&record.id)
         .fetch_one(&state.db)
         .await?;
@@ -271,7 +271,7 @@ fn record_from_row(row: &sqlx::sqlite::SqliteRow) -> AgentRecord {
 }
 
 pub async fn get_record(state: &AppState, agent_id: &str) -> ApiResult<Option<AgentRecord>> {
-    let row = sqlx::query(&format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?"))
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?")))
         .bind(agent_id)
         .fetch_optional(&state.db)
         .await?;

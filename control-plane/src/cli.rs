@@ -314,7 +314,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             match command.unwrap_or(AgentsCommand::List) {
                 AgentsCommand::List => {
                     let agents: Vec<AgentView> = client.get("/v1/agents").await?;
-                    render(out, &agents, print_agents)
+                    render(out, &agents, |a| print_agents(a))
                 }
                 AgentsCommand::Show { agent } => {
                     let agent: AgentView = client.get(&format!("/v1/agents/{}", path_seg(&agent))).await?;

@@ -190,7 +190,7 @@ fn deployment_from_row(row: &sqlx::sqlite::SqliteRow) -> Deployment {
 }
 
 pub async fn get(state: &AppState, id: &str) -> ApiResult<Deployment> {
-    let row = sqlx::query(&format!("{DEPLOYMENT_SELECT} WHERE d.id = ?"))
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!("{DEPLOYMENT_SELECT} WHERE d.id = ?")))
         .bind(id)
         .fetch_optional(&state.db)
         .await?
@@ -238,7 +238,7 @@ pub async fn get(state: &AppState, id: &str) -> ApiResult<Deployment> {
 }
 
 pub async fn list(state: &AppState) -> ApiResult<Vec<Deployment>> {
-    let rows = sqlx::query(&format!("{DEPLOYMENT_SELECT} ORDER BY d.created_at DESC LIMIT 200"))
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!("{DEPLOYMENT_SELECT} ORDER BY d.created_at DESC LIMIT 200")))
         .fetch_all(&state.db)
         .await?;
     Ok(rows.iter().map(deployment_from_row).collect())

@@ -86,6 +86,12 @@ async fn ensure_admin_token_file(db: &store::Db, path: &Path) -> anyhow::Result<
 
 pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
     stella_pki::install_crypto_provider();
+    if !stella_pki::is_valid_trust_domain(&opts.trust_domain) {
+        anyhow::bail!(
+            "invalid --trust-domain {:?}: use lowercase letters, digits, '.', '_' and '-'",
+            opts.trust_domain
+        );
+    }
     std::fs::create_dir_all(&opts.data_dir)
         .with_context(|| format!("creating data directory {}", opts.data_dir.display()))?;
     let db = store::open_sqlite(&opts.data_dir.join("stella.db")).await?;

@@ -124,15 +124,15 @@ pub async fn list(state: &AppState, env: Option<&str>) -> ApiResult<Vec<Target>>
     let rows = match env {
         Some(env) => {
             let env = environments::find(state, env).await?;
-            sqlx::query(&format!(
+            sqlx::query(sqlx::AssertSqlSafe(format!(
                 "{TARGET_SELECT} WHERE t.environment_id = ? ORDER BY t.name"
-            ))
+            )))
             .bind(env.id)
             .fetch_all(&state.db)
             .await?
         }
         None => {
-            sqlx::query(&format!("{TARGET_SELECT} ORDER BY t.name"))
+            sqlx::query(sqlx::AssertSqlSafe(format!("{TARGET_SELECT} ORDER BY t.name")))
                 .fetch_all(&state.db)
                 .await?
         }
@@ -141,7 +141,7 @@ pub async fn list(state: &AppState, env: Option<&str>) -> ApiResult<Vec<Target>>
 }
 
 pub async fn list_for_agent(state: &AppState, agent_id: &str) -> ApiResult<Vec<Target>> {
-    let rows = sqlx::query(&format!("{TARGET_SELECT} WHERE t.agent_id = ? ORDER BY t.name"))
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!("{TARGET_SELECT} WHERE t.agent_id = ? ORDER BY t.name")))
         .bind(agent_id)
         .fetch_all(&state.db)
         .await?;
@@ -149,7 +149,7 @@ pub async fn list_for_agent(state: &AppState, agent_id: &str) -> ApiResult<Vec<T
 }
 
 pub async fn find(state: &AppState, id_or_name: &str) -> ApiResult<Target> {
-    let row = sqlx::query(&format!("{TARGET_SELECT} WHERE t.id = ? OR t.name = ?"))
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!("{TARGET_SELECT} WHERE t.id = ? OR t.name = ?")))
         .bind(id_or_name)
         .bind(id_or_name)
         .fetch_optional(&state.db)

@@ -1,0 +1,37 @@
+//! Stella's PKI: the control plane's certificate authority, agent identities (SPIFFE-style URI
+//! SANs), DSSE-signed jobs and their offline verification by agents, bearer tokens, TLS configs
+//! and secret files.
+//!
+//! The only rustls crypto provider used is ring.
+
+mod ca;
+mod dsse;
+mod error;
+mod files;
+mod identity;
+mod job;
+mod tls;
+mod token;
+
+pub use ca::{CertificateAuthority, DEFAULT_TRUST_DOMAIN, IssuedCert, IssuedKeyPair};
+pub use dsse::{
+    DsseError, ED25519, Envelope, PublicKeyRecord, Signature, SigningKey, TrustedKeys,
+    decode_payload, pae,
+};
+pub use error::PkiError;
+pub use files::write_secret_file;
+pub use identity::{
+    agent_id_from_cert, cert_der_from_pem, cert_not_after, cert_serial_hex, certs_from_pem,
+    fingerprint_der, fingerprint_pem, generate_key_and_csr, is_valid_agent_id,
+    is_valid_trust_domain, spiffe_agent_uri,
+};
+pub use job::{
+    JOB_PAYLOAD_TYPE, JobComponent, JobKind, JobPayload, JobRefusal, JobTarget, JobVerifier,
+    MAX_ENVELOPE_BYTES, envelope_digest, sign_job,
+};
+pub use tls::{
+    client_config_ca, client_config_mtls, client_config_pinned_fingerprint,
+    install_crypto_provider, parse_fingerprint, private_key_from_pem, server_config,
+    server_config_mtls,
+};
+pub use token::{generate_api_token, generate_join_token, hash_token, token_matches};

@@ -418,7 +418,7 @@ impl Drop for TargetCleanup {
 }
 
 /// Runs SQL against the plane's SQLite database, as a database writer (or attacker) could.
-pub fn sql_exec(db: &Path, sql: &str, binds: &[&str]) -> u64 {
+pub fn sql_exec(db: &Path, sql: &'static str, binds: &[&str]) -> u64 {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     rt.block_on(async {
         let url = format!("sqlite://{}", db.display());
@@ -433,7 +433,7 @@ pub fn sql_exec(db: &Path, sql: &str, binds: &[&str]) -> u64 {
     })
 }
 
-pub fn sql_string(db: &Path, sql: &str, binds: &[&str]) -> String {
+pub fn sql_string(db: &Path, sql: &'static str, binds: &[&str]) -> String {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     rt.block_on(async {
         let url = format!("sqlite://{}", db.display());

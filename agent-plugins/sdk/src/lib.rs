@@ -119,6 +119,20 @@ impl VersionSticker {
     }
 }
 
+/// Health of one component as the executor observes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComponentHealth {
+    pub name: String,
+    pub healthy: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthReport {
+    pub healthy: bool,
+    pub components: Vec<ComponentHealth>,
+}
+
 /// Host-side context handed to executors when the agent builds them.
 #[derive(Debug, Clone)]
 pub struct ExecutorContext {
@@ -213,6 +227,60 @@ pub trait Executor: Send + Sync {
     ) -> Result<(), PluginError>;
 
     async fn read_sticker(&self, target: &TargetRef) -> Result<Option<VersionSticker>, PluginError>;
+
+    /// Puts the target back on a previous release's digests. For most executors this is a
+    /// deploy of the previous spec (deploys are ensures); executors with native rollback
+    /// (ECS task definition revisions, Nomad job versions) override it.
+    async fn rollback(
+        &self,
+        previous: &DeploySpec,
+        progress: &dyn ProgressSink,
+    ) -> Result<DeployOutcome, PluginError> {
+        self.deploy(previous, progress).await
+    }
+
+    /// Checks that each wanted component runs its digest and is not unhealthy, from inventory.
+    async fn health_check(
+        &self,
+        target: &TargetRef,
+        components: &[ComponentSpec],
+    ) -> Result<HealthReport, PluginError> {
+        let observed = self.inventory(target).await?;
+        let components: Vec<ComponentHealth> = components
+            .iter()
+            .map(|c| match observed.iter().find(|o| o.component == c.name) {
+                None => ComponentHealth {
+                    name: c.name.clone(),
+                    healthy: false,
+                    detail: "not running".to_string(),
+                },
+                Some(o) if o.digest != c.digest => ComponentHealth {
+                    name: c.name.clone(),
+                    healthy: false,
+                    detail: format!("runs {} instead of {}", o.digest, c.digest),
+                },
+                Some(o) if o.state != "running" => ComponentHealth {
+                    name: c.name.clone(),
+                    healthy: false,
+                    detail: format!("state {}", o.state),
+                },
+                Some(o) if o.health.as_deref() == Some("unhealthy") => ComponentHealth {
+                    name: c.name.clone(),
+                    healthy: false,
+                    detail: "health check failing".to_string(),
+                },
+                Some(_) => ComponentHealth {
+                    name: c.name.clone(),
+                    healthy: true,
+                    detail: "running".to_string(),
+                },
+            })
+            .collect();
+        Ok(HealthReport {
+            healthy: components.iter().all(|c| c.healthy),
+            components,
+        })
+    }
 }
 
 /// Checks the `sha256:<64 lowercase hex>` shape every digest in Stella has.
