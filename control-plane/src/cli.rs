@@ -76,19 +76,31 @@ enum Command {
         command: Option<AgentsCommand>,
     },
     /// Environments (dev, stage, prod).
-    #[command(subcommand, alias = "envs", alias = "environment")]
-    Env(EnvCommand),
+    #[command(alias = "envs", alias = "environment")]
+    Env {
+        #[command(subcommand)]
+        command: Option<EnvCommand>,
+    },
     /// Targets: where releases run.
-    #[command(subcommand, alias = "targets")]
-    Target(TargetCommand),
+    #[command(alias = "targets")]
+    Target {
+        #[command(subcommand)]
+        command: Option<TargetCommand>,
+    },
     /// Releases: immutable sets of component@digest.
-    #[command(subcommand, alias = "releases")]
-    Release(ReleaseCommand),
+    #[command(alias = "releases")]
+    Release {
+        #[command(subcommand)]
+        command: Option<ReleaseCommand>,
+    },
     /// Deploy a release to every target of an environment and follow it until done.
     Deploy(DeployArgs),
     /// Deployments and their jobs.
-    #[command(subcommand, alias = "deployment")]
-    Deployments(DeploymentsCommand),
+    #[command(alias = "deployment")]
+    Deployments {
+        #[command(subcommand)]
+        command: Option<DeploymentsCommand>,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -322,9 +334,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Env(cmd) => {
+        Command::Env { command } => {
             let client = ApiClient::connect(&conn)?;
-            match cmd {
+            match command.unwrap_or(EnvCommand::List) {
                 EnvCommand::Create { name } => {
                     let env: Environment = client.post("/v1/environments", &json!({"name": name})).await?;
                     render(out, &env, |e| println!("created environment {} ({})", e.name, e.id))
@@ -341,9 +353,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Target(cmd) => {
+        Command::Target { command } => {
             let client = ApiClient::connect(&conn)?;
-            match cmd {
+            match command.unwrap_or(TargetCommand::List { env: None }) {
                 TargetCommand::Create { name, env, kind, agent, config } => {
                     let config: Option<serde_json::Value> = match config {
                         Some(c) => Some(serde_json::from_str(&c).context("--config must be a JSON object")?),
@@ -370,9 +382,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Release(cmd) => {
+        Command::Release { command } => {
             let client = ApiClient::connect(&conn)?;
-            match cmd {
+            match command.unwrap_or(ReleaseCommand::List) {
                 ReleaseCommand::Create { name, components } => {
                     let components = components
                         .iter()
@@ -409,9 +421,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let client = ApiClient::connect(&conn)?;
             deploy(&client, out, args).await
         }
-        Command::Deployments(cmd) => {
+        Command::Deployments { command } => {
             let client = ApiClient::connect(&conn)?;
-            match cmd {
+            match command.unwrap_or(DeploymentsCommand::List) {
                 DeploymentsCommand::List => {
                     let deps: Vec<Deployment> = client.get("/v1/deployments").await?;
                     render(out, &deps, |ds| {
