@@ -31,7 +31,9 @@ pub enum ConfigError {
         path: PathBuf,
         source: serde_json::Error,
     },
-    #[error("{0} is not an enrolled agent's data directory (no agent.json); run `stella-agent enroll` first")]
+    #[error(
+        "{0} is not an enrolled agent's data directory (no agent.json); run `stella-agent enroll` first"
+    )]
     NotEnrolled(PathBuf),
 }
 

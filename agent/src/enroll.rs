@@ -12,7 +12,9 @@ use crate::config::{AgentConfig, DataDir, write_atomic, write_json};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
-    #[error("{0} already holds an enrolled agent ({1}); use another --data-dir or remove it to enroll again")]
+    #[error(
+        "{0} already holds an enrolled agent ({1}); use another --data-dir or remove it to enroll again"
+    )]
     AlreadyEnrolled(String, String),
     #[error("invalid --ca-fingerprint {0:?}: expected sha256:<64 hex digits>")]
     BadFingerprint(String),
@@ -149,9 +151,16 @@ pub async fn enroll(dir: &DataDir, opts: EnrollOptions) -> Result<AgentConfig, E
     if !status.is_success() {
         let message = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
-            .and_then(|v| v.pointer("/error/message").and_then(|m| m.as_str()).map(str::to_string))
+            .and_then(|v| {
+                v.pointer("/error/message")
+                    .and_then(|m| m.as_str())
+                    .map(str::to_string)
+            })
             .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
-        return Err(EnrollError::Refused(format!("{message} (HTTP {})", status.as_u16())));
+        return Err(EnrollError::Refused(format!(
+            "{message} (HTTP {})",
+            status.as_u16()
+        )));
     }
     let answer: EnrollResponse =
         serde_json::from_slice(&body).map_err(|e| EnrollError::BadResponse(e.to_string()))?;
@@ -175,7 +184,9 @@ pub async fn enroll(dir: &DataDir, opts: EnrollOptions) -> Result<AgentConfig, E
         )));
     }
     if answer.trust_bundle.job_signing_keys.is_empty() {
-        return Err(EnrollError::BadResponse("no job-signing keys in the trust bundle".to_string()));
+        return Err(EnrollError::BadResponse(
+            "no job-signing keys in the trust bundle".to_string(),
+        ));
     }
 
     let key_file = dir.key_file();
@@ -215,7 +226,10 @@ pub async fn enroll(dir: &DataDir, opts: EnrollOptions) -> Result<AgentConfig, E
 /// The identity directory holds the private key: owner-only from the start.
 fn create_private_dir(path: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
 }
 

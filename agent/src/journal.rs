@@ -91,7 +91,9 @@ impl Journal {
                 Ok(entry) => {
                     entries.insert(entry.job_id.clone(), entry);
                 }
-                Err(e) => tracing::warn!(path = %path.display(), error = %e, "unreadable journal entry skipped"),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "unreadable journal entry skipped")
+                }
             }
         }
         Ok(Self {
@@ -161,7 +163,9 @@ impl Journal {
             if path.extension().is_some_and(|e| e == "json") {
                 match read_json::<StoredResult>(&path) {
                     Ok(r) => out.push(r),
-                    Err(e) => tracing::warn!(path = %path.display(), error = %e, "unreadable spooled result skipped"),
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "unreadable spooled result skipped")
+                    }
                 }
             }
         }

@@ -39,7 +39,11 @@ enum Command {
         #[arg(long)]
         ca_fingerprint: String,
         /// Where the agent keeps its identity and state.
-        #[arg(long, env = "STELLA_AGENT_DATA_DIR", default_value = "/var/lib/stella-agent")]
+        #[arg(
+            long,
+            env = "STELLA_AGENT_DATA_DIR",
+            default_value = "/var/lib/stella-agent"
+        )]
         data_dir: PathBuf,
         /// Agent name (default: the host name).
         #[arg(long)]
@@ -53,7 +57,11 @@ enum Command {
     },
     /// Run the agent: hold a session with the plane and execute jobs until stopped.
     Run {
-        #[arg(long, env = "STELLA_AGENT_DATA_DIR", default_value = "/var/lib/stella-agent")]
+        #[arg(
+            long,
+            env = "STELLA_AGENT_DATA_DIR",
+            default_value = "/var/lib/stella-agent"
+        )]
         data_dir: PathBuf,
         /// Executors not to start even if available (repeatable).
         #[arg(long = "disable")]
@@ -84,7 +92,15 @@ async fn shutdown_signal() {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Enroll { server, token, ca_fingerprint, data_dir, name, labels, disabled } => {
+        Command::Enroll {
+            server,
+            token,
+            ca_fingerprint,
+            data_dir,
+            name,
+            labels,
+            disabled,
+        } => {
             let dir = DataDir::new(data_dir);
             let capabilities = executors::capabilities(&executors::detect(&dir, &disabled).await);
             let config = enroll::enroll(
@@ -100,13 +116,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await?;
             println!("enrolled as agent {} ({})", config.agent_id, config.name);
-            println!("capabilities: {}", if capabilities.is_empty() { "none".to_string() } else { capabilities.join(", ") });
+            println!(
+                "capabilities: {}",
+                if capabilities.is_empty() {
+                    "none".to_string()
+                } else {
+                    capabilities.join(", ")
+                }
+            );
             println!("agent endpoint: {}", config.agent_endpoint);
-            println!("start it with: stella-agent run --data-dir {}", dir.root.display());
+            println!(
+                "start it with: stella-agent run --data-dir {}",
+                dir.root.display()
+            );
             Ok(())
         }
         Command::Run { data_dir, disabled } => {
-            runtime::run(DataDir::new(data_dir), RunOptions { disabled_executors: disabled }, shutdown_signal()).await
+            runtime::run(
+                DataDir::new(data_dir),
+                RunOptions {
+                    disabled_executors: disabled,
+                },
+                shutdown_signal(),
+            )
+            .await
         }
     }
 }
@@ -114,8 +147,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STELLA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -17,8 +17,8 @@ use stella_proto::agent_message::Body as AgentBody;
 use stella_proto::agent_session_client::AgentSessionClient;
 use stella_proto::plane_message::Body as PlaneBody;
 use stella_proto::{
-    AgentMessage, Heartbeat, Hello, InventoryReport, JobAccepted, JobOffer, JobProgress,
-    JobResult, JobStatus, TargetInventory, Workload,
+    AgentMessage, Heartbeat, Hello, InventoryReport, JobAccepted, JobOffer, JobProgress, JobResult,
+    JobStatus, TargetInventory, Workload,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -97,7 +97,8 @@ pub async fn run(
     let key_pem = dir.read_text(&dir.key_file())?;
     let ca_pem = dir.read_text(&dir.ca_file())?;
     let executors = executors::detect(&dir, &options.disabled_executors).await;
-    let journal = Journal::open(dir.journal_dir(), dir.spool_dir()).context("opening the job journal")?;
+    let journal =
+        Journal::open(dir.journal_dir(), dir.spool_dir()).context("opening the job journal")?;
     let targets: BTreeMap<String, TargetRef> = if dir.targets_file().exists() {
         read_json(&dir.targets_file())?
     } else {
@@ -140,7 +141,9 @@ pub async fn run(
                     envelope_digest: entry.envelope_digest.clone(),
                 });
             }
-            None => tracing::error!(job_id = %entry.job_id, "journal entry unreadable; job cannot resume"),
+            None => {
+                tracing::error!(job_id = %entry.job_id, "journal entry unreadable; job cannot resume")
+            }
         }
     }
     let worker = tokio::spawn(worker(shared.clone(), work_rx));
@@ -186,7 +189,11 @@ pub async fn run(
 
 fn jitter(max: Duration) -> Duration {
     let ms = max.as_millis() as u64;
-    Duration::from_millis(if ms == 0 { 0 } else { rand::thread_rng().gen_range(0..=ms) })
+    Duration::from_millis(if ms == 0 {
+        0
+    } else {
+        rand::thread_rng().gen_range(0..=ms)
+    })
 }
 
 /// Full jitter: uniformly random in [0, min(cap, base * 2^attempt)], so a fleet that lost its
@@ -257,7 +264,9 @@ async fn session(
         Ok(m) => match m?.and_then(|m| m.body) {
             Some(PlaneBody::Welcome(w)) => w,
             Some(PlaneBody::Drain(d)) => {
-                return Ok(SessionEnd::Drained(Duration::from_millis(u64::from(d.reconnect_after_ms))));
+                return Ok(SessionEnd::Drained(Duration::from_millis(u64::from(
+                    d.reconnect_after_ms,
+                ))));
             }
             _ => anyhow::bail!("the plane did not start with a welcome"),
         },
@@ -339,8 +348,15 @@ async fn handle_offer(
     let known = lock(&shared.journal).get(&offer.job_id).cloned();
     if let Some(entry) = known {
         if entry.envelope_digest != digest {
-            let r = refusal(&offer.job_id, &digest, "duplicate_job_id",
-                format!("job {} was already accepted with another envelope; this one is refused", offer.job_id));
+            let r = refusal(
+                &offer.job_id,
+                &digest,
+                "duplicate_job_id",
+                format!(
+                    "job {} was already accepted with another envelope; this one is refused",
+                    offer.job_id
+                ),
+            );
             return send_refusal(shared, r, out).await;
         }
         match (entry.status, entry.result) {
@@ -350,7 +366,10 @@ async fn handle_offer(
                 out.send(result_message(&result)).await?;
             }
             _ => {
-                out.send(msg(AgentBody::Accepted(JobAccepted { job_id: offer.job_id.clone() }))).await?;
+                out.send(msg(AgentBody::Accepted(JobAccepted {
+                    job_id: offer.job_id.clone(),
+                })))
+                .await?;
             }
         }
         return Ok(());
@@ -363,13 +382,25 @@ async fn handle_offer(
     let (payload, _envelope) = match verified {
         Ok(v) => v,
         Err(refused) => {
-            let r = refusal(&offer.job_id, &digest, refused.reason_code(), refused.to_string());
+            let r = refusal(
+                &offer.job_id,
+                &digest,
+                refused.reason_code(),
+                refused.to_string(),
+            );
             return send_refusal(shared, r, out).await;
         }
     };
     if payload.job_id != offer.job_id {
-        let r = refusal(&offer.job_id, &digest, JobRefusal::Malformed(String::new()).reason_code(),
-            format!("offer names job {} but the signed envelope is for job {}", offer.job_id, payload.job_id));
+        let r = refusal(
+            &offer.job_id,
+            &digest,
+            JobRefusal::Malformed(String::new()).reason_code(),
+            format!(
+                "offer names job {} but the signed envelope is for job {}",
+                offer.job_id, payload.job_id
+            ),
+        );
         return send_refusal(shared, r, out).await;
     }
 
@@ -385,10 +416,16 @@ async fn handle_offer(
         .accept(entry)
         .context("journaling an accepted job")?;
     tracing::info!(job_id = %payload.job_id, sequence = payload.sequence, target = %payload.target.name, "job verified and accepted");
-    out.send(msg(AgentBody::Accepted(JobAccepted { job_id: payload.job_id.clone() }))).await?;
+    out.send(msg(AgentBody::Accepted(JobAccepted {
+        job_id: payload.job_id.clone(),
+    })))
+    .await?;
     shared
         .work
-        .send(WorkItem { payload, envelope_digest: digest })
+        .send(WorkItem {
+            payload,
+            envelope_digest: digest,
+        })
         .map_err(|_| anyhow::anyhow!("job worker stopped"))?;
     Ok(())
 }
@@ -457,7 +494,9 @@ async fn worker(shared: Arc<Shared>, mut work: mpsc::UnboundedReceiver<WorkItem>
         tracing::info!(job_id = %job_id, status = %result.status, reason = %result.reason_code, "job finished");
         let _ = shared.uplink.send(result_message(&result));
         let target = item.payload.target.name.clone();
-        let _ = shared.uplink.send(inventory_message(&shared, Some(&target)).await);
+        let _ = shared
+            .uplink
+            .send(inventory_message(&shared, Some(&target)).await);
     }
 }
 
@@ -481,7 +520,12 @@ async fn execute(shared: &Shared, item: &WorkItem) -> StoredResult {
         finished_at_unix_ms: now_ms(),
     };
     let Some(executor) = shared.executors.get(&target.kind) else {
-        return finish("refused", "unsupported_target", format!("no {} executor on this agent", target.kind), String::new());
+        return finish(
+            "refused",
+            "unsupported_target",
+            format!("no {} executor on this agent", target.kind),
+            String::new(),
+        );
     };
     let spec = DeploySpec {
         job_id: p.job_id.clone(),
@@ -505,7 +549,10 @@ async fn execute(shared: &Shared, item: &WorkItem) -> StoredResult {
     };
     let failure = |e: PluginError| {
         // A digest the agent cannot honour is a refusal: nothing was changed on the target.
-        let status = if matches!(e, PluginError::DigestMismatch { .. } | PluginError::InvalidConfig(_)) {
+        let status = if matches!(
+            e,
+            PluginError::DigestMismatch { .. } | PluginError::InvalidConfig(_)
+        ) {
             "refused"
         } else {
             "failed"
@@ -590,7 +637,9 @@ mod tests {
         for attempt in 0..40 {
             let d = backoff(attempt);
             assert!(d <= BACKOFF_CAP, "attempt {attempt}: {d:?}");
-            let bound = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(16)).min(BACKOFF_CAP);
+            let bound = BACKOFF_BASE
+                .saturating_mul(1u32 << attempt.min(16))
+                .min(BACKOFF_CAP);
             assert!(d <= bound);
         }
         // Full jitter: over many draws at the cap, values spread over the range.

@@ -78,11 +78,15 @@ pub async fn enroll(state: &AppState, req: EnrollRequest) -> ApiResult<EnrollRes
     .fetch_optional(&mut *tx)
     .await?;
     let Some(row) = row else {
-        return Err(ApiError::Unauthorized("join token is not valid".to_string()));
+        return Err(ApiError::Unauthorized(
+            "join token is not valid".to_string(),
+        ));
     };
     let stored: String = row.get("token_hash");
     if !stella_pki::token_matches(&req.token, &stored) {
-        return Err(ApiError::Unauthorized("join token is not valid".to_string()));
+        return Err(ApiError::Unauthorized(
+            "join token is not valid".to_string(),
+        ));
     }
     let token_id: String = row.get("id");
     let uses: i64 = row.get("uses");
@@ -120,10 +124,11 @@ pub async fn enroll(state: &AppState, req: EnrollRequest) -> ApiResult<EnrollRes
     let not_after_ms = (issued.not_after.unix_timestamp_nanos() / 1_000_000) as i64;
 
     // Consuming the token and creating the agent commit together: a failure leaves the token usable.
-    let consumed = sqlx::query("UPDATE join_tokens SET uses = uses + 1 WHERE id = ? AND uses < max_uses")
-        .bind(&token_id)
-        .execute(&mut *tx)
-        .await?;
+    let consumed =
+        sqlx::query("UPDATE join_tokens SET uses = uses + 1 WHERE id = ? AND uses < max_uses")
+            .bind(&token_id)
+            .execute(&mut *tx)
+            .await?;
     if consumed.rows_affected() != 1 {
         return Err(ApiError::Unauthorized(
             "join token has already been used".to_string(),
@@ -131,8 +136,8 @@ pub async fn enroll(state: &AppState, req: EnrollRequest) -> ApiResult<EnrollRes
     }
     let labels_json =
         serde_json::to_string(&labels).map_err(|e| ApiError::Internal(e.to_string()))?;
-    let caps_json = serde_json::to_string(&req.capabilities)
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let caps_json =
+        serde_json::to_string(&req.capabilities).map_err(|e| ApiError::Internal(e.to_string()))?;
     sqlx::query(
         "INSERT INTO agents (id, name, hostname, labels, capabilities, version, cert_serial,
             cert_not_after, status, join_token_id, next_sequence, enrolled_at)
@@ -242,7 +247,9 @@ pub async fn find(state: &AppState, id_or_name: &str) -> ApiResult<AgentRecord> 
         return Ok(record_from_row(row));
     }
     match rows.as_slice() {
-        [] => Err(ApiError::NotFound(format!("agent {id_or_name:?} not found"))),
+        [] => Err(ApiError::NotFound(format!(
+            "agent {id_or_name:?} not found"
+        ))),
         [row] => Ok(record_from_row(row)),
         _ => Err(ApiError::Conflict(format!(
             "{} agents are named {id_or_name:?}; use the agent id",
@@ -253,10 +260,12 @@ pub async fn find(state: &AppState, id_or_name: &str) -> ApiResult<AgentRecord> 
 
 pub async fn view(state: &AppState, id_or_name: &str) -> ApiResult<AgentView> {
     let record = find(state, id_or_name).await?;
-    let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?")))
-        .bind(&record.id)
-        .fetch_one(&state.db)
-        .await?;
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?"
+    )))
+    .bind(&record.id)
+    .fetch_one(&state.db)
+    .await?;
     Ok(view_from_row(state, &row))
 }
 
@@ -271,10 +280,12 @@ fn record_from_row(row: &sqlx::sqlite::SqliteRow) -> AgentRecord {
 }
 
 pub async fn get_record(state: &AppState, agent_id: &str) -> ApiResult<Option<AgentRecord>> {
-    let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?")))
-        .bind(agent_id)
-        .fetch_optional(&state.db)
-        .await?;
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?"
+    )))
+    .bind(agent_id)
+    .fetch_optional(&state.db)
+    .await?;
     Ok(row.as_ref().map(record_from_row))
 }
 

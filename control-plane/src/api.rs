@@ -26,7 +26,10 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/targets/{name}", get(show_target))
         .route("/v1/releases", post(create_release).get(list_releases))
         .route("/v1/releases/{name}", get(show_release))
-        .route("/v1/deployments", post(create_deployment).get(list_deployments))
+        .route(
+            "/v1/deployments",
+            post(create_deployment).get(list_deployments),
+        )
         .route("/v1/deployments/{id}", get(show_deployment))
         .fallback(|| async { ApiError::NotFound("no such API route".to_string()) })
         .with_state(state)
@@ -57,26 +60,28 @@ async fn authorize(state: &SharedState, headers: &HeaderMap) -> ApiResult<String
     let value = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| ApiError::Unauthorized("missing bearer token (Authorization header)".to_string()))?;
-    let token = value
-        .strip_prefix("Bearer ")
-        .ok_or_else(|| ApiError::Unauthorized("Authorization must be `Bearer TOKEN`".to_string()))?;
+        .ok_or_else(|| {
+            ApiError::Unauthorized("missing bearer token (Authorization header)".to_string())
+        })?;
+    let token = value.strip_prefix("Bearer ").ok_or_else(|| {
+        ApiError::Unauthorized("Authorization must be `Bearer TOKEN`".to_string())
+    })?;
     tokens::authenticate(&state.db, token.trim()).await
 }
 
 async fn get_metrics(State(state): State<SharedState>) -> ApiResult<impl IntoResponse> {
     let body = metrics::render(&state).await?;
-    Ok((
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        body,
-    ))
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body))
 }
 
 async fn enroll(
     State(state): State<SharedState>,
     Body(req): Body<agents::EnrollRequest>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok((StatusCode::CREATED, Json(agents::enroll(&state, req).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(agents::enroll(&state, req).await?),
+    ))
 }
 
 async fn create_token(
@@ -85,10 +90,16 @@ async fn create_token(
     Body(req): Body<tokens::CreateJoinToken>,
 ) -> ApiResult<impl IntoResponse> {
     authorize(&state, &headers).await?;
-    Ok((StatusCode::CREATED, Json(tokens::create_join_token(&state, req).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(tokens::create_join_token(&state, req).await?),
+    ))
 }
 
-async fn list_agents(State(state): State<SharedState>, headers: HeaderMap) -> ApiResult<impl IntoResponse> {
+async fn list_agents(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+) -> ApiResult<impl IntoResponse> {
     authorize(&state, &headers).await?;
     Ok(Json(agents::list(&state).await?))
 }
@@ -108,10 +119,16 @@ async fn create_env(
     Body(req): Body<environments::CreateEnvironment>,
 ) -> ApiResult<impl IntoResponse> {
     authorize(&state, &headers).await?;
-    Ok((StatusCode::CREATED, Json(environments::create(&state, req).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(environments::create(&state, req).await?),
+    ))
 }
 
-async fn list_envs(State(state): State<SharedState>, headers: HeaderMap) -> ApiResult<impl IntoResponse> {
+async fn list_envs(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+) -> ApiResult<impl IntoResponse> {
     authorize(&state, &headers).await?;
     Ok(Json(environments::list(&state).await?))
 }
@@ -131,7 +148,10 @@ async fn create_target(
     Body(req): Body<targets::CreateTarget>,
 ) -> ApiResult<impl IntoResponse> {
     authorize(&state, &headers).await?;
-    Ok((StatusCode::CREATED, Json(targets::create(&state, req).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(targets::create(&state, req).await?),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -163,10 +183,16 @@ async fn create_release(
     Body(req): Body<releases::CreateRelease>,
 ) -> ApiResult<impl IntoResponse> {
     authorize(&state, &headers).await?;
-    Ok((StatusCode::CREATED, Json(releases::create(&state, req).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(releases::create(&state, req).await?),
+    ))
 }
 
-async fn list_releases(State(state): State<SharedState>, headers: HeaderMap) -> ApiResult<impl IntoResponse> {
+async fn list_releases(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+) -> ApiResult<impl IntoResponse> {
     authorize(&state, &headers).await?;
     Ok(Json(releases::list(&state).await?))
 }
@@ -186,10 +212,16 @@ async fn create_deployment(
     Body(req): Body<deployments::CreateDeployment>,
 ) -> ApiResult<impl IntoResponse> {
     authorize(&state, &headers).await?;
-    Ok((StatusCode::CREATED, Json(deployments::create(&state, req).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(deployments::create(&state, req).await?),
+    ))
 }
 
-async fn list_deployments(State(state): State<SharedState>, headers: HeaderMap) -> ApiResult<impl IntoResponse> {
+async fn list_deployments(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+) -> ApiResult<impl IntoResponse> {
     authorize(&state, &headers).await?;
     Ok(Json(deployments::list(&state).await?))
 }

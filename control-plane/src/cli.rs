@@ -36,7 +36,12 @@ data directory (./.stella by default) that `stella dev` and `stella serve` write
 )]
 struct Cli {
     /// Data directory of the control plane (also where the CLI finds api.url, admin.token, pki/ca.pem).
-    #[arg(long, global = true, env = "STELLA_DATA_DIR", default_value = ".stella")]
+    #[arg(
+        long,
+        global = true,
+        env = "STELLA_DATA_DIR",
+        default_value = ".stella"
+    )]
     data_dir: PathBuf,
     /// Control plane API URL, e.g. https://127.0.0.1:7443.
     #[arg(long, global = true, env = "STELLA_SERVER")]
@@ -278,7 +283,10 @@ pub fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -309,7 +317,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let client = ApiClient::connect(&conn)?;
             let labels: BTreeMap<String, String> = labels.into_iter().collect();
             let created: JoinTokenCreated = client
-                .post("/v1/tokens", &json!({"ttl_secs": ttl.as_secs(), "labels": labels}))
+                .post(
+                    "/v1/tokens",
+                    &json!({"ttl_secs": ttl.as_secs(), "labels": labels}),
+                )
                 .await?;
             if out == Output::Json {
                 return print_json(&created);
@@ -317,8 +328,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("token:          {}", created.token);
             println!("ca fingerprint: {}", created.ca_fingerprint);
             println!("expires at:     {}", created.expires_at);
-            println!("\nOn the agent's host:\n  stella-agent enroll --server {} --token {} --ca-fingerprint {} --data-dir /var/lib/stella-agent",
-                client.base(), created.token, created.ca_fingerprint);
+            println!(
+                "\nOn the agent's host:\n  stella-agent enroll --server {} --token {} --ca-fingerprint {} --data-dir /var/lib/stella-agent",
+                client.base(),
+                created.token,
+                created.ca_fingerprint
+            );
             Ok(())
         }
         Command::Agents { command } => {
@@ -329,7 +344,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     render(out, &agents, |a| print_agents(a))
                 }
                 AgentsCommand::Show { agent } => {
-                    let agent: AgentView = client.get(&format!("/v1/agents/{}", path_seg(&agent))).await?;
+                    let agent: AgentView = client
+                        .get(&format!("/v1/agents/{}", path_seg(&agent)))
+                        .await?;
                     render(out, &agent, |a| print_agents(std::slice::from_ref(a)))
                 }
             }
@@ -338,33 +355,59 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let client = ApiClient::connect(&conn)?;
             match command.unwrap_or(EnvCommand::List) {
                 EnvCommand::Create { name } => {
-                    let env: Environment = client.post("/v1/environments", &json!({"name": name})).await?;
-                    render(out, &env, |e| println!("created environment {} ({})", e.name, e.id))
+                    let env: Environment = client
+                        .post("/v1/environments", &json!({"name": name}))
+                        .await?;
+                    render(out, &env, |e| {
+                        println!("created environment {} ({})", e.name, e.id)
+                    })
                 }
                 EnvCommand::List => {
                     let envs: Vec<Environment> = client.get("/v1/environments").await?;
                     render(out, &envs, |envs| {
-                        table(&["NAME", "ID", "CREATED"], envs.iter().map(|e| vec![e.name.clone(), e.id.clone(), e.created_at.clone()]).collect())
+                        table(
+                            &["NAME", "ID", "CREATED"],
+                            envs.iter()
+                                .map(|e| vec![e.name.clone(), e.id.clone(), e.created_at.clone()])
+                                .collect(),
+                        )
                     })
                 }
                 EnvCommand::Show { name } => {
-                    let env: Environment = client.get(&format!("/v1/environments/{}", path_seg(&name))).await?;
-                    render(out, &env, |e| println!("{} ({}) created {}", e.name, e.id, e.created_at))
+                    let env: Environment = client
+                        .get(&format!("/v1/environments/{}", path_seg(&name)))
+                        .await?;
+                    render(out, &env, |e| {
+                        println!("{} ({}) created {}", e.name, e.id, e.created_at)
+                    })
                 }
             }
         }
         Command::Target { command } => {
             let client = ApiClient::connect(&conn)?;
             match command.unwrap_or(TargetCommand::List { env: None }) {
-                TargetCommand::Create { name, env, kind, agent, config } => {
+                TargetCommand::Create {
+                    name,
+                    env,
+                    kind,
+                    agent,
+                    config,
+                } => {
                     let config: Option<serde_json::Value> = match config {
-                        Some(c) => Some(serde_json::from_str(&c).context("--config must be a JSON object")?),
+                        Some(c) => Some(
+                            serde_json::from_str(&c).context("--config must be a JSON object")?,
+                        ),
                         None => None,
                     };
                     let target: Target = client
                         .post("/v1/targets", &json!({"name": name, "env": env, "kind": kind, "agent": agent, "config": config}))
                         .await?;
-                    render(out, &target, |t| println!("created target {} ({}) in {} served by agent {}", t.name, t.kind, t.environment, t.agent_id))
+                    render(out, &target, |t| {
+                        println!(
+                            "created target {} ({}) in {} served by agent {}",
+                            t.name, t.kind, t.environment, t.agent_id
+                        )
+                    })
                 }
                 TargetCommand::List { env } => {
                     let path = match env {
@@ -373,11 +416,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     };
                     let targets: Vec<Target> = client.get(&path).await?;
                     render(out, &targets, |ts| {
-                        table(&["NAME", "ENV", "KIND", "AGENT"], ts.iter().map(|t| vec![t.name.clone(), t.environment.clone(), t.kind.clone(), t.agent_id.clone()]).collect())
+                        table(
+                            &["NAME", "ENV", "KIND", "AGENT"],
+                            ts.iter()
+                                .map(|t| {
+                                    vec![
+                                        t.name.clone(),
+                                        t.environment.clone(),
+                                        t.kind.clone(),
+                                        t.agent_id.clone(),
+                                    ]
+                                })
+                                .collect(),
+                        )
                     })
                 }
                 TargetCommand::Show { name } => {
-                    let detail: TargetDetail = client.get(&format!("/v1/targets/{}", path_seg(&name))).await?;
+                    let detail: TargetDetail = client
+                        .get(&format!("/v1/targets/{}", path_seg(&name)))
+                        .await?;
                     render(out, &detail, print_target_detail)
                 }
             }
@@ -392,7 +449,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .collect::<Result<Vec<_>, _>>()
                         .map_err(anyhow::Error::msg)?;
                     let release: Release = client
-                        .post("/v1/releases", &json!({"name": name, "components": components}))
+                        .post(
+                            "/v1/releases",
+                            &json!({"name": name, "components": components}),
+                        )
                         .await?;
                     render(out, &release, |r| {
                         println!("created release {} ({})", r.name, r.id);
@@ -402,14 +462,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ReleaseCommand::List => {
                     let releases: Vec<Release> = client.get("/v1/releases").await?;
                     render(out, &releases, |rs| {
-                        table(&["NAME", "ID", "COMPONENTS", "CREATED"], rs.iter().map(|r| vec![
-                            r.name.clone(), r.id.clone(),
-                            r.components.iter().map(|c| c.name.clone()).collect::<Vec<_>>().join(","),
-                            r.created_at.clone()]).collect())
+                        table(
+                            &["NAME", "ID", "COMPONENTS", "CREATED"],
+                            rs.iter()
+                                .map(|r| {
+                                    vec![
+                                        r.name.clone(),
+                                        r.id.clone(),
+                                        r.components
+                                            .iter()
+                                            .map(|c| c.name.clone())
+                                            .collect::<Vec<_>>()
+                                            .join(","),
+                                        r.created_at.clone(),
+                                    ]
+                                })
+                                .collect(),
+                        )
                     })
                 }
                 ReleaseCommand::Show { name } => {
-                    let release: Release = client.get(&format!("/v1/releases/{}", path_seg(&name))).await?;
+                    let release: Release = client
+                        .get(&format!("/v1/releases/{}", path_seg(&name)))
+                        .await?;
                     render(out, &release, |r| {
                         println!("{} ({}) created {}", r.name, r.id, r.created_at);
                         print_components(&r.components);
@@ -427,12 +502,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 DeploymentsCommand::List => {
                     let deps: Vec<Deployment> = client.get("/v1/deployments").await?;
                     render(out, &deps, |ds| {
-                        table(&["ID", "RELEASE", "ENV", "STATUS", "CREATED"], ds.iter().map(|d| vec![
-                            d.id.clone(), d.release.clone(), d.environment.clone(), d.status.clone(), d.created_at.clone()]).collect())
+                        table(
+                            &["ID", "RELEASE", "ENV", "STATUS", "CREATED"],
+                            ds.iter()
+                                .map(|d| {
+                                    vec![
+                                        d.id.clone(),
+                                        d.release.clone(),
+                                        d.environment.clone(),
+                                        d.status.clone(),
+                                        d.created_at.clone(),
+                                    ]
+                                })
+                                .collect(),
+                        )
                     })
                 }
                 DeploymentsCommand::Show { id } => {
-                    let dep: Deployment = client.get(&format!("/v1/deployments/{}", path_seg(&id))).await?;
+                    let dep: Deployment = client
+                        .get(&format!("/v1/deployments/{}", path_seg(&id)))
+                        .await?;
                     render(out, &dep, print_deployment)
                 }
             }
@@ -455,14 +544,25 @@ async fn serve(data_dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
 
 async fn deploy(client: &ApiClient, out: Output, args: DeployArgs) -> anyhow::Result<()> {
     let created: Deployment = client
-        .post("/v1/deployments", &json!({"release": args.release, "env": args.env}))
+        .post(
+            "/v1/deployments",
+            &json!({"release": args.release, "env": args.env}),
+        )
         .await?;
     if args.no_wait {
-        return render(out, &created, |d| println!("deployment {} created ({})", d.id, d.status));
+        return render(out, &created, |d| {
+            println!("deployment {} created ({})", d.id, d.status)
+        });
     }
     if out == Output::Text {
-        println!("deployment {}: {} to {} ({} target{})", created.id, created.release, created.environment,
-            created.jobs.len(), if created.jobs.len() == 1 { "" } else { "s" });
+        println!(
+            "deployment {}: {} to {} ({} target{})",
+            created.id,
+            created.release,
+            created.environment,
+            created.jobs.len(),
+            if created.jobs.len() == 1 { "" } else { "s" }
+        );
     }
     let deadline = tokio::time::Instant::now() + args.timeout;
     let mut printed: BTreeMap<String, usize> = BTreeMap::new();
@@ -480,9 +580,22 @@ async fn deploy(client: &ApiClient, out: Output, args: DeployArgs) -> anyhow::Re
                 if statuses.get(&job.id) != Some(&job.status) {
                     statuses.insert(job.id.clone(), job.status.clone());
                     if matches!(job.status.as_str(), "succeeded" | "failed" | "refused") {
-                        let reason = if job.reason_code.is_empty() { String::new() } else { format!(" ({})", job.reason_code) };
-                        println!("  [{}] job {}{}{}", job.target, job.status, reason,
-                            if job.message.is_empty() { String::new() } else { format!(": {}", job.message) });
+                        let reason = if job.reason_code.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({})", job.reason_code)
+                        };
+                        println!(
+                            "  [{}] job {}{}{}",
+                            job.target,
+                            job.status,
+                            reason,
+                            if job.message.is_empty() {
+                                String::new()
+                            } else {
+                                format!(": {}", job.message)
+                            }
+                        );
                     }
                 }
             }
@@ -499,7 +612,12 @@ async fn deploy(client: &ApiClient, out: Output, args: DeployArgs) -> anyhow::Re
             bail!("deployment {} {}: {}", dep.id, dep.status, dep.message);
         }
         if tokio::time::Instant::now() >= deadline {
-            bail!("gave up following deployment {} after {:?}; it is still running (see `stella deployments show {}`)", dep.id, args.timeout, dep.id);
+            bail!(
+                "gave up following deployment {} after {:?}; it is still running (see `stella deployments show {}`)",
+                dep.id,
+                args.timeout,
+                dep.id
+            );
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -522,7 +640,11 @@ fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn render<T: Serialize + DeserializeOwned>(out: Output, value: &T, text: impl FnOnce(&T)) -> anyhow::Result<()> {
+fn render<T: Serialize + DeserializeOwned>(
+    out: Output,
+    value: &T,
+    text: impl FnOnce(&T),
+) -> anyhow::Result<()> {
     match out {
         Output::Json => print_json(value),
         Output::Text => {
@@ -557,7 +679,15 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) {
 
 fn print_agents(agents: &[AgentView]) {
     table(
-        &["ID", "NAME", "STATUS", "CAPABILITIES", "LABELS", "LAST HEARTBEAT", "CERT EXPIRES"],
+        &[
+            "ID",
+            "NAME",
+            "STATUS",
+            "CAPABILITIES",
+            "LABELS",
+            "LAST HEARTBEAT",
+            "CERT EXPIRES",
+        ],
         agents
             .iter()
             .map(|a| {
@@ -566,7 +696,11 @@ fn print_agents(agents: &[AgentView]) {
                     a.name.clone(),
                     a.status.clone(),
                     a.capabilities.join(","),
-                    a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","),
+                    a.labels
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(","),
                     a.last_heartbeat.clone().unwrap_or_else(|| "-".to_string()),
                     a.cert_not_after.clone(),
                 ]
@@ -582,10 +716,16 @@ fn print_components(components: &[ReleaseComponent]) {
 }
 
 fn print_target_detail(d: &TargetDetail) {
-    println!("target {} ({}) in {}, agent {}", d.target.name, d.target.kind, d.target.environment, d.target.agent_id);
+    println!(
+        "target {} ({}) in {}, agent {}",
+        d.target.name, d.target.kind, d.target.environment, d.target.agent_id
+    );
     match &d.desired {
         Some(desired) => {
-            println!("desired: release {} (deployment {})", desired.release_name, desired.deployment_id);
+            println!(
+                "desired: release {} (deployment {})",
+                desired.release_name, desired.deployment_id
+            );
             print_components(&desired.components);
         }
         None => println!("desired: nothing deployed yet"),
@@ -595,8 +735,19 @@ fn print_target_detail(d: &TargetDetail) {
         None => println!("observed: no inventory reported yet"),
     }
     for o in &d.observed {
-        let health = if o.health.is_empty() { String::new() } else { format!(" ({})", o.health) };
-        println!("  {} {} {}{} [{}]", o.component, o.digest, o.state, health, o.workload_id.chars().take(12).collect::<String>());
+        let health = if o.health.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", o.health)
+        };
+        println!(
+            "  {} {} {}{} [{}]",
+            o.component,
+            o.digest,
+            o.state,
+            health,
+            o.workload_id.chars().take(12).collect::<String>()
+        );
     }
     if let Some(err) = &d.observation_error {
         println!("observation error: {err}");
@@ -607,24 +758,44 @@ fn print_target_detail(d: &TargetDetail) {
         } else {
             println!("DIFFERS:");
             for diff in &d.differences {
-                println!("  {}: desired {} observed {} ({})", diff.component,
+                println!(
+                    "  {}: desired {} observed {} ({})",
+                    diff.component,
                     diff.desired_digest.as_deref().unwrap_or("(nothing)"),
                     diff.observed_digest.as_deref().unwrap_or("(nothing)"),
-                    diff.observed_state.as_deref().unwrap_or("missing"));
+                    diff.observed_state.as_deref().unwrap_or("missing")
+                );
             }
         }
     }
 }
 
 fn print_deployment(d: &Deployment) {
-    println!("deployment {}: release {} to {} — {}", d.id, d.release, d.environment, d.status);
-    println!("created {}{}", d.created_at, d.finished_at.as_ref().map(|f| format!(", finished {f}")).unwrap_or_default());
+    println!(
+        "deployment {}: release {} to {} — {}",
+        d.id, d.release, d.environment, d.status
+    );
+    println!(
+        "created {}{}",
+        d.created_at,
+        d.finished_at
+            .as_ref()
+            .map(|f| format!(", finished {f}"))
+            .unwrap_or_default()
+    );
     if !d.message.is_empty() {
         println!("{}", d.message);
     }
     for j in &d.jobs {
-        let reason = if j.reason_code.is_empty() { String::new() } else { format!(" ({})", j.reason_code) };
-        println!("  job {} target {} agent {} seq {}: {}{}", j.id, j.target, j.agent_id, j.sequence, j.status, reason);
+        let reason = if j.reason_code.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", j.reason_code)
+        };
+        println!(
+            "  job {} target {} agent {} seq {}: {}{}",
+            j.id, j.target, j.agent_id, j.sequence, j.status, reason
+        );
         if !j.message.is_empty() {
             for line in j.message.lines() {
                 println!("      {line}");

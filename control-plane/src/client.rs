@@ -77,7 +77,11 @@ impl ApiClient {
         &self.base
     }
 
-    fn request(&self, method: reqwest::Method, path: &str) -> anyhow::Result<reqwest::RequestBuilder> {
+    fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+    ) -> anyhow::Result<reqwest::RequestBuilder> {
         let token = self.token.as_ref().ok_or_else(|| {
             anyhow!("no API token: pass --token (or STELLA_TOKEN), or run next to the plane's data directory")
         })?;
@@ -96,7 +100,11 @@ impl ApiClient {
         decode(resp).await
     }
 
-    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
         let resp = self
             .request(reqwest::Method::POST, path)?
             .json(body)
@@ -111,7 +119,8 @@ async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> anyhow::Result<
     let status = resp.status();
     let bytes = resp.bytes().await?;
     if status.is_success() {
-        return serde_json::from_slice(&bytes).context("the control plane sent an unreadable response");
+        return serde_json::from_slice(&bytes)
+            .context("the control plane sent an unreadable response");
     }
     let parsed: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
     let message = parsed

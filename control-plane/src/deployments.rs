@@ -190,11 +190,13 @@ fn deployment_from_row(row: &sqlx::sqlite::SqliteRow) -> Deployment {
 }
 
 pub async fn get(state: &AppState, id: &str) -> ApiResult<Deployment> {
-    let row = sqlx::query(sqlx::AssertSqlSafe(format!("{DEPLOYMENT_SELECT} WHERE d.id = ?")))
-        .bind(id)
-        .fetch_optional(&state.db)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("deployment {id:?} not found")))?;
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "{DEPLOYMENT_SELECT} WHERE d.id = ?"
+    )))
+    .bind(id)
+    .fetch_optional(&state.db)
+    .await?
+    .ok_or_else(|| ApiError::NotFound(format!("deployment {id:?} not found")))?;
     let mut deployment = deployment_from_row(&row);
     let jobs = sqlx::query(
         "SELECT j.id, t.name AS target, j.agent_id, j.kind, j.sequence, j.status, j.reason_code,
@@ -206,12 +208,11 @@ pub async fn get(state: &AppState, id: &str) -> ApiResult<Deployment> {
     .await?;
     for j in &jobs {
         let job_id: String = j.get("id");
-        let events: Vec<(i64, String)> = sqlx::query_as(
-            "SELECT at, message FROM job_events WHERE job_id = ? ORDER BY seq",
-        )
-        .bind(&job_id)
-        .fetch_all(&state.db)
-        .await?;
+        let events: Vec<(i64, String)> =
+            sqlx::query_as("SELECT at, message FROM job_events WHERE job_id = ? ORDER BY seq")
+                .bind(&job_id)
+                .fetch_all(&state.db)
+                .await?;
         let outcome: String = j.get("outcome");
         deployment.jobs.push(JobView {
             id: job_id,
@@ -238,9 +239,11 @@ pub async fn get(state: &AppState, id: &str) -> ApiResult<Deployment> {
 }
 
 pub async fn list(state: &AppState) -> ApiResult<Vec<Deployment>> {
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!("{DEPLOYMENT_SELECT} ORDER BY d.created_at DESC LIMIT 200")))
-        .fetch_all(&state.db)
-        .await?;
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "{DEPLOYMENT_SELECT} ORDER BY d.created_at DESC LIMIT 200"
+    )))
+    .fetch_all(&state.db)
+    .await?;
     Ok(rows.iter().map(deployment_from_row).collect())
 }
 
@@ -321,11 +324,12 @@ pub async fn record_progress(
     job_id: &str,
     message: &str,
 ) -> ApiResult<()> {
-    let owned: Option<(String,)> = sqlx::query_as("SELECT id FROM jobs WHERE id = ? AND agent_id = ?")
-        .bind(job_id)
-        .bind(agent_id)
-        .fetch_optional(&state.db)
-        .await?;
+    let owned: Option<(String,)> =
+        sqlx::query_as("SELECT id FROM jobs WHERE id = ? AND agent_id = ?")
+            .bind(job_id)
+            .bind(agent_id)
+            .fetch_optional(&state.db)
+            .await?;
     if owned.is_some() {
         let message: String = message.chars().take(2000).collect();
         add_event(state, job_id, &message).await?;

@@ -48,7 +48,9 @@ fn find_agent_binary(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
             }
         }
     }
-    bail!("stella-agent not found next to stella or on PATH; build it (`cargo build --bins`) or pass --agent-bin")
+    bail!(
+        "stella-agent not found next to stella or on PATH; build it (`cargo build --bins`) or pass --agent-bin"
+    )
 }
 
 pub async fn run(data_dir: PathBuf, args: DevArgs) -> anyhow::Result<()> {
@@ -74,14 +76,24 @@ pub async fn run(data_dir: PathBuf, args: DevArgs) -> anyhow::Result<()> {
     println!();
     println!("Stella dev is running.");
     println!("  API:            {}", plane.api_url);
-    println!("  admin token:    {} (the CLI reads it from there)", plane.admin_token_path.display());
+    println!(
+        "  admin token:    {} (the CLI reads it from there)",
+        plane.admin_token_path.display()
+    );
     println!("  CA fingerprint: {}", plane.ca_fingerprint);
     if agent.is_some() {
-        println!("  local agent:    {AGENT_NAME} (data in {})", agent_dir.display());
+        println!(
+            "  local agent:    {AGENT_NAME} (data in {})",
+            agent_dir.display()
+        );
     }
     println!();
-    println!("Deploy a demo release (IMAGE@DIGEST: a local image, e.g. `docker image inspect -f '{{{{.Id}}}}' IMAGE`):");
-    println!("  stella{flag} env create dev && stella{flag} target create web --env dev --kind docker --agent {AGENT_NAME}");
+    println!(
+        "Deploy a demo release (IMAGE@DIGEST: a local image, e.g. `docker image inspect -f '{{{{.Id}}}}' IMAGE`):"
+    );
+    println!(
+        "  stella{flag} env create dev && stella{flag} target create web --env dev --kind docker --agent {AGENT_NAME}"
+    );
     println!("  stella{flag} release create demo-1 --component web=IMAGE@DIGEST");
     println!("  stella{flag} deploy demo-1 --env dev");
     println!();

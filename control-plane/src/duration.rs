@@ -16,7 +16,11 @@ pub fn parse(s: &str) -> Result<Duration, String> {
         "m" => n.saturating_mul(60),
         "h" => n.saturating_mul(3600),
         "d" => n.saturating_mul(86400),
-        _ => return Err(format!("duration {s:?}: unknown unit {unit:?}; use s, m, h or d")),
+        _ => {
+            return Err(format!(
+                "duration {s:?}: unknown unit {unit:?}; use s, m, h or d"
+            ));
+        }
     };
     if secs == 0 {
         return Err(format!("duration {s:?} must be greater than zero"));

@@ -60,13 +60,12 @@ pub async fn list(state: &AppState) -> ApiResult<Vec<Environment>> {
 }
 
 pub async fn find(state: &AppState, id_or_name: &str) -> ApiResult<Environment> {
-    let row: Option<(String, String, i64)> = sqlx::query_as(
-        "SELECT id, name, created_at FROM environments WHERE id = ? OR name = ?",
-    )
-    .bind(id_or_name)
-    .bind(id_or_name)
-    .fetch_optional(&state.db)
-    .await?;
+    let row: Option<(String, String, i64)> =
+        sqlx::query_as("SELECT id, name, created_at FROM environments WHERE id = ? OR name = ?")
+            .bind(id_or_name)
+            .bind(id_or_name)
+            .fetch_optional(&state.db)
+            .await?;
     row.map(|(id, name, at)| Environment {
         id,
         name,

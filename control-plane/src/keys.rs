@@ -90,7 +90,10 @@ impl PlaneKeys {
             SigningKey::from_pem(&read(&job_key_path)?).map_err(pki_err(&job_key_path))?
         } else {
             let key = SigningKey::generate();
-            write_secret(&job_key_path, &key.to_pem().map_err(pki_err(&job_key_path))?)?;
+            write_secret(
+                &job_key_path,
+                &key.to_pem().map_err(pki_err(&job_key_path))?,
+            )?;
             tracing::info!(key_id = key.key_id(), "created a new job-signing key");
             key
         };

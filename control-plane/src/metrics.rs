@@ -22,12 +22,20 @@ pub async fn render(state: &AppState) -> ApiResult<String> {
         state.hub.connected_count()
     );
 
-    let agents: Vec<(String, String, Option<i64>)> =
-        sqlx::query_as("SELECT id, name, last_heartbeat FROM agents WHERE status != 'revoked' ORDER BY id")
-            .fetch_all(&state.db)
-            .await?;
-    let _ = writeln!(out, "# HELP stella_agents_enrolled Agents enrolled and not revoked.\n# TYPE stella_agents_enrolled gauge\nstella_agents_enrolled {}", agents.len());
-    let _ = writeln!(out, "# HELP stella_agent_heartbeat_age_seconds Seconds since each agent's last heartbeat.\n# TYPE stella_agent_heartbeat_age_seconds gauge");
+    let agents: Vec<(String, String, Option<i64>)> = sqlx::query_as(
+        "SELECT id, name, last_heartbeat FROM agents WHERE status != 'revoked' ORDER BY id",
+    )
+    .fetch_all(&state.db)
+    .await?;
+    let _ = writeln!(
+        out,
+        "# HELP stella_agents_enrolled Agents enrolled and not revoked.\n# TYPE stella_agents_enrolled gauge\nstella_agents_enrolled {}",
+        agents.len()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP stella_agent_heartbeat_age_seconds Seconds since each agent's last heartbeat.\n# TYPE stella_agent_heartbeat_age_seconds gauge"
+    );
     let now = now_ms();
     for (id, name, last) in &agents {
         if let Some(last) = last {
@@ -41,7 +49,10 @@ pub async fn render(state: &AppState) -> ApiResult<String> {
         }
     }
 
-    let _ = writeln!(out, "# HELP stella_deployments_total Deployments by status.\n# TYPE stella_deployments_total counter");
+    let _ = writeln!(
+        out,
+        "# HELP stella_deployments_total Deployments by status.\n# TYPE stella_deployments_total counter"
+    );
     let by_status: Vec<(String, i64)> =
         sqlx::query_as("SELECT status, COUNT(*) FROM deployments GROUP BY status ORDER BY status")
             .fetch_all(&state.db)
@@ -55,16 +66,26 @@ pub async fn render(state: &AppState) -> ApiResult<String> {
         let _ = writeln!(out, "stella_deployments_total{{status=\"{status}\"}} {n}");
     }
 
-    let _ = writeln!(out, "# HELP stella_jobs_total Jobs by status.\n# TYPE stella_jobs_total counter");
+    let _ = writeln!(
+        out,
+        "# HELP stella_jobs_total Jobs by status.\n# TYPE stella_jobs_total counter"
+    );
     let jobs: Vec<(String, i64)> =
         sqlx::query_as("SELECT status, COUNT(*) FROM jobs GROUP BY status ORDER BY status")
             .fetch_all(&state.db)
             .await?;
     for (status, n) in &jobs {
-        let _ = writeln!(out, "stella_jobs_total{{status=\"{}\"}} {n}", escape(status));
+        let _ = writeln!(
+            out,
+            "stella_jobs_total{{status=\"{}\"}} {n}",
+            escape(status)
+        );
     }
 
-    let _ = writeln!(out, "# HELP stella_agent_job_refusals_total Jobs refused by agents, by reason.\n# TYPE stella_agent_job_refusals_total counter");
+    let _ = writeln!(
+        out,
+        "# HELP stella_agent_job_refusals_total Jobs refused by agents, by reason.\n# TYPE stella_agent_job_refusals_total counter"
+    );
     let refusals: Vec<(String, i64)> = sqlx::query_as(
         "SELECT reason_code, COUNT(*) FROM jobs WHERE status = 'refused' GROUP BY reason_code ORDER BY reason_code",
     )

@@ -67,8 +67,8 @@ fn advertised(host: &Option<String>, addr: SocketAddr) -> String {
 /// Writes the admin token file if it is missing (creating or replacing the token's hash).
 async fn ensure_admin_token_file(db: &store::Db, path: &Path) -> anyhow::Result<()> {
     if path.exists() {
-        let token = std::fs::read_to_string(path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let token =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         if tokens::authenticate(db, token.trim()).await.is_ok() {
             return Ok(());
         }
@@ -95,7 +95,11 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
     std::fs::create_dir_all(&opts.data_dir)
         .with_context(|| format!("creating data directory {}", opts.data_dir.display()))?;
     let db = store::open_sqlite(&opts.data_dir.join("stella.db")).await?;
-    let keys = PlaneKeys::load_or_create(&opts.data_dir.join("pki"), &opts.trust_domain, &opts.hostnames)?;
+    let keys = PlaneKeys::load_or_create(
+        &opts.data_dir.join("pki"),
+        &opts.trust_domain,
+        &opts.hostnames,
+    )?;
     let admin_token_path = opts.data_dir.join(ADMIN_TOKEN_FILE);
     ensure_admin_token_file(&db, &admin_token_path).await?;
 
@@ -129,10 +133,18 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
         &state.keys.server_key_pem,
         state.keys.ca.cert_pem(),
     )?);
-    let api_task = tokio::spawn(serve_api(api_listener, tls, api::router(state.clone()), shutdown_rx.clone()));
+    let api_task = tokio::spawn(serve_api(
+        api_listener,
+        tls,
+        api::router(state.clone()),
+        shutdown_rx.clone(),
+    ));
 
     let agent_tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(state.keys.server_chain_pem(), &state.keys.server_key_pem))
+        .identity(Identity::from_pem(
+            state.keys.server_chain_pem(),
+            &state.keys.server_key_pem,
+        ))
         .client_ca_root(Certificate::from_pem(state.keys.ca.cert_pem()));
     let mut grpc_shutdown = shutdown_rx.clone();
     let grpc = tonic::transport::Server::builder()
@@ -140,7 +152,9 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
         .context("configuring mTLS for the agent endpoint")?
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(AgentSessionServer::new(AgentSessionService::new(state.clone())));
+        .add_service(AgentSessionServer::new(AgentSessionService::new(
+            state.clone(),
+        )));
     let agent_task = tokio::spawn(async move {
         let incoming = tonic::transport::server::TcpIncoming::from(agent_listener);
         let signal = async move {
@@ -170,7 +184,10 @@ impl RunningPlane {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         for task in self.tasks {
-            if tokio::time::timeout(Duration::from_secs(5), task).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .is_err()
+            {
                 tracing::warn!("a server task did not stop within 5s");
             }
         }
@@ -199,14 +216,15 @@ async fn serve_api(
         let acceptor = acceptor.clone();
         let service = TowerToHyperService::new(router.clone());
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "API TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "API TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tls), service)
                 .await

@@ -73,13 +73,18 @@ impl AgentSession for AgentSessionService {
             })?;
         if record.status == "revoked" {
             tracing::warn!(agent_id, "session refused: agent revoked");
-            return Err(Status::permission_denied(format!("agent {agent_id} is revoked")));
+            return Err(Status::permission_denied(format!(
+                "agent {agent_id} is revoked"
+            )));
         }
         // A certificate of a former enrollment of the same id (not possible with random ids,
         // but cheap to check) must not open a session.
         let serial = x509_serial_hex(leaf);
         if serial.as_deref() != Some(record.cert_serial.as_str()) {
-            tracing::warn!(agent_id, "session refused: certificate serial does not match enrollment");
+            tracing::warn!(
+                agent_id,
+                "session refused: certificate serial does not match enrollment"
+            );
             return Err(Status::permission_denied(
                 "client certificate is not the one issued to this agent",
             ));
@@ -158,7 +163,16 @@ async fn run_session(
     .await?;
     let registration = state.hub.register(&agent_id);
     tracing::info!(agent_id, version = %hello.agent_version, last_sequence = hello.last_sequence, in_flight = hello.in_flight_job_ids.len(), "agent connected");
-    let result = serve_session(&state, &agent_id, hello, &mut inbound, &tx, registration.wake, registration.evicted).await;
+    let result = serve_session(
+        &state,
+        &agent_id,
+        hello,
+        &mut inbound,
+        &tx,
+        registration.wake,
+        registration.evicted,
+    )
+    .await;
     state.hub.unregister(&agent_id, registration.session_id);
     result
 }
@@ -262,7 +276,9 @@ async fn handle_message(
 ) -> Result<(), SessionEnd> {
     match msg.body {
         Some(AgentBody::Heartbeat(_)) => agents::record_heartbeat(state, agent_id).await?,
-        Some(AgentBody::Accepted(a)) => deployments::mark_accepted(state, agent_id, &a.job_id).await?,
+        Some(AgentBody::Accepted(a)) => {
+            deployments::mark_accepted(state, agent_id, &a.job_id).await?
+        }
         Some(AgentBody::Progress(p)) => {
             deployments::record_progress(state, agent_id, &p.job_id, &p.message).await?
         }
@@ -286,7 +302,9 @@ async fn handle_message(
             // Persisted (or known to be a duplicate): only now may the agent drop it from its spool.
             send(tx, PlaneBody::ResultAck(ResultAck { job_id: r.job_id })).await?;
         }
-        Some(AgentBody::Inventory(report)) => targets::record_inventory(state, agent_id, &report).await?,
+        Some(AgentBody::Inventory(report)) => {
+            targets::record_inventory(state, agent_id, &report).await?
+        }
         Some(AgentBody::Hello(_)) => tracing::warn!(agent_id, "second hello on a session ignored"),
         None => tracing::warn!(agent_id, "empty message ignored"),
     }

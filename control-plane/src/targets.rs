@@ -43,7 +43,9 @@ pub async fn create(state: &AppState, req: CreateTarget) -> ApiResult<Target> {
             KNOWN_KINDS.join(", ")
         )));
     }
-    let config = req.config.unwrap_or(serde_json::Value::Object(Default::default()));
+    let config = req
+        .config
+        .unwrap_or(serde_json::Value::Object(Default::default()));
     if !config.is_object() {
         return Err(ApiError::BadRequest(
             "target config must be a JSON object".to_string(),
@@ -132,28 +134,34 @@ pub async fn list(state: &AppState, env: Option<&str>) -> ApiResult<Vec<Target>>
             .await?
         }
         None => {
-            sqlx::query(sqlx::AssertSqlSafe(format!("{TARGET_SELECT} ORDER BY t.name")))
-                .fetch_all(&state.db)
-                .await?
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "{TARGET_SELECT} ORDER BY t.name"
+            )))
+            .fetch_all(&state.db)
+            .await?
         }
     };
     Ok(rows.iter().map(target_from_row).collect())
 }
 
 pub async fn list_for_agent(state: &AppState, agent_id: &str) -> ApiResult<Vec<Target>> {
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!("{TARGET_SELECT} WHERE t.agent_id = ? ORDER BY t.name")))
-        .bind(agent_id)
-        .fetch_all(&state.db)
-        .await?;
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "{TARGET_SELECT} WHERE t.agent_id = ? ORDER BY t.name"
+    )))
+    .bind(agent_id)
+    .fetch_all(&state.db)
+    .await?;
     Ok(rows.iter().map(target_from_row).collect())
 }
 
 pub async fn find(state: &AppState, id_or_name: &str) -> ApiResult<Target> {
-    let row = sqlx::query(sqlx::AssertSqlSafe(format!("{TARGET_SELECT} WHERE t.id = ? OR t.name = ?")))
-        .bind(id_or_name)
-        .bind(id_or_name)
-        .fetch_optional(&state.db)
-        .await?;
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "{TARGET_SELECT} WHERE t.id = ? OR t.name = ?"
+    )))
+    .bind(id_or_name)
+    .bind(id_or_name)
+    .fetch_optional(&state.db)
+    .await?;
     row.as_ref()
         .map(target_from_row)
         .ok_or_else(|| ApiError::NotFound(format!("target {id_or_name:?} not found")))

@@ -47,7 +47,10 @@ pub fn validate_labels(labels: &BTreeMap<String, String>) -> ApiResult<()> {
     Ok(())
 }
 
-pub async fn create_join_token(state: &AppState, req: CreateJoinToken) -> ApiResult<JoinTokenCreated> {
+pub async fn create_join_token(
+    state: &AppState,
+    req: CreateJoinToken,
+) -> ApiResult<JoinTokenCreated> {
     if req.ttl_secs == 0 || req.ttl_secs > MAX_JOIN_TOKEN_TTL_SECS {
         return Err(ApiError::BadRequest(format!(
             "ttl must be between 1 second and {} days",
@@ -59,8 +62,8 @@ pub async fn create_join_token(state: &AppState, req: CreateJoinToken) -> ApiRes
     let id = new_id("jt");
     let now = now_ms();
     let expires_at = now + (req.ttl_secs as i64) * 1000;
-    let labels = serde_json::to_string(&req.labels)
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let labels =
+        serde_json::to_string(&req.labels).map_err(|e| ApiError::Internal(e.to_string()))?;
     sqlx::query(
         "INSERT INTO join_tokens (id, token_hash, labels, max_uses, uses, expires_at, created_at)
          VALUES (?, ?, ?, 1, 0, ?, ?)",

@@ -54,7 +54,10 @@ pub fn wait_until<T>(timeout: Duration, what: &str, mut probe: impl FnMut() -> O
         if let Some(v) = probe() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -120,9 +123,11 @@ impl Plane {
             .expect("start stella serve");
         self.child = Some(child);
         let url_file = self.dir.join("api.url");
-        wait_until(Duration::from_secs(30), "the plane to write api.url", || {
-            url_file.exists().then_some(())
-        });
+        wait_until(
+            Duration::from_secs(30),
+            "the plane to write api.url",
+            || url_file.exists().then_some(()),
+        );
         wait_until(Duration::from_secs(30), "the plane API to answer", || {
             self.cli(&["env", "list"]).status.success().then_some(())
         });
@@ -179,7 +184,8 @@ impl Plane {
         let mut full = args.to_vec();
         full.extend(["--output", "json"]);
         let stdout = self.ok(&full);
-        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("stella {args:?}: not JSON ({e}): {stdout}"))
+        serde_json::from_str(&stdout)
+            .unwrap_or_else(|e| panic!("stella {args:?}: not JSON ({e}): {stdout}"))
     }
 
     /// Creates a join token and returns (token, ca fingerprint).
@@ -187,7 +193,10 @@ impl Plane {
         let v = self.json(&["token", "create", "--ttl", "10m"]);
         (
             v["token"].as_str().expect("token").to_string(),
-            v["ca_fingerprint"].as_str().expect("fingerprint").to_string(),
+            v["ca_fingerprint"]
+                .as_str()
+                .expect("fingerprint")
+                .to_string(),
         )
     }
 
@@ -215,11 +224,17 @@ impl Plane {
     pub fn metrics(&self) -> String {
         let ca = std::fs::read_to_string(self.dir.join("pki/ca.pem")).expect("ca.pem");
         let url = format!("{}/metrics", self.api_url());
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
         rt.block_on(async {
             stella_pki::install_crypto_provider();
             let tls = stella_pki::client_config_ca(&ca).expect("tls config");
-            let client = reqwest::Client::builder().use_preconfigured_tls(tls).build().expect("client");
+            let client = reqwest::Client::builder()
+                .use_preconfigured_tls(tls)
+                .build()
+                .expect("client");
             let resp = client.get(&url).send().await.expect("GET /metrics");
             assert!(resp.status().is_success(), "/metrics: {}", resp.status());
             resp.text().await.expect("metrics body")
@@ -243,9 +258,23 @@ pub struct Agent {
     child: Option<Child>,
 }
 
-pub fn enroll_cmd(agent_dir: &Path, server: &str, token: &str, fingerprint: &str, name: &str) -> Output {
+pub fn enroll_cmd(
+    agent_dir: &Path,
+    server: &str,
+    token: &str,
+    fingerprint: &str,
+    name: &str,
+) -> Output {
     Command::new(agent_bin())
-        .args(["enroll", "--server", server, "--token", token, "--ca-fingerprint", fingerprint])
+        .args([
+            "enroll",
+            "--server",
+            server,
+            "--token",
+            token,
+            "--ca-fingerprint",
+            fingerprint,
+        ])
         .arg("--data-dir")
         .arg(agent_dir)
         .args(["--name", name])
@@ -266,8 +295,9 @@ impl Agent {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let config: Value = serde_json::from_slice(&std::fs::read(dir.join("agent.json")).expect("agent.json"))
-            .expect("agent.json is JSON");
+        let config: Value =
+            serde_json::from_slice(&std::fs::read(dir.join("agent.json")).expect("agent.json"))
+                .expect("agent.json is JSON");
         let mut agent = Agent {
             dir: dir.to_path_buf(),
             id: config["agent_id"].as_str().expect("agent id").to_string(),
@@ -342,7 +372,11 @@ impl TestImage {
             .arg(&reference)
             .output()
             .expect("docker import");
-        assert!(out.status.success(), "docker import failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "docker import failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let id = docker(&["image", "inspect", "-f", "{{.Id}}", &reference]);
         TestImage {
             repo: repo.to_string(),
@@ -357,7 +391,12 @@ impl TestImage {
         Self::build(
             repo,
             tag,
-            &["/bin/busybox", "sh", "-c", "trap 'exit 0' TERM; while :; do /bin/busybox sleep 3600 & wait $!; done"],
+            &[
+                "/bin/busybox",
+                "sh",
+                "-c",
+                "trap 'exit 0' TERM; while :; do /bin/busybox sleep 3600 & wait $!; done",
+            ],
         )
     }
 
@@ -370,14 +409,23 @@ impl TestImage {
 impl Drop for TestImage {
     fn drop(&mut self) {
         let _ = Command::new("docker")
-            .args(["image", "rm", "-f", &format!("{}:{}", self.repo, self.tag), &self.id])
+            .args([
+                "image",
+                "rm",
+                "-f",
+                &format!("{}:{}", self.repo, self.tag),
+                &self.id,
+            ])
             .output();
     }
 }
 
 /// Runs a docker CLI command that must succeed; returns trimmed stdout.
 pub fn docker(args: &[&str]) -> String {
-    let out = Command::new("docker").args(args).output().expect("docker CLI");
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("docker CLI");
     assert!(
         out.status.success(),
         "docker {args:?} failed: {}",
@@ -388,11 +436,17 @@ pub fn docker(args: &[&str]) -> String {
 
 /// Container ids carrying `stella.target=<target>` (all states).
 pub fn containers_of(target: &str) -> Vec<String> {
-    docker(&["ps", "-aq", "--no-trunc", "--filter", &format!("label=stella.target={target}")])
-        .lines()
-        .map(str::to_string)
-        .filter(|l| !l.is_empty())
-        .collect()
+    docker(&[
+        "ps",
+        "-aq",
+        "--no-trunc",
+        "--filter",
+        &format!("label=stella.target={target}"),
+    ])
+    .lines()
+    .map(str::to_string)
+    .filter(|l| !l.is_empty())
+    .collect()
 }
 
 pub fn inspect(container: &str) -> Value {
@@ -419,7 +473,10 @@ impl Drop for TargetCleanup {
 
 /// Runs SQL against the plane's SQLite database, as a database writer (or attacker) could.
 pub fn sql_exec(db: &Path, sql: &'static str, binds: &[&str]) -> u64 {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     rt.block_on(async {
         let url = format!("sqlite://{}", db.display());
         let pool = sqlx::SqlitePool::connect(&url).await.expect("open db");
@@ -434,7 +491,10 @@ pub fn sql_exec(db: &Path, sql: &'static str, binds: &[&str]) -> u64 {
 }
 
 pub fn sql_string(db: &Path, sql: &'static str, binds: &[&str]) -> String {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     rt.block_on(async {
         let url = format!("sqlite://{}", db.display());
         let pool = sqlx::SqlitePool::connect(&url).await.expect("open db");
@@ -458,13 +518,16 @@ pub struct Stack {
 }
 
 impl Stack {
+    #[allow(clippy::new_without_default)] // starting processes is not a default
     pub fn new() -> Stack {
         let tmp = tempfile::tempdir().expect("tempdir");
         let plane = Plane::start(&tmp.path().join("plane"));
         let agent = Agent::enroll_and_start(&plane, &tmp.path().join("agent"), "e2e");
         let target = unique("web");
         plane.ok(&["env", "create", "dev"]);
-        plane.ok(&["target", "create", &target, "--env", "dev", "--kind", "docker", "--agent", &agent.id]);
+        plane.ok(&[
+            "target", "create", &target, "--env", "dev", "--kind", "docker", "--agent", &agent.id,
+        ]);
         Stack {
             agent,
             plane,
@@ -481,6 +544,7 @@ impl Stack {
             args.extend(["--component", c.as_str()]);
         }
         self.plane.ok(&args);
-        self.plane.json(&["deploy", release, "--env", "dev", "--no-wait"])
+        self.plane
+            .json(&["deploy", release, "--env", "dev", "--no-wait"])
     }
 }

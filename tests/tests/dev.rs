@@ -15,7 +15,11 @@ fn cli(dir: &std::path::Path, args: &[&str]) -> serde_json::Value {
         .args(["--output", "json"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -24,7 +28,13 @@ fn dev_session(dir: &std::path::Path, api: u16, agent: u16) -> (String, String) 
     let mut child = Command::new(stella_bin())
         .arg("--data-dir")
         .arg(dir)
-        .args(["dev", "--api-listen", &format!("127.0.0.1:{api}"), "--agent-listen", &format!("127.0.0.1:{agent}")])
+        .args([
+            "dev",
+            "--api-listen",
+            &format!("127.0.0.1:{api}"),
+            "--agent-listen",
+            &format!("127.0.0.1:{agent}"),
+        ])
         .args(["--heartbeat-interval", "1s"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -42,26 +52,43 @@ fn dev_session(dir: &std::path::Path, api: u16, agent: u16) -> (String, String) 
             }
         }
     });
-    let banner = rx.recv_timeout(Duration::from_secs(60)).expect("stella dev prints its banner");
-    assert!(banner.contains(&format!("https://127.0.0.1:{api}")), "{banner}");
+    let banner = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("stella dev prints its banner");
+    assert!(
+        banner.contains(&format!("https://127.0.0.1:{api}")),
+        "{banner}"
+    );
     assert!(banner.contains("admin.token"), "{banner}");
-    assert!(banner.contains("stella") && banner.contains("deploy demo-1 --env dev"), "{banner}");
+    assert!(
+        banner.contains("stella") && banner.contains("deploy demo-1 --env dev"),
+        "{banner}"
+    );
 
-    let agent_id = wait_until(Duration::from_secs(30), "the local agent to connect", || {
-        let agents = cli(dir, &["agents"]);
-        agents
-            .as_array()
-            .and_then(|a| a.iter().find(|x| x["status"] == "connected"))
-            .map(|a| a["id"].as_str().unwrap().to_string())
-    });
-    let fingerprint = stella_pki::fingerprint_pem(&std::fs::read_to_string(dir.join("pki/ca.pem")).unwrap()).unwrap();
+    let agent_id = wait_until(
+        Duration::from_secs(30),
+        "the local agent to connect",
+        || {
+            let agents = cli(dir, &["agents"]);
+            agents
+                .as_array()
+                .and_then(|a| a.iter().find(|x| x["status"] == "connected"))
+                .map(|a| a["id"].as_str().unwrap().to_string())
+        },
+    );
+    let fingerprint =
+        stella_pki::fingerprint_pem(&std::fs::read_to_string(dir.join("pki/ca.pem")).unwrap())
+            .unwrap();
 
     // SAFETY: signalling our own child.
     unsafe {
         libc::kill(child.id() as libc::pid_t, libc::SIGINT);
     }
     let status = child.wait().unwrap();
-    assert!(status.success(), "Ctrl-C stops stella dev cleanly: {status}");
+    assert!(
+        status.success(),
+        "Ctrl-C stops stella dev cleanly: {status}"
+    );
     (agent_id, fingerprint)
 }
 
@@ -75,6 +102,10 @@ fn dev_starts_plane_and_agent_and_restarts_without_reenrolling() {
     assert_eq!(first_agent, second_agent, "the agent identity is reused");
     assert_eq!(first_ca, second_ca, "the CA is reused");
     // Check the store directly: the plane is stopped now.
-    let n = stella_e2e::sql_string(&dir.join("stella.db"), "SELECT CAST(COUNT(*) AS TEXT) FROM agents", &[]);
+    let n = stella_e2e::sql_string(
+        &dir.join("stella.db"),
+        "SELECT CAST(COUNT(*) AS TEXT) FROM agents",
+        &[],
+    );
     assert_eq!(n, "1", "no re-enrollment");
 }

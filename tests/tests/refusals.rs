@@ -16,28 +16,56 @@ struct Case {
 
 /// Deploys with the agent offline, lets `tamper` rewrite the stored envelope, starts the agent
 /// and returns the finished deployment.
-fn run_case(prepare_previous: bool, tamper: impl FnOnce(&Stack, &str, &Envelope) -> String) -> (Case, Value) {
+fn run_case(
+    prepare_previous: bool,
+    tamper: impl FnOnce(&Stack, &str, &Envelope) -> String,
+) -> (Case, Value) {
     let mut stack = Stack::new();
     let image = TestImage::busybox_sleeper(&unique("stella-e2e/refusal"), "1");
     if prepare_previous {
-        stack.plane.ok(&["release", "create", "previous", "--component", &image.component("web")]);
+        stack.plane.ok(&[
+            "release",
+            "create",
+            "previous",
+            "--component",
+            &image.component("web"),
+        ]);
         stack.plane.ok(&["deploy", "previous", "--env", "dev"]);
     }
     stack.agent.stop();
     let id = stack.agent.id.clone();
-    stella_e2e::wait_until(std::time::Duration::from_secs(30), "the agent to disconnect", || {
-        (stack.plane.agent_status(&id) == "disconnected").then_some(())
-    });
+    stella_e2e::wait_until(
+        std::time::Duration::from_secs(30),
+        "the agent to disconnect",
+        || (stack.plane.agent_status(&id) == "disconnected").then_some(()),
+    );
     let dep = stack.deploy_no_wait("target-rel", &[image.component("web")]);
     let job_id = dep["jobs"][0]["id"].as_str().unwrap().to_string();
     let db = stack.plane.db_path();
-    let envelope: Envelope =
-        serde_json::from_str(&sql_string(&db, "SELECT envelope FROM jobs WHERE id = ?", &[&job_id])).unwrap();
+    let envelope: Envelope = serde_json::from_str(&sql_string(
+        &db,
+        "SELECT envelope FROM jobs WHERE id = ?",
+        &[&job_id],
+    ))
+    .unwrap();
     let tampered = tamper(&stack, &job_id, &envelope);
-    assert_eq!(sql_exec(&db, "UPDATE jobs SET envelope = ? WHERE id = ?", &[&tampered, &job_id]), 1);
+    assert_eq!(
+        sql_exec(
+            &db,
+            "UPDATE jobs SET envelope = ? WHERE id = ?",
+            &[&tampered, &job_id]
+        ),
+        1
+    );
     stack.agent.start();
     let finished = stack.plane.wait_deployment(dep["id"].as_str().unwrap());
-    (Case { stack, _image: image }, finished)
+    (
+        Case {
+            stack,
+            _image: image,
+        },
+        finished,
+    )
 }
 
 fn assert_refused(case: &Case, deployment: &Value, reason: &str) {
@@ -46,10 +74,15 @@ fn assert_refused(case: &Case, deployment: &Value, reason: &str) {
     assert_eq!(job["status"], "refused", "{job:#}");
     assert_eq!(job["reason_code"], reason, "{job:#}");
     assert!(!job["message"].as_str().unwrap().is_empty());
-    assert!(deployment["message"].as_str().unwrap().contains(reason), "the reason reaches the deployment record");
+    assert!(
+        deployment["message"].as_str().unwrap().contains(reason),
+        "the reason reaches the deployment record"
+    );
     let metrics = case.stack.plane.metrics();
     assert!(
-        metrics.contains(&format!("stella_agent_job_refusals_total{{reason=\"{reason}\"}} 1")),
+        metrics.contains(&format!(
+            "stella_agent_job_refusals_total{{reason=\"{reason}\"}} 1"
+        )),
         "{metrics}"
     );
 }
@@ -59,7 +92,10 @@ fn payload(env: &Envelope) -> JobPayload {
 }
 
 fn plane_key(stack: &Stack) -> SigningKey {
-    SigningKey::from_pem(&std::fs::read_to_string(stack.plane.dir.join("pki/job-signing.key")).unwrap()).unwrap()
+    SigningKey::from_pem(
+        &std::fs::read_to_string(stack.plane.dir.join("pki/job-signing.key")).unwrap(),
+    )
+    .unwrap()
 }
 
 fn sign(key: &SigningKey, p: &JobPayload) -> String {
@@ -76,7 +112,10 @@ fn tampered_payload_is_refused() {
         serde_json::to_string(&forged).unwrap()
     });
     assert_refused(&case, &dep, "bad_signature");
-    assert!(containers_of(&case.stack.target).is_empty(), "nothing executed");
+    assert!(
+        containers_of(&case.stack.target).is_empty(),
+        "nothing executed"
+    );
 }
 
 #[test]
@@ -89,14 +128,22 @@ fn tampered_signature_is_refused() {
         serde_json::to_string(&forged).unwrap()
     });
     assert_refused(&case, &dep, "bad_signature");
-    assert!(containers_of(&case.stack.target).is_empty(), "nothing executed");
+    assert!(
+        containers_of(&case.stack.target).is_empty(),
+        "nothing executed"
+    );
 }
 
 #[test]
 fn job_signed_by_another_key_is_refused() {
-    let (case, dep) = run_case(false, |_, _, env| sign(&SigningKey::generate(), &payload(env)));
+    let (case, dep) = run_case(false, |_, _, env| {
+        sign(&SigningKey::generate(), &payload(env))
+    });
     assert_refused(&case, &dep, "unknown_key_id");
-    assert!(containers_of(&case.stack.target).is_empty(), "nothing executed");
+    assert!(
+        containers_of(&case.stack.target).is_empty(),
+        "nothing executed"
+    );
 }
 
 #[test]
@@ -107,7 +154,10 @@ fn expired_job_is_refused() {
         sign(&plane_key(stack), &p)
     });
     assert_refused(&case, &dep, "expired");
-    assert!(containers_of(&case.stack.target).is_empty(), "nothing executed");
+    assert!(
+        containers_of(&case.stack.target).is_empty(),
+        "nothing executed"
+    );
 }
 
 #[test]
@@ -118,7 +168,10 @@ fn job_for_another_agent_is_refused() {
         sign(&plane_key(stack), &p)
     });
     assert_refused(&case, &dep, "wrong_audience");
-    assert!(containers_of(&case.stack.target).is_empty(), "nothing executed");
+    assert!(
+        containers_of(&case.stack.target).is_empty(),
+        "nothing executed"
+    );
 }
 
 #[test]
@@ -136,7 +189,11 @@ fn replayed_envelope_is_refused_and_changes_nothing() {
     });
     assert_refused(&case, &dep, "replayed_sequence");
     assert_eq!(before.len(), 1);
-    assert_eq!(containers_of(&case.stack.target), before, "the running container was not touched");
+    assert_eq!(
+        containers_of(&case.stack.target),
+        before,
+        "the running container was not touched"
+    );
 }
 
 #[test]

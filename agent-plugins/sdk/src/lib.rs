@@ -157,7 +157,9 @@ impl ProgressSink for NoProgress {
 pub enum PluginError {
     #[error("invalid target configuration: {0}")]
     InvalidConfig(String),
-    #[error("component {component}: image {image} runs as {actual} but the job requires {expected}")]
+    #[error(
+        "component {component}: image {image} runs as {actual} but the job requires {expected}"
+    )]
     DigestMismatch {
         component: String,
         image: String,
@@ -226,7 +228,8 @@ pub trait Executor: Send + Sync {
         sticker: &VersionSticker,
     ) -> Result<(), PluginError>;
 
-    async fn read_sticker(&self, target: &TargetRef) -> Result<Option<VersionSticker>, PluginError>;
+    async fn read_sticker(&self, target: &TargetRef)
+    -> Result<Option<VersionSticker>, PluginError>;
 
     /// Puts the target back on a previous release's digests. For most executors this is a
     /// deploy of the previous spec (deploys are ensures); executors with native rollback
@@ -286,7 +289,12 @@ pub trait Executor: Send + Sync {
 /// Checks the `sha256:<64 lowercase hex>` shape every digest in Stella has.
 pub fn is_valid_digest(digest: &str) -> bool {
     match digest.strip_prefix("sha256:") {
-        Some(hex) => hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+        Some(hex) => {
+            hex.len() == 64
+                && hex
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        }
         None => false,
     }
 }
