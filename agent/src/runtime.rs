@@ -84,10 +84,20 @@ fn result_message(r: &StoredResult) -> AgentMessage {
     }))
 }
 
-/// Runs the agent until `shutdown` resolves.
+/// Runs the agent until `shutdown` resolves, with the executors this host offers.
 pub async fn run(
     dir: DataDir,
     options: RunOptions,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let executors = executors::detect(&dir, &options.disabled_executors).await;
+    run_with_executors(dir, executors, shutdown).await
+}
+
+/// Runs the agent with the given executors (the benchmark's simulated fleet injects a no-op one).
+pub async fn run_with_executors(
+    dir: DataDir,
+    executors: Executors,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     stella_pki::install_crypto_provider();
@@ -96,7 +106,6 @@ pub async fn run(
     let cert_pem = dir.read_text(&dir.cert_file())?;
     let key_pem = dir.read_text(&dir.key_file())?;
     let ca_pem = dir.read_text(&dir.ca_file())?;
-    let executors = executors::detect(&dir, &options.disabled_executors).await;
     let journal =
         Journal::open(dir.journal_dir(), dir.spool_dir()).context("opening the job journal")?;
     let targets: BTreeMap<String, TargetRef> = if dir.targets_file().exists() {

@@ -1,0 +1,1 @@
+//! ecs executor (in progress).

@@ -1,0 +1,1 @@
+//! nomad executor (in progress).

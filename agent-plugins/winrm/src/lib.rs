@@ -1,0 +1,1 @@
+//! winrm executor (in progress).
