@@ -33,7 +33,9 @@ pub async fn detect(dir: &DataDir, disabled: &[String]) -> Executors {
             Ok(exec) => {
                 out.insert("compose".to_string(), Arc::new(exec));
             }
-            Err(e) => tracing::warn!(error = %e, "no Docker engine with a compose tool; the compose capability is off"),
+            Err(e) => {
+                tracing::warn!(error = %e, "no Docker engine with a compose tool; the compose capability is off")
+            }
         }
     }
     if !disabled.iter().any(|d| d == "ssh") {
@@ -41,7 +43,10 @@ pub async fn detect(dir: &DataDir, disabled: &[String]) -> Executors {
         let ctx = ExecutorContext {
             state_dir: dir.executor_dir("ssh"),
         };
-        out.insert("ssh".to_string(), Arc::new(stella_plugin_ssh::SshExecutor::new(ctx)));
+        out.insert(
+            "ssh".to_string(),
+            Arc::new(stella_plugin_ssh::SshExecutor::new(ctx)),
+        );
     }
     out
 }

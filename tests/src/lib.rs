@@ -548,3 +548,92 @@ impl Stack {
             .json(&["deploy", release, "--env", "dev", "--no-wait"])
     }
 }
+
+/// A real OpenSSH server on a loopback port, for ssh targets (Debian `openssh-server`).
+pub struct Sshd {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    pub host_public_key: String,
+    child: Child,
+}
+
+impl Sshd {
+    pub fn start() -> Sshd {
+        const SSHD: &str = "/usr/sbin/sshd";
+        assert!(
+            Path::new(SSHD).exists(),
+            "{SSHD} missing: apt-get install openssh-server"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path().to_path_buf();
+        for key in ["host_key", "client_key"] {
+            let out = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(d.join(key))
+                .output()
+                .expect("ssh-keygen");
+            assert!(out.status.success(), "ssh-keygen failed");
+        }
+        std::fs::copy(d.join("client_key.pub"), d.join("authorized_keys"))
+            .expect("authorized_keys");
+        std::fs::create_dir_all("/run/sshd").expect("/run/sshd");
+        let host_public_key = std::fs::read_to_string(d.join("host_key.pub"))
+            .expect("host key")
+            .trim()
+            .to_string();
+        for _attempt in 0..5 {
+            let port = free_port();
+            let config = d.join("sshd_config");
+            std::fs::write(
+                &config,
+                format!(
+                    "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\n\
+                     AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nUsePAM no\n\
+                     PasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+                     PermitRootLogin prohibit-password\nPidFile {d}/sshd.pid\n\
+                     Subsystem sftp internal-sftp\n",
+                    d = d.display()
+                ),
+            )
+            .expect("sshd_config");
+            let mut child = Command::new(SSHD)
+                .arg("-D")
+                .arg("-f")
+                .arg(&config)
+                .arg("-E")
+                .arg(d.join("sshd.log"))
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("start sshd");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Sshd {
+                        port,
+                        dir,
+                        host_public_key,
+                        child,
+                    };
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("sshd did not start");
+    }
+
+    pub fn client_key(&self) -> PathBuf {
+        self.dir.path().join("client_key")
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
