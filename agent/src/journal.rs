@@ -33,6 +33,9 @@ pub struct StoredResult {
     pub envelope_digest: String,
     pub started_at_unix_ms: i64,
     pub finished_at_unix_ms: i64,
+    /// The signed receipt (DSSE JSON) sent with the result; re-sent unchanged from the spool.
+    #[serde(default)]
+    pub receipt: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -205,6 +208,7 @@ mod tests {
             envelope_digest: "sha256:00".to_string(),
             started_at_unix_ms: 1,
             finished_at_unix_ms: 2,
+            receipt: String::new(),
         }
     }
 

@@ -56,6 +56,7 @@ struct Shared {
     /// Held while a job executes, so shutdown can wait for the current step to finish.
     busy: tokio::sync::Mutex<()>,
     running: Mutex<HashSet<String>>,
+    receipts: ReceiptSigner,
 }
 
 fn now_ms() -> i64 {
@@ -81,7 +82,38 @@ fn result_message(r: &StoredResult) -> AgentMessage {
         envelope_digest: r.envelope_digest.clone(),
         started_at_unix_ms: r.started_at_unix_ms,
         finished_at_unix_ms: r.finished_at_unix_ms,
+        receipt: r.receipt.clone().into_bytes(),
     }))
+}
+
+/// The agent's signing identity for receipts: the key behind its mTLS certificate.
+struct ReceiptSigner {
+    agent_id: String,
+    key_pem: String,
+    cert_der: Vec<u8>,
+}
+
+impl ReceiptSigner {
+    /// Signs the result in place. A result that cannot be signed is still reported (unsigned):
+    /// the plane then refuses to record it and says why, which beats losing it silently.
+    fn sign(&self, result: &mut StoredResult) {
+        let payload = stella_pki::ReceiptPayload {
+            job_id: result.job_id.clone(),
+            agent_id: self.agent_id.clone(),
+            envelope_digest: result.envelope_digest.clone(),
+            status: result.status.clone(),
+            reason_code: result.reason_code.clone(),
+            result_digest: stella_pki::result_digest(&result.message, &result.outcome_json),
+            finished_at_unix_ms: result.finished_at_unix_ms,
+        };
+        match stella_pki::sign_receipt(&self.key_pem, &self.cert_der, &payload)
+            .map_err(|e| e.to_string())
+            .and_then(|env| serde_json::to_string(&env).map_err(|e| e.to_string()))
+        {
+            Ok(receipt) => result.receipt = receipt,
+            Err(e) => tracing::error!(job_id = %result.job_id, error = %e, "cannot sign a receipt"),
+        }
+    }
 }
 
 /// Runs the agent until `shutdown` resolves, with the executors this host offers.
@@ -116,6 +148,7 @@ pub async fn run_with_executors(
 
     let (uplink_tx, mut uplink_rx) = mpsc::unbounded_channel();
     let (work_tx, work_rx) = mpsc::unbounded_channel();
+    let receipt_agent_id = config.agent_id.clone();
     let shared = Arc::new(Shared {
         verifier: JobVerifier {
             agent_id: config.agent_id.clone(),
@@ -131,6 +164,11 @@ pub async fn run_with_executors(
         work: work_tx,
         busy: tokio::sync::Mutex::new(()),
         running: Mutex::new(HashSet::new()),
+        receipts: ReceiptSigner {
+            agent_id: receipt_agent_id,
+            key_pem: key_pem.clone(),
+            cert_der: stella_pki::cert_der_from_pem(&cert_pem)?,
+        },
     });
     tracing::info!(agent_id = %shared.config.agent_id, endpoint = %shared.config.agent_endpoint,
         capabilities = ?shared.verifier.capabilities, "agent starting");
@@ -171,6 +209,10 @@ pub async fn run_with_executors(
                 attempt = 0;
                 tracing::info!(?delay, "plane asked us to reconnect later");
                 delay + jitter(Duration::from_millis(500))
+            }
+            Ok(SessionEnd::Refused(why)) => {
+                tracing::error!(reason = %why, "the control plane refuses this agent; if it was revoked, enroll again with a new join token");
+                BACKOFF_CAP + jitter(BACKOFF_CAP)
             }
             Ok(SessionEnd::Closed { established }) => {
                 if established {
@@ -218,7 +260,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 enum SessionEnd {
     Drained(Duration),
-    Closed { established: bool },
+    /// The plane refuses this identity (revoked, unknown): retrying fast cannot help.
+    Refused(String),
+    Closed {
+        established: bool,
+    },
 }
 
 async fn session(
@@ -262,11 +308,18 @@ async fn session(
         }
     };
     out_tx.send(msg(AgentBody::Hello(hello))).await?;
-    let mut inbound = client
-        .session(ReceiverStream::new(out_rx))
-        .await
-        .context("opening the session")?
-        .into_inner();
+    let mut inbound = match client.session(ReceiverStream::new(out_rx)).await {
+        Ok(r) => r.into_inner(),
+        Err(status)
+            if matches!(
+                status.code(),
+                tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+            ) =>
+        {
+            return Ok(SessionEnd::Refused(status.message().to_string()));
+        }
+        Err(status) => return Err(anyhow::Error::new(status).context("opening the session")),
+    };
 
     let welcome = match tokio::time::timeout(Duration::from_secs(15), inbound.message()).await {
         Err(_) => anyhow::bail!("no welcome from the plane within 15s"),
@@ -450,14 +503,16 @@ fn refusal(job_id: &str, digest: &str, reason: &str, message: String) -> StoredR
         envelope_digest: digest.to_string(),
         started_at_unix_ms: now,
         finished_at_unix_ms: now,
+        receipt: String::new(),
     }
 }
 
 async fn send_refusal(
     shared: &Arc<Shared>,
-    result: StoredResult,
+    mut result: StoredResult,
     out: &mpsc::Sender<AgentMessage>,
 ) -> anyhow::Result<()> {
+    shared.receipts.sign(&mut result);
     tracing::warn!(job_id = %result.job_id, reason = %result.reason_code, message = %result.message, "job refused; nothing executed");
     if Journal::can_spool(&result.job_id)
         && let Err(e) = lock(&shared.journal).finish(result.clone())
@@ -490,10 +545,11 @@ async fn worker(shared: Arc<Shared>, mut work: mpsc::UnboundedReceiver<WorkItem>
         if !lock(&shared.running).insert(job_id.clone()) {
             continue;
         }
-        let result = {
+        let mut result = {
             let _busy = shared.busy.lock().await;
             execute(&shared, &item).await
         };
+        shared.receipts.sign(&mut result);
         lock(&shared.running).remove(&job_id);
         if let Err(e) = lock(&shared.journal).finish(result.clone()) {
             // The result still goes out; only its durability across a crash is lost, and a
@@ -527,6 +583,7 @@ async fn execute(shared: &Shared, item: &WorkItem) -> StoredResult {
         envelope_digest: item.envelope_digest.clone(),
         started_at_unix_ms: started,
         finished_at_unix_ms: now_ms(),
+        receipt: String::new(),
     };
     let Some(executor) = shared.executors.get(&target.kind) else {
         return finish(

@@ -72,7 +72,7 @@ pub async fn enroll(state: &AppState, req: EnrollRequest) -> ApiResult<EnrollRes
     let hash = stella_pki::hash_token(&req.token);
     let mut tx = state.db.begin().await?;
     let row = sqlx::query(
-        "SELECT id, token_hash, labels, max_uses, uses, expires_at FROM join_tokens WHERE token_hash = ?",
+        "SELECT id, token_hash, labels, max_uses, uses, expires_at, revoked_at FROM join_tokens WHERE token_hash = ?",
     )
     .bind(&hash)
     .fetch_optional(&mut *tx)
@@ -92,6 +92,11 @@ pub async fn enroll(state: &AppState, req: EnrollRequest) -> ApiResult<EnrollRes
     let uses: i64 = row.get("uses");
     let max_uses: i64 = row.get("max_uses");
     let expires_at: i64 = row.get("expires_at");
+    if row.get::<Option<i64>, _>("revoked_at").is_some() {
+        return Err(ApiError::Unauthorized(
+            "join token was revoked; create a new one with `stella token create`".to_string(),
+        ));
+    }
     if uses >= max_uses {
         return Err(ApiError::Unauthorized(
             "join token has already been used; create a new one with `stella token create`"
@@ -140,8 +145,8 @@ pub async fn enroll(state: &AppState, req: EnrollRequest) -> ApiResult<EnrollRes
         serde_json::to_string(&req.capabilities).map_err(|e| ApiError::Internal(e.to_string()))?;
     sqlx::query(
         "INSERT INTO agents (id, name, hostname, labels, capabilities, version, cert_serial,
-            cert_not_after, status, join_token_id, next_sequence, enrolled_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'enrolled', ?, 0, ?)",
+            cert_not_after, cert_pem, status, join_token_id, next_sequence, enrolled_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'enrolled', ?, 0, ?)",
     )
     .bind(&agent_id)
     .bind(&req.name)
@@ -151,6 +156,7 @@ pub async fn enroll(state: &AppState, req: EnrollRequest) -> ApiResult<EnrollRes
     .bind(&req.version)
     .bind(&issued.serial_hex)
     .bind(not_after_ms)
+    .bind(&issued.cert_pem)
     .bind(&token_id)
     .bind(now)
     .execute(&mut *tx)
@@ -334,4 +340,36 @@ pub async fn record_heartbeat(state: &AppState, agent_id: &str) -> ApiResult<()>
         .execute(&state.db)
         .await?;
     Ok(())
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RevokeAgent {
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// Revokes an agent: new handshakes are refused, its live session is cut now, and its
+/// unfinished jobs are cancelled with the reason. Revoking twice changes nothing more.
+pub async fn revoke(state: &AppState, id_or_name: &str, req: RevokeAgent) -> ApiResult<AgentView> {
+    let agent = find(state, id_or_name).await?;
+    let reason = if req.reason.trim().is_empty() {
+        "revoked by an operator".to_string()
+    } else {
+        req.reason.chars().take(500).collect()
+    };
+    if agent.status != "revoked" {
+        crate::deployments::cancel_agent_jobs(state, &agent.id, &reason).await?;
+        sqlx::query(
+            "UPDATE agents SET status = 'revoked', revoked_at = ?, revoked_reason = ? WHERE id = ?",
+        )
+        .bind(now_ms())
+        .bind(&reason)
+        .bind(&agent.id)
+        .execute(&state.db)
+        .await?;
+        tracing::warn!(agent_id = %agent.id, %reason, "agent revoked");
+    }
+    // Cut the live session whether or not this call changed anything (a retry must also cut).
+    state.hub.evict(&agent.id);
+    view(state, &agent.id).await
 }

@@ -17,9 +17,11 @@ pub fn router(state: SharedState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(get_metrics))
         .route("/v1/enroll", post(enroll))
-        .route("/v1/tokens", post(create_token))
+        .route("/v1/tokens", post(create_token).get(list_tokens))
+        .route("/v1/tokens/{id}/revoke", post(revoke_token))
         .route("/v1/agents", get(list_agents))
         .route("/v1/agents/{id}", get(show_agent))
+        .route("/v1/agents/{id}/revoke", post(revoke_agent))
         .route("/v1/environments", post(create_env).get(list_envs))
         .route("/v1/environments/{name}", get(show_env))
         .route("/v1/targets", post(create_target).get(list_targets))
@@ -94,6 +96,33 @@ async fn create_token(
         StatusCode::CREATED,
         Json(tokens::create_join_token(&state, req).await?),
     ))
+}
+
+async fn list_tokens(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+) -> ApiResult<impl IntoResponse> {
+    authorize(&state, &headers).await?;
+    Ok(Json(tokens::list_join_tokens(&state).await?))
+}
+
+async fn revoke_token(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    authorize(&state, &headers).await?;
+    Ok(Json(tokens::revoke_join_token(&state, &id).await?))
+}
+
+async fn revoke_agent(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Body(req): Body<agents::RevokeAgent>,
+) -> ApiResult<impl IntoResponse> {
+    authorize(&state, &headers).await?;
+    Ok(Json(agents::revoke(&state, &id, req).await?))
 }
 
 async fn list_agents(

@@ -19,7 +19,7 @@ use stella_control_plane::environments::Environment;
 use stella_control_plane::releases::{Release, ReleaseComponent};
 use stella_control_plane::server::ServeOptions;
 use stella_control_plane::targets::{Target, TargetDetail};
-use stella_control_plane::tokens::JoinTokenCreated;
+use stella_control_plane::tokens::{JoinTokenCreated, JoinTokenView};
 use stella_control_plane::{duration, server};
 
 use crate::dev;
@@ -180,7 +180,14 @@ enum TokenCommand {
         /// Label the enrolled agent receives (repeatable, k=v).
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
+        /// How many agents may enroll with this token.
+        #[arg(long, default_value_t = 1)]
+        max_uses: u32,
     },
+    /// List join tokens (never their secrets).
+    List,
+    /// Revoke a join token: no agent can enroll with it any more.
+    Revoke { id: String },
 }
 
 #[derive(Subcommand)]
@@ -189,6 +196,13 @@ enum AgentsCommand {
     List,
     /// Show one agent (by id or name).
     Show { agent: String },
+    /// Revoke an agent: its session is cut, new handshakes are refused, its unfinished jobs
+    /// are cancelled with the reason.
+    Revoke {
+        agent: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -313,13 +327,50 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Dev(args) => dev::run(cli.data_dir, args).await,
         Command::Serve(args) => serve(cli.data_dir, args).await,
-        Command::Token(TokenCommand::Create { ttl, labels }) => {
+        Command::Token(TokenCommand::List) => {
+            let client = ApiClient::connect(&conn)?;
+            let tokens: Vec<JoinTokenView> = client.get("/v1/tokens").await?;
+            render(out, &tokens, |ts| {
+                table(
+                    &["ID", "STATUS", "USES", "EXPIRES", "LABELS"],
+                    ts.iter()
+                        .map(|t| {
+                            vec![
+                                t.id.clone(),
+                                t.status.clone(),
+                                format!("{}/{}", t.uses, t.max_uses),
+                                t.expires_at.clone(),
+                                t.labels
+                                    .iter()
+                                    .map(|(k, v)| format!("{k}={v}"))
+                                    .collect::<Vec<_>>()
+                                    .join(","),
+                            ]
+                        })
+                        .collect(),
+                )
+            })
+        }
+        Command::Token(TokenCommand::Revoke { id }) => {
+            let client = ApiClient::connect(&conn)?;
+            let token: JoinTokenView = client
+                .post(&format!("/v1/tokens/{}/revoke", path_seg(&id)), &json!({}))
+                .await?;
+            render(out, &token, |t| {
+                println!("join token {} is {}", t.id, t.status)
+            })
+        }
+        Command::Token(TokenCommand::Create {
+            ttl,
+            labels,
+            max_uses,
+        }) => {
             let client = ApiClient::connect(&conn)?;
             let labels: BTreeMap<String, String> = labels.into_iter().collect();
             let created: JoinTokenCreated = client
                 .post(
                     "/v1/tokens",
-                    &json!({"ttl_secs": ttl.as_secs(), "labels": labels}),
+                    &json!({"ttl_secs": ttl.as_secs(), "labels": labels, "max_uses": max_uses}),
                 )
                 .await?;
             if out == Output::Json {
@@ -348,6 +399,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .get(&format!("/v1/agents/{}", path_seg(&agent)))
                         .await?;
                     render(out, &agent, |a| print_agents(std::slice::from_ref(a)))
+                }
+                AgentsCommand::Revoke { agent, reason } => {
+                    let agent: AgentView = client
+                        .post(
+                            &format!("/v1/agents/{}/revoke", path_seg(&agent)),
+                            &json!({"reason": reason}),
+                        )
+                        .await?;
+                    render(out, &agent, |a| {
+                        println!("agent {} ({}) is {}", a.name, a.id, a.status)
+                    })
                 }
             }
         }

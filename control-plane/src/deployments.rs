@@ -16,7 +16,7 @@ use crate::state::AppState;
 use crate::store::{new_id, now_ms, rfc3339};
 use crate::targets;
 
-pub const TERMINAL_JOB_STATUSES: &[&str] = &["succeeded", "failed", "refused"];
+pub const TERMINAL_JOB_STATUSES: &[&str] = &["succeeded", "failed", "refused", "cancelled"];
 
 #[derive(Debug, Deserialize)]
 pub struct CreateDeployment {
@@ -344,6 +344,7 @@ pub async fn record_result(
     agent_id: &str,
     status: &str,
     result: &stella_proto::JobResult,
+    receipt: &str,
 ) -> ApiResult<bool> {
     let now = now_ms();
     let mut tx = state.db.begin().await?;
@@ -362,13 +363,14 @@ pub async fn record_result(
     }
     let message: String = result.message.chars().take(8000).collect();
     sqlx::query(
-        "UPDATE jobs SET status = ?, reason_code = ?, message = ?, outcome = ?, updated_at = ?, finished_at = ?
-         WHERE id = ?",
+        "UPDATE jobs SET status = ?, reason_code = ?, message = ?, outcome = ?, receipt = ?,
+            updated_at = ?, finished_at = ? WHERE id = ?",
     )
     .bind(status)
     .bind(&result.reason_code)
     .bind(&message)
     .bind(&result.outcome_json)
+    .bind(receipt)
     .bind(now)
     .bind(now)
     .bind(&result.job_id)
@@ -403,6 +405,34 @@ pub async fn expire_job(state: &AppState, job_id: &str) -> ApiResult<()> {
     .execute(&mut *tx)
     .await?;
     settle_deployment(&mut tx, &deployment_id, now).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Cancels every unfinished job of an agent (it was revoked) and settles their deployments.
+pub async fn cancel_agent_jobs(state: &AppState, agent_id: &str, reason: &str) -> ApiResult<()> {
+    let now = now_ms();
+    let mut tx = state.db.begin().await?;
+    let affected: Vec<(String,)> = sqlx::query_as(
+        "SELECT DISTINCT deployment_id FROM jobs WHERE agent_id = ? AND status IN ('queued', 'offered', 'accepted')",
+    )
+    .bind(agent_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE jobs SET status = 'cancelled', reason_code = 'agent_revoked', message = ?,
+            updated_at = ?, finished_at = ?
+         WHERE agent_id = ? AND status IN ('queued', 'offered', 'accepted')",
+    )
+    .bind(format!("agent {agent_id} was revoked: {reason}"))
+    .bind(now)
+    .bind(now)
+    .bind(agent_id)
+    .execute(&mut *tx)
+    .await?;
+    for (deployment_id,) in &affected {
+        settle_deployment(&mut tx, deployment_id, now).await?;
+    }
     tx.commit().await?;
     Ok(())
 }

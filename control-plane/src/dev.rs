@@ -135,6 +135,7 @@ async fn start_local_agent(
             CreateJoinToken {
                 ttl_secs: 600,
                 labels: [("stella.dev".to_string(), "true".to_string())].into(),
+                max_uses: 1,
             },
         )
         .await

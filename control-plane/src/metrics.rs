@@ -98,5 +98,24 @@ pub async fn render(state: &AppState) -> ApiResult<String> {
             escape(reason)
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP stella_result_receipt_refusals_total Job results refused because their agent receipt did not verify (since start).\n# TYPE stella_result_receipt_refusals_total counter\nstella_result_receipt_refusals_total {}",
+        state
+            .receipt_refusals
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP stella_session_refusals_total Agent sessions refused at their start, by reason (since start).\n# TYPE stella_session_refusals_total counter"
+    );
+    if let Ok(refusals) = state.session_refusals.lock() {
+        for (reason, n) in refusals.iter() {
+            let _ = writeln!(
+                out,
+                "stella_session_refusals_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
+    }
     Ok(out)
 }

@@ -125,6 +125,8 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
             agent_cert_validity: opts.agent_cert_validity,
         },
         shutdown: shutdown_rx.clone(),
+        receipt_refusals: Default::default(),
+        session_refusals: Default::default(),
         keys,
     });
 

@@ -61,6 +61,7 @@ impl AgentSession for AgentSessionService {
             .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
         let agent_id = stella_pki::agent_id_from_cert(leaf, &self.state.keys.trust_domain)
             .map_err(|e| {
+                self.state.count_session_refusal("bad_identity");
                 tracing::warn!(error = %e, "session refused: bad client certificate identity");
                 Status::unauthenticated(format!("client certificate refused: {e}"))
             })?;
@@ -68,10 +69,12 @@ impl AgentSession for AgentSessionService {
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .ok_or_else(|| {
+                self.state.count_session_refusal("unknown_agent");
                 tracing::warn!(agent_id, "session refused: unknown agent");
                 Status::permission_denied(format!("agent {agent_id} is not enrolled"))
             })?;
         if record.status == "revoked" {
+            self.state.count_session_refusal("revoked");
             tracing::warn!(agent_id, "session refused: agent revoked");
             return Err(Status::permission_denied(format!(
                 "agent {agent_id} is revoked"
@@ -81,6 +84,7 @@ impl AgentSession for AgentSessionService {
         // but cheap to check) must not open a session.
         let serial = x509_serial_hex(leaf);
         if serial.as_deref() != Some(record.cert_serial.as_str()) {
+            self.state.count_session_refusal("certificate_mismatch");
             tracing::warn!(
                 agent_id,
                 "session refused: certificate serial does not match enrollment"
@@ -89,12 +93,13 @@ impl AgentSession for AgentSessionService {
                 "client certificate is not the one issued to this agent",
             ));
         }
+        let leaf_der = leaf.to_vec();
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel::<Result<PlaneMessage, Status>>(64);
         let state = self.state.clone();
         tokio::spawn(async move {
             let agent_id_for_log = agent_id.clone();
-            if let Err(e) = run_session(state, agent_id, inbound, tx).await {
+            if let Err(e) = run_session(state, agent_id, leaf_der, inbound, tx).await {
                 tracing::info!(agent_id = %agent_id_for_log, reason = %e, "session ended");
             }
         });
@@ -140,6 +145,7 @@ async fn send(
 async fn run_session(
     state: SharedState,
     agent_id: String,
+    leaf_der: Vec<u8>,
     mut inbound: Streaming<AgentMessage>,
     tx: mpsc::Sender<Result<PlaneMessage, Status>>,
 ) -> Result<(), SessionEnd> {
@@ -163,12 +169,16 @@ async fn run_session(
     .await?;
     let registration = state.hub.register(&agent_id);
     tracing::info!(agent_id, version = %hello.agent_version, last_sequence = hello.last_sequence, in_flight = hello.in_flight_job_ids.len(), "agent connected");
+    let session = Session {
+        state: &state,
+        agent_id: &agent_id,
+        leaf_der: &leaf_der,
+        tx: &tx,
+    };
     let result = serve_session(
-        &state,
-        &agent_id,
+        &session,
         hello,
         &mut inbound,
-        &tx,
         registration.wake,
         registration.evicted,
     )
@@ -177,16 +187,23 @@ async fn run_session(
     result
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One established session: whose it is and how to answer it.
+struct Session<'a> {
+    state: &'a SharedState,
+    agent_id: &'a str,
+    /// The client certificate the session was opened with: receipts must verify against it.
+    leaf_der: &'a [u8],
+    tx: &'a mpsc::Sender<Result<PlaneMessage, Status>>,
+}
+
 async fn serve_session(
-    state: &SharedState,
-    agent_id: &str,
+    session: &Session<'_>,
     hello: stella_proto::Hello,
     inbound: &mut Streaming<AgentMessage>,
-    tx: &mpsc::Sender<Result<PlaneMessage, Status>>,
     wake: Arc<tokio::sync::Notify>,
     mut evicted: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<(), SessionEnd> {
+    let (state, agent_id, tx) = (session.state, session.agent_id, session.tx);
     let interval = state.config.heartbeat_interval;
     let targets = targets::list_for_agent(state, agent_id).await?;
     send(
@@ -221,7 +238,7 @@ async fn serve_session(
                     Ok(None) => return Err(SessionEnd::Closed),
                     Ok(Some(msg)) => msg?,
                 };
-                handle_message(state, agent_id, msg, tx).await?;
+                handle_message(session, msg).await?;
             }
             _ = wake.notified() => {
                 offer_pending(state, agent_id, tx, &mut offered).await?;
@@ -268,12 +285,8 @@ async fn offer_pending(
     Ok(())
 }
 
-async fn handle_message(
-    state: &SharedState,
-    agent_id: &str,
-    msg: AgentMessage,
-    tx: &mpsc::Sender<Result<PlaneMessage, Status>>,
-) -> Result<(), SessionEnd> {
+async fn handle_message(session: &Session<'_>, msg: AgentMessage) -> Result<(), SessionEnd> {
+    let (state, agent_id, tx) = (session.state, session.agent_id, session.tx);
     match msg.body {
         Some(AgentBody::Heartbeat(_)) => agents::record_heartbeat(state, agent_id).await?,
         Some(AgentBody::Accepted(a)) => {
@@ -292,10 +305,22 @@ async fn handle_message(
                     return Ok(());
                 }
             };
+            let receipt = match verify_receipt(session, &r, status) {
+                Ok(receipt) => receipt,
+                Err(why) => {
+                    // Not recorded and not acknowledged: the agent keeps it spooled, and an
+                    // operator sees why in the log and the metric.
+                    tracing::error!(agent_id, job_id = %r.job_id, reason = %why, "result refused: bad receipt");
+                    state
+                        .receipt_refusals
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(());
+                }
+            };
             if status == "refused" {
                 tracing::warn!(agent_id, job_id = %r.job_id, reason = %r.reason_code, message = %r.message, "agent refused job");
             }
-            let known = deployments::record_result(state, agent_id, status, &r).await?;
+            let known = deployments::record_result(state, agent_id, status, &r, &receipt).await?;
             if !known {
                 tracing::warn!(agent_id, job_id = %r.job_id, "result for a job this agent does not own; acknowledged and ignored");
             }
@@ -309,4 +334,33 @@ async fn handle_message(
         None => tracing::warn!(agent_id, "empty message ignored"),
     }
     Ok(())
+}
+
+/// Checks that a result carries a receipt signed with the session's certificate key and that the
+/// receipt attests exactly this result. Returns the receipt JSON to store.
+fn verify_receipt(
+    session: &Session<'_>,
+    r: &stella_proto::JobResult,
+    status: &str,
+) -> Result<String, String> {
+    let json =
+        String::from_utf8(r.receipt.clone()).map_err(|_| "receipt is not UTF-8".to_string())?;
+    if json.is_empty() {
+        return Err("result carries no receipt".to_string());
+    }
+    let envelope: stella_pki::Envelope =
+        serde_json::from_str(&json).map_err(|e| format!("receipt is not a DSSE envelope: {e}"))?;
+    let attested =
+        stella_pki::verify_receipt(session.leaf_der, &envelope).map_err(|e| e.to_string())?;
+    let expected_digest = stella_pki::result_digest(&r.message, &r.outcome_json);
+    let matches = attested.job_id == r.job_id
+        && attested.agent_id == session.agent_id
+        && attested.status == status
+        && attested.reason_code == r.reason_code
+        && attested.envelope_digest == r.envelope_digest
+        && attested.result_digest == expected_digest;
+    if !matches {
+        return Err("receipt does not attest this result".to_string());
+    }
+    Ok(json)
 }

@@ -25,6 +25,18 @@ pub struct AppState {
     pub config: PlaneConfig,
     /// Flips to true when the plane shuts down; sessions then drain their agents.
     pub shutdown: watch::Receiver<bool>,
+    /// Results refused because their receipt did not verify (since start).
+    pub receipt_refusals: std::sync::atomic::AtomicU64,
+    /// Agent sessions refused at their start, by reason (since start).
+    pub session_refusals: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
+}
+
+impl AppState {
+    pub fn count_session_refusal(&self, reason: &'static str) {
+        if let Ok(mut m) = self.session_refusals.lock() {
+            *m.entry(reason).or_default() += 1;
+        }
+    }
 }
 
 pub type SharedState = Arc<AppState>;

@@ -15,7 +15,16 @@ pub struct CreateJoinToken {
     pub ttl_secs: u64,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// How many agents may enroll with it (default 1: one-time).
+    #[serde(default = "one")]
+    pub max_uses: u32,
 }
+
+fn one() -> u32 {
+    1
+}
+
+pub const MAX_JOIN_TOKEN_USES: u32 = 10_000;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct JoinTokenCreated {
@@ -25,6 +34,76 @@ pub struct JoinTokenCreated {
     pub expires_at: String,
     pub ca_fingerprint: String,
     pub labels: BTreeMap<String, String>,
+    pub max_uses: u32,
+}
+
+/// A join token as listed: never its secret, which exists only as a hash.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct JoinTokenView {
+    pub id: String,
+    pub labels: BTreeMap<String, String>,
+    pub uses: i64,
+    pub max_uses: i64,
+    /// active, used, expired or revoked.
+    pub status: String,
+    pub expires_at: String,
+    pub created_at: String,
+    pub revoked_at: Option<String>,
+}
+
+pub async fn list_join_tokens(state: &AppState) -> ApiResult<Vec<JoinTokenView>> {
+    let rows: Vec<(String, String, i64, i64, i64, i64, Option<i64>)> = sqlx::query_as(
+        "SELECT id, labels, uses, max_uses, expires_at, created_at, revoked_at FROM join_tokens
+         ORDER BY created_at, id",
+    )
+    .fetch_all(&state.db)
+    .await?;
+    let now = now_ms();
+    Ok(rows
+        .into_iter()
+        .map(
+            |(id, labels, uses, max_uses, expires_at, created_at, revoked_at)| {
+                let status = if revoked_at.is_some() {
+                    "revoked"
+                } else if uses >= max_uses {
+                    "used"
+                } else if expires_at <= now {
+                    "expired"
+                } else {
+                    "active"
+                };
+                JoinTokenView {
+                    id,
+                    labels: serde_json::from_str(&labels).unwrap_or_default(),
+                    uses,
+                    max_uses,
+                    status: status.to_string(),
+                    expires_at: rfc3339(expires_at),
+                    created_at: rfc3339(created_at),
+                    revoked_at: revoked_at.map(rfc3339),
+                }
+            },
+        )
+        .collect())
+}
+
+/// Revokes a join token; revoking twice is not an error (idempotent).
+pub async fn revoke_join_token(state: &AppState, id: &str) -> ApiResult<JoinTokenView> {
+    let updated =
+        sqlx::query("UPDATE join_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
+            .bind(now_ms())
+            .bind(id)
+            .execute(&state.db)
+            .await?;
+    let token = list_join_tokens(state)
+        .await?
+        .into_iter()
+        .find(|t| t.id == id)
+        .ok_or_else(|| ApiError::NotFound(format!("join token {id:?} not found")))?;
+    if updated.rows_affected() == 1 {
+        tracing::info!(token_id = id, "join token revoked");
+    }
+    Ok(token)
 }
 
 pub fn validate_labels(labels: &BTreeMap<String, String>) -> ApiResult<()> {
@@ -58,6 +137,11 @@ pub async fn create_join_token(
         )));
     }
     validate_labels(&req.labels)?;
+    if req.max_uses == 0 || req.max_uses > MAX_JOIN_TOKEN_USES {
+        return Err(ApiError::BadRequest(format!(
+            "max uses must be between 1 and {MAX_JOIN_TOKEN_USES}"
+        )));
+    }
     let token = stella_pki::generate_join_token();
     let id = new_id("jt");
     let now = now_ms();
@@ -66,11 +150,12 @@ pub async fn create_join_token(
         serde_json::to_string(&req.labels).map_err(|e| ApiError::Internal(e.to_string()))?;
     sqlx::query(
         "INSERT INTO join_tokens (id, token_hash, labels, max_uses, uses, expires_at, created_at)
-         VALUES (?, ?, ?, 1, 0, ?, ?)",
+         VALUES (?, ?, ?, ?, 0, ?, ?)",
     )
     .bind(&id)
     .bind(stella_pki::hash_token(&token))
     .bind(&labels)
+    .bind(i64::from(req.max_uses))
     .bind(expires_at)
     .bind(now)
     .execute(&state.db)
@@ -82,6 +167,7 @@ pub async fn create_join_token(
         expires_at: rfc3339(expires_at),
         ca_fingerprint: state.keys.ca.fingerprint(),
         labels: req.labels,
+        max_uses: req.max_uses,
     })
 }
 

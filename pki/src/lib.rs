@@ -10,6 +10,7 @@ mod error;
 mod files;
 mod identity;
 mod job;
+mod receipt;
 mod tls;
 mod token;
 
@@ -28,6 +29,9 @@ pub use identity::{
 pub use job::{
     JOB_PAYLOAD_TYPE, JobComponent, JobKind, JobPayload, JobRefusal, JobTarget, JobVerifier,
     MAX_ENVELOPE_BYTES, envelope_digest, sign_job,
+};
+pub use receipt::{
+    RECEIPT_PAYLOAD_TYPE, ReceiptError, ReceiptPayload, result_digest, sign_receipt, verify_receipt,
 };
 pub use tls::{
     client_config_ca, client_config_mtls, client_config_pinned_fingerprint,
