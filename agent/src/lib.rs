@@ -8,5 +8,6 @@
 pub mod config;
 pub mod enroll;
 pub mod executors;
+pub mod identity;
 pub mod journal;
 pub mod runtime;

@@ -26,6 +26,7 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 use crate::config::{AgentConfig, DataDir, read_json, write_json};
 use crate::executors::{self, Executors};
+use crate::identity;
 use crate::journal::{Journal, JournalEntry, JournalStatus, StoredResult};
 
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
@@ -56,7 +57,8 @@ struct Shared {
     /// Held while a job executes, so shutdown can wait for the current step to finish.
     busy: tokio::sync::Mutex<()>,
     running: Mutex<HashSet<String>>,
-    receipts: ReceiptSigner,
+    /// Swapped when the certificate is renewed.
+    receipts: Mutex<ReceiptSigner>,
 }
 
 fn now_ms() -> i64 {
@@ -135,8 +137,7 @@ pub async fn run_with_executors(
     stella_pki::install_crypto_provider();
     let config = dir.load_config()?;
     let trusted = dir.load_trust()?;
-    let cert_pem = dir.read_text(&dir.cert_file())?;
-    let key_pem = dir.read_text(&dir.key_file())?;
+    let ident = identity::load(&dir)?;
     let ca_pem = dir.read_text(&dir.ca_file())?;
     let journal =
         Journal::open(dir.journal_dir(), dir.spool_dir()).context("opening the job journal")?;
@@ -164,11 +165,11 @@ pub async fn run_with_executors(
         work: work_tx,
         busy: tokio::sync::Mutex::new(()),
         running: Mutex::new(HashSet::new()),
-        receipts: ReceiptSigner {
+        receipts: Mutex::new(ReceiptSigner {
             agent_id: receipt_agent_id,
-            key_pem: key_pem.clone(),
-            cert_der: stella_pki::cert_der_from_pem(&cert_pem)?,
-        },
+            key_pem: ident.key_pem.clone(),
+            cert_der: ident.cert_der.clone(),
+        }),
     });
     tracing::info!(agent_id = %shared.config.agent_id, endpoint = %shared.config.agent_endpoint,
         capabilities = ?shared.verifier.capabilities, "agent starting");
@@ -195,20 +196,22 @@ pub async fn run_with_executors(
     }
     let worker = tokio::spawn(worker(shared.clone(), work_rx));
 
-    let identity = Identity::from_pem(cert_pem, key_pem);
-    let ca = Certificate::from_pem(ca_pem);
     tokio::pin!(shutdown);
     let mut attempt: u32 = 0;
     loop {
         let outcome = tokio::select! {
             _ = &mut shutdown => break,
-            o = session(&shared, identity.clone(), ca.clone(), &mut uplink_rx) => o,
+            o = connect_and_serve(&shared, &ca_pem, &mut uplink_rx) => o,
         };
         let delay = match outcome {
             Ok(SessionEnd::Drained(delay)) => {
                 attempt = 0;
                 tracing::info!(?delay, "plane asked us to reconnect later");
                 delay + jitter(Duration::from_millis(500))
+            }
+            Ok(SessionEnd::Renewed) => {
+                attempt = 0;
+                Duration::ZERO
             }
             Ok(SessionEnd::Refused(why)) => {
                 tracing::error!(reason = %why, "the control plane refuses this agent; if it was revoked, enroll again with a new join token");
@@ -260,6 +263,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 enum SessionEnd {
     Drained(Duration),
+    /// A renewed certificate was installed: reconnect now so the plane sees it in use.
+    Renewed,
     /// The plane refuses this identity (revoked, unknown): retrying fast cannot help.
     Refused(String),
     Closed {
@@ -267,12 +272,51 @@ enum SessionEnd {
     },
 }
 
+fn unix_now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// Loads the current identity (renewing it first if it expired while the agent was away) and
+/// serves one session with it.
+async fn connect_and_serve(
+    shared: &Arc<Shared>,
+    ca_pem: &str,
+    uplink_rx: &mut mpsc::UnboundedReceiver<AgentMessage>,
+) -> anyhow::Result<SessionEnd> {
+    let mut ident = identity::load(&shared.dir)?;
+    if ident.expired(unix_now()) {
+        tracing::warn!(
+            "the agent certificate expired while offline; renewing with the previous key"
+        );
+        let cfg = &shared.config;
+        identity::renew_offline(
+            &shared.dir,
+            &cfg.agent_id,
+            &cfg.trust_domain,
+            &cfg.api_url,
+            ca_pem,
+            &ident,
+        )
+        .await?;
+        ident = identity::load(&shared.dir)?;
+        use_identity(shared, &ident);
+    }
+    session(shared, &ident, Certificate::from_pem(ca_pem), uplink_rx).await
+}
+
+fn use_identity(shared: &Shared, ident: &identity::AgentIdentity) {
+    let mut signer = lock(&shared.receipts);
+    signer.key_pem = ident.key_pem.clone();
+    signer.cert_der = ident.cert_der.clone();
+}
+
 async fn session(
     shared: &Arc<Shared>,
-    identity: Identity,
+    ident: &identity::AgentIdentity,
     ca: Certificate,
     uplink_rx: &mut mpsc::UnboundedReceiver<AgentMessage>,
 ) -> anyhow::Result<SessionEnd> {
+    let identity = Identity::from_pem(&ident.cert_pem, &ident.key_pem);
     let endpoint_url = shared.config.agent_endpoint.clone();
     let host = endpoint_url
         .trim_start_matches("https://")
@@ -359,6 +403,11 @@ async fn session(
     heartbeat.tick().await;
     let mut inventory = tokio::time::interval(INVENTORY_INTERVAL);
     inventory.tick().await;
+    // Check often enough for short-lived certificates, rarely for long ones.
+    let life = (ident.not_after - ident.not_before).max(1) as u64;
+    let mut renewal_check =
+        tokio::time::interval(Duration::from_millis((life * 1000 / 20).clamp(200, 60_000)));
+    let mut renewal_pending = false;
     loop {
         tokio::select! {
             incoming = inbound.message() => {
@@ -375,6 +424,24 @@ async fn session(
                     Some(PlaneBody::Drain(d)) => {
                         return Ok(SessionEnd::Drained(Duration::from_millis(u64::from(d.reconnect_after_ms))));
                     }
+                    Some(PlaneBody::Renewed(r)) => {
+                        renewal_pending = false;
+                        if !r.error.is_empty() {
+                            tracing::warn!(error = %r.error, "the plane refused to renew the certificate; will retry");
+                            continue;
+                        }
+                        let cfg = &shared.config;
+                        match identity::install_renewed(&shared.dir, &cfg.agent_id, &cfg.trust_domain, &r.cert_pem)
+                            .and_then(|()| identity::load(&shared.dir))
+                        {
+                            Ok(new_ident) => {
+                                use_identity(shared, &new_ident);
+                                tracing::info!(not_after = new_ident.not_after, "certificate renewed in-band");
+                                return Ok(SessionEnd::Renewed);
+                            }
+                            Err(e) => tracing::error!(error = %format!("{e:#}"), "cannot install the renewed certificate; will retry"),
+                        }
+                    }
                     Some(PlaneBody::Welcome(_)) | None => {}
                 }
             }
@@ -383,6 +450,12 @@ async fn session(
                 out_tx.send(msg(AgentBody::Heartbeat(Heartbeat { sent_at_unix_ms: now_ms() }))).await?;
             }
             _ = inventory.tick() => out_tx.send(inventory_message(shared, None).await).await?,
+            _ = renewal_check.tick(), if !renewal_pending && ident.renewal_due(unix_now()) => {
+                let csr_pem = identity::stage_new_key(&shared.dir, &shared.config.agent_id)?;
+                renewal_pending = true;
+                tracing::info!("certificate past two thirds of its life; renewing in-band");
+                out_tx.send(msg(AgentBody::Renew(stella_proto::RenewRequest { csr_pem }))).await?;
+            }
         }
     }
 }
@@ -512,7 +585,7 @@ async fn send_refusal(
     mut result: StoredResult,
     out: &mpsc::Sender<AgentMessage>,
 ) -> anyhow::Result<()> {
-    shared.receipts.sign(&mut result);
+    lock(&shared.receipts).sign(&mut result);
     tracing::warn!(job_id = %result.job_id, reason = %result.reason_code, message = %result.message, "job refused; nothing executed");
     if Journal::can_spool(&result.job_id)
         && let Err(e) = lock(&shared.journal).finish(result.clone())
@@ -549,7 +622,7 @@ async fn worker(shared: Arc<Shared>, mut work: mpsc::UnboundedReceiver<WorkItem>
             let _busy = shared.busy.lock().await;
             execute(&shared, &item).await
         };
-        shared.receipts.sign(&mut result);
+        lock(&shared.receipts).sign(&mut result);
         lock(&shared.running).remove(&job_id);
         if let Err(e) = lock(&shared.journal).finish(result.clone()) {
             // The result still goes out; only its durability across a crash is lost, and a

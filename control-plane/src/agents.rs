@@ -161,6 +161,14 @@ pub async fn enroll(state: &AppState, req: EnrollRequest) -> ApiResult<EnrollRes
     .bind(now)
     .execute(&mut *tx)
     .await?;
+    record_certificate(
+        &mut *tx,
+        &agent_id,
+        &issued.cert_pem,
+        &issued.serial_hex,
+        not_after_ms,
+    )
+    .await?;
     tx.commit().await?;
     tracing::info!(agent_id = %agent_id, name = %req.name, "agent enrolled");
 
@@ -201,11 +209,12 @@ pub struct AgentRecord {
     pub name: String,
     pub status: String,
     pub cert_serial: String,
+    pub previous_cert_serial: String,
     pub capabilities: Vec<String>,
 }
 
 const AGENT_COLUMNS: &str = "id, name, hostname, labels, capabilities, version, cert_serial, \
-     cert_not_after, status, last_heartbeat, enrolled_at";
+     previous_cert_serial, cert_not_after, status, last_heartbeat, enrolled_at";
 
 fn view_from_row(state: &AppState, row: &sqlx::sqlite::SqliteRow) -> AgentView {
     let id: String = row.get("id");
@@ -281,6 +290,7 @@ fn record_from_row(row: &sqlx::sqlite::SqliteRow) -> AgentRecord {
         name: row.get("name"),
         status: row.get("status"),
         cert_serial: row.get("cert_serial"),
+        previous_cert_serial: row.get("previous_cert_serial"),
         capabilities: serde_json::from_str(row.get::<&str, _>("capabilities")).unwrap_or_default(),
     }
 }
@@ -372,4 +382,192 @@ pub async fn revoke(state: &AppState, id_or_name: &str, req: RevokeAgent) -> Api
     // Cut the live session whether or not this call changed anything (a retry must also cut).
     state.hub.evict(&agent.id);
     view(state, &agent.id).await
+}
+
+/// Remembers an issued certificate (receipts name it by fingerprint).
+async fn record_certificate<'e, E>(
+    db: E,
+    agent_id: &str,
+    cert_pem: &str,
+    serial: &str,
+    not_after_ms: i64,
+) -> ApiResult<()>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
+{
+    let der = stella_pki::cert_der_from_pem(cert_pem)?;
+    sqlx::query(
+        "INSERT INTO agent_certificates (fingerprint, agent_id, serial, cert_pem, not_after, issued_at)
+         VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (fingerprint) DO NOTHING",
+    )
+    .bind(stella_pki::fingerprint_der(&der))
+    .bind(agent_id)
+    .bind(serial)
+    .bind(cert_pem)
+    .bind(not_after_ms)
+    .bind(now_ms())
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// The certificate (DER) an agent was issued with this fingerprint, and its expiry (unix ms).
+pub async fn certificate_by_fingerprint(
+    state: &AppState,
+    agent_id: &str,
+    fingerprint: &str,
+) -> ApiResult<Option<(Vec<u8>, i64)>> {
+    let row: Option<(String, i64)> = sqlx::query_as(
+        "SELECT cert_pem, not_after FROM agent_certificates WHERE agent_id = ? AND fingerprint = ?",
+    )
+    .bind(agent_id)
+    .bind(fingerprint)
+    .fetch_optional(&state.db)
+    .await?;
+    match row {
+        Some((pem, not_after)) => Ok(Some((stella_pki::cert_der_from_pem(&pem)?, not_after))),
+        None => Ok(None),
+    }
+}
+
+/// Issues a new certificate for an agent's new key. The previous serial stays valid until the
+/// agent opens a session with the new one, so a crash between issue and install locks nobody out.
+pub async fn renew_certificate(
+    state: &AppState,
+    agent_id: &str,
+    presented_serial: &str,
+    csr_pem: &str,
+) -> ApiResult<String> {
+    let record = get_record(state, agent_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("agent {agent_id:?} not found")))?;
+    if record.status == "revoked" {
+        return Err(ApiError::Forbidden(format!("agent {agent_id} is revoked")));
+    }
+    let issued = state
+        .keys
+        .ca
+        .sign_agent_csr(
+            csr_pem,
+            &state.keys.trust_domain,
+            agent_id,
+            state.config.agent_cert_validity,
+        )
+        .map_err(|e| ApiError::BadRequest(format!("certificate signing request refused: {e}")))?;
+    let not_after_ms = (issued.not_after.unix_timestamp_nanos() / 1_000_000) as i64;
+    // Keep valid the certificate the agent actually holds: if it never installed the last
+    // renewal (it presented the previous serial), that previous one must stay the fallback.
+    sqlx::query(
+        "UPDATE agents SET previous_cert_serial = CASE WHEN cert_serial = ? THEN cert_serial
+                ELSE previous_cert_serial END,
+            cert_serial = ?, cert_not_after = ?, cert_pem = ? WHERE id = ? AND status != 'revoked'",
+    )
+    .bind(presented_serial)
+    .bind(&issued.serial_hex)
+    .bind(not_after_ms)
+    .bind(&issued.cert_pem)
+    .bind(agent_id)
+    .execute(&state.db)
+    .await?;
+    record_certificate(
+        &state.db,
+        agent_id,
+        &issued.cert_pem,
+        &issued.serial_hex,
+        not_after_ms,
+    )
+    .await?;
+    tracing::info!(agent_id, not_after = %rfc3339(not_after_ms), "agent certificate renewed");
+    Ok(issued.cert_pem)
+}
+
+/// The session presented the current certificate: the previous one is no longer needed.
+pub async fn retire_previous_certificate(state: &AppState, agent_id: &str) -> ApiResult<()> {
+    sqlx::query(
+        "UPDATE agents SET previous_cert_serial = '' WHERE id = ? AND previous_cert_serial != ''",
+    )
+    .bind(agent_id)
+    .execute(&state.db)
+    .await?;
+    Ok(())
+}
+
+#[derive(Debug, Deserialize)]
+pub struct OfflineRenewRequest {
+    pub agent_id: String,
+    /// The agent's last certificate (expired or not).
+    pub cert_pem: String,
+    pub csr_pem: String,
+    pub timestamp_unix_ms: i64,
+    /// Base64 signature by the previous key over `renewal_proof_message`.
+    pub proof: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct OfflineRenewResponse {
+    pub cert_pem: String,
+}
+
+/// Renewal for an agent whose certificate expired while it was offline: it proves possession
+/// of its previous key; accepted within the grace period unless the agent was revoked.
+pub async fn renew_offline(
+    state: &AppState,
+    req: OfflineRenewRequest,
+) -> ApiResult<OfflineRenewResponse> {
+    use base64::Engine;
+    let refuse = |why: &str| ApiError::Unauthorized(format!("renewal refused: {why}"));
+    let der = stella_pki::cert_der_from_pem(&req.cert_pem)
+        .map_err(|_| refuse("the certificate cannot be parsed"))?;
+    state
+        .keys
+        .ca
+        .verify_issued(&der)
+        .map_err(|_| refuse("the certificate was not issued by this plane's CA"))?;
+    let id = stella_pki::agent_id_from_cert(&der, &state.keys.trust_domain)
+        .map_err(|e| refuse(&e.to_string()))?;
+    if id != req.agent_id {
+        return Err(refuse("the certificate belongs to another agent"));
+    }
+    let skew = (now_ms() - req.timestamp_unix_ms).abs();
+    if skew > 5 * 60 * 1000 {
+        return Err(refuse("the proof's timestamp is more than 5 minutes off"));
+    }
+    let proof = base64::engine::general_purpose::STANDARD
+        .decode(&req.proof)
+        .map_err(|_| refuse("the proof is not base64"))?;
+    stella_pki::verify_with_cert(
+        &der,
+        &stella_pki::renewal_proof_message(&req.agent_id, &req.csr_pem, req.timestamp_unix_ms),
+        &proof,
+    )
+    .map_err(|_| refuse("the proof does not verify with the certificate's key"))?;
+    let row: Option<(String, String, String)> =
+        sqlx::query_as("SELECT status, cert_serial, previous_cert_serial FROM agents WHERE id = ?")
+            .bind(&req.agent_id)
+            .fetch_optional(&state.db)
+            .await?;
+    let Some((status, serial, previous)) = row else {
+        return Err(refuse("unknown agent"));
+    };
+    if status == "revoked" {
+        return Err(ApiError::Forbidden(format!(
+            "agent {} is revoked; enroll again with a new join token",
+            req.agent_id
+        )));
+    }
+    let presented = stella_pki::cert_serial_hex(&der).map_err(|_| refuse("no serial"))?;
+    if presented != serial && (previous.is_empty() || presented != previous) {
+        return Err(refuse("the certificate is not this agent's current one"));
+    }
+    let (_, not_after) = stella_pki::cert_validity(&der).ok_or_else(|| refuse("no validity"))?;
+    let grace_ms = state.config.renewal_grace.as_millis() as i64;
+    if now_ms() > not_after * 1000 + grace_ms {
+        return Err(ApiError::Forbidden(format!(
+            "the certificate expired at {}, more than the {}-day grace period ago; enroll again with a new join token",
+            rfc3339(not_after * 1000),
+            state.config.renewal_grace.as_secs() / 86400
+        )));
+    }
+    let cert_pem = renew_certificate(state, &req.agent_id, &presented, &req.csr_pem).await?;
+    Ok(OfflineRenewResponse { cert_pem })
 }

@@ -17,6 +17,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(get_metrics))
         .route("/v1/enroll", post(enroll))
+        .route("/v1/renew", post(renew))
         .route("/v1/tokens", post(create_token).get(list_tokens))
         .route("/v1/tokens/{id}/revoke", post(revoke_token))
         .route("/v1/agents", get(list_agents))
@@ -84,6 +85,13 @@ async fn enroll(
         StatusCode::CREATED,
         Json(agents::enroll(&state, req).await?),
     ))
+}
+
+async fn renew(
+    State(state): State<SharedState>,
+    Body(req): Body<agents::OfflineRenewRequest>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(agents::renew_offline(&state, req).await?))
 }
 
 async fn create_token(

@@ -131,9 +131,12 @@ pub struct PlaneListenArgs {
     /// How long a signed job stays valid (its not-after).
     #[arg(long, default_value = "1h", value_parser = duration::parse)]
     pub job_ttl: Duration,
-    /// Lifetime of agent certificates issued at enrollment.
-    #[arg(long, default_value = "30d", value_parser = duration::parse)]
+    /// Lifetime of agent certificates; agents renew in-band at about two thirds of it.
+    #[arg(long, default_value = "24h", value_parser = duration::parse)]
     pub agent_cert_ttl: Duration,
+    /// How long after expiry an agent that was offline may still renew with its old key.
+    #[arg(long, default_value = "30d", value_parser = duration::parse)]
+    pub renewal_grace: Duration,
 }
 
 impl PlaneListenArgs {
@@ -148,6 +151,7 @@ impl PlaneListenArgs {
             heartbeat_interval: self.heartbeat_interval,
             job_ttl: self.job_ttl,
             agent_cert_validity: self.agent_cert_ttl,
+            renewal_grace: self.renewal_grace,
         }
     }
 }

@@ -39,6 +39,7 @@ pub struct ServeOptions {
     pub heartbeat_interval: Duration,
     pub job_ttl: Duration,
     pub agent_cert_validity: Duration,
+    pub renewal_grace: Duration,
 }
 
 pub struct RunningPlane {
@@ -123,6 +124,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
             heartbeat_interval: opts.heartbeat_interval,
             job_ttl: opts.job_ttl,
             agent_cert_validity: opts.agent_cert_validity,
+            renewal_grace: opts.renewal_grace,
         },
         shutdown: shutdown_rx.clone(),
         receipt_refusals: Default::default(),

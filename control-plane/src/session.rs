@@ -15,7 +15,8 @@ use stella_proto::agent_message::Body as AgentBody;
 use stella_proto::agent_session_server::AgentSession;
 use stella_proto::plane_message::Body as PlaneBody;
 use stella_proto::{
-    AgentMessage, Drain, JobOffer, JobStatus, PlaneMessage, ResultAck, TargetInfo, Welcome,
+    AgentMessage, Drain, JobOffer, JobStatus, PlaneMessage, RenewResponse, ResultAck, TargetInfo,
+    Welcome,
 };
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -83,7 +84,15 @@ impl AgentSession for AgentSessionService {
         // A certificate of a former enrollment of the same id (not possible with random ids,
         // but cheap to check) must not open a session.
         let serial = x509_serial_hex(leaf);
-        if serial.as_deref() != Some(record.cert_serial.as_str()) {
+        let current = serial.as_deref() == Some(record.cert_serial.as_str());
+        let previous = !record.previous_cert_serial.is_empty()
+            && serial.as_deref() == Some(record.previous_cert_serial.as_str());
+        if current && !record.previous_cert_serial.is_empty() {
+            agents::retire_previous_certificate(&self.state, &agent_id)
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+        }
+        if !current && !previous {
             self.state.count_session_refusal("certificate_mismatch");
             tracing::warn!(
                 agent_id,
@@ -305,7 +314,7 @@ async fn handle_message(session: &Session<'_>, msg: AgentMessage) -> Result<(), 
                     return Ok(());
                 }
             };
-            let receipt = match verify_receipt(session, &r, status) {
+            let receipt = match verify_receipt(session, &r, status).await {
                 Ok(receipt) => receipt,
                 Err(why) => {
                     // Not recorded and not acknowledged: the agent keeps it spooled, and an
@@ -330,15 +339,34 @@ async fn handle_message(session: &Session<'_>, msg: AgentMessage) -> Result<(), 
         Some(AgentBody::Inventory(report)) => {
             targets::record_inventory(state, agent_id, &report).await?
         }
+        Some(AgentBody::Renew(req)) => {
+            let presented = x509_serial_hex(session.leaf_der).unwrap_or_default();
+            let response =
+                match agents::renew_certificate(state, agent_id, &presented, &req.csr_pem).await {
+                    Ok(cert_pem) => RenewResponse {
+                        cert_pem,
+                        error: String::new(),
+                    },
+                    Err(e) => {
+                        tracing::warn!(agent_id, error = %e, "in-band renewal refused");
+                        RenewResponse {
+                            cert_pem: String::new(),
+                            error: e.to_string(),
+                        }
+                    }
+                };
+            send(tx, PlaneBody::Renewed(response)).await?;
+        }
         Some(AgentBody::Hello(_)) => tracing::warn!(agent_id, "second hello on a session ignored"),
         None => tracing::warn!(agent_id, "empty message ignored"),
     }
     Ok(())
 }
 
-/// Checks that a result carries a receipt signed with the session's certificate key and that the
-/// receipt attests exactly this result. Returns the receipt JSON to store.
-fn verify_receipt(
+/// Checks that a result carries a receipt signed with the key of one of the certificates this
+/// agent was issued (results spooled before a renewal are signed under the previous one), and
+/// that the receipt attests exactly this result. Returns the receipt JSON to store.
+async fn verify_receipt(
     session: &Session<'_>,
     r: &stella_proto::JobResult,
     status: &str,
@@ -350,8 +378,25 @@ fn verify_receipt(
     }
     let envelope: stella_pki::Envelope =
         serde_json::from_str(&json).map_err(|e| format!("receipt is not a DSSE envelope: {e}"))?;
-    let attested =
-        stella_pki::verify_receipt(session.leaf_der, &envelope).map_err(|e| e.to_string())?;
+    let keyid = envelope
+        .signatures
+        .first()
+        .map(|s| s.keyid.clone())
+        .ok_or_else(|| "receipt has no signature".to_string())?;
+    let (cert_der, not_after_ms) = if keyid == stella_pki::fingerprint_der(session.leaf_der) {
+        (session.leaf_der.to_vec(), i64::MAX)
+    } else {
+        agents::certificate_by_fingerprint(session.state, session.agent_id, &keyid)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| {
+                format!("receipt is signed by {keyid}, which is no certificate of this agent")
+            })?
+    };
+    let attested = stella_pki::verify_receipt(&cert_der, &envelope).map_err(|e| e.to_string())?;
+    if attested.finished_at_unix_ms > not_after_ms {
+        return Err("receipt claims a time after its certificate expired".to_string());
+    }
     let expected_digest = stella_pki::result_digest(&r.message, &r.outcome_json);
     let matches = attested.job_id == r.job_id
         && attested.agent_id == session.agent_id

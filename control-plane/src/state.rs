@@ -16,6 +16,8 @@ pub struct PlaneConfig {
     pub heartbeat_interval: Duration,
     pub job_ttl: Duration,
     pub agent_cert_validity: Duration,
+    /// How long after expiry an agent may still renew by proving possession of its old key.
+    pub renewal_grace: Duration,
 }
 
 pub struct AppState {

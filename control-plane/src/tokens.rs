@@ -51,8 +51,11 @@ pub struct JoinTokenView {
     pub revoked_at: Option<String>,
 }
 
+/// id, labels, uses, max_uses, expires_at, created_at, revoked_at
+type JoinTokenRow = (String, String, i64, i64, i64, i64, Option<i64>);
+
 pub async fn list_join_tokens(state: &AppState) -> ApiResult<Vec<JoinTokenView>> {
-    let rows: Vec<(String, String, i64, i64, i64, i64, Option<i64>)> = sqlx::query_as(
+    let rows: Vec<JoinTokenRow> = sqlx::query_as(
         "SELECT id, labels, uses, max_uses, expires_at, created_at, revoked_at FROM join_tokens
          ORDER BY created_at, id",
     )

@@ -92,7 +92,10 @@ fn validity_window(validity: Duration) -> Result<(OffsetDateTime, OffsetDateTime
         .checked_add(validity)
         .filter(|t| t.year() <= 9999)
         .ok_or_else(|| PkiError::InvalidValidity(format!("{validity} is too long")))?;
-    Ok((now - BACKDATE, not_after))
+    // Backdating absorbs clock skew; for very short lifetimes (tests, aggressive settings) it is
+    // capped at a tenth of the validity so that "two thirds of the life" stays meaningful.
+    let backdate = BACKDATE.min(validity / 10);
+    Ok((now - backdate, not_after))
 }
 
 /// Random positive 128-bit serial; the first byte is kept non-zero so the DER integer, and so
@@ -163,6 +166,18 @@ impl CertificateAuthority {
 
     pub fn cert_der(&self) -> &[u8] {
         &self.cert_der
+    }
+
+    /// Checks that `cert_der` was signed by this CA. Validity dates are deliberately not checked:
+    /// renewal after expiry (within a grace period the caller enforces) needs exactly this.
+    pub fn verify_issued(&self, cert_der: &[u8]) -> Result<(), PkiError> {
+        use x509_parser::prelude::FromDer;
+        let (_, ca) = x509_parser::certificate::X509Certificate::from_der(&self.cert_der)
+            .map_err(|e| PkiError::CertParse(e.to_string()))?;
+        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(cert_der)
+            .map_err(|e| PkiError::CertParse(e.to_string()))?;
+        cert.verify_signature(Some(ca.public_key()))
+            .map_err(|_| PkiError::CertParse("certificate was not issued by this CA".to_string()))
     }
 
     /// PKCS#8 PEM of the CA key; store it with [`crate::write_secret_file`].
@@ -342,6 +357,19 @@ mod tests {
         let (_, ca_cert) = x509_parser::parse_x509_certificate(ca.cert_der()).unwrap();
         assert!(leaf.verify_signature(Some(ca_cert.public_key())).is_ok());
         assert_eq!(leaf.issuer(), ca_cert.subject());
+    }
+
+    #[test]
+    fn verify_issued_tells_own_certificates_from_others() {
+        let a = CertificateAuthority::generate("A").unwrap();
+        let b = CertificateAuthority::generate("B").unwrap();
+        let (_, csr) = crate::generate_key_and_csr("x").unwrap();
+        let cert = a
+            .sign_agent_csr(&csr, "stella.local", "agt_x", DAY)
+            .unwrap();
+        let der = crate::cert_der_from_pem(&cert.cert_pem).unwrap();
+        assert!(a.verify_issued(&der).is_ok());
+        assert!(b.verify_issued(&der).is_err());
     }
 
     #[test]

@@ -11,6 +11,7 @@ mod files;
 mod identity;
 mod job;
 mod receipt;
+mod renewal;
 mod tls;
 mod token;
 
@@ -31,8 +32,10 @@ pub use job::{
     MAX_ENVELOPE_BYTES, envelope_digest, sign_job,
 };
 pub use receipt::{
-    RECEIPT_PAYLOAD_TYPE, ReceiptError, ReceiptPayload, result_digest, sign_receipt, verify_receipt,
+    RECEIPT_PAYLOAD_TYPE, ReceiptError, ReceiptPayload, result_digest, sign_receipt,
+    sign_with_agent_key, verify_receipt, verify_with_cert,
 };
+pub use renewal::{cert_matches_key, cert_validity, renewal_proof_message};
 pub use tls::{
     client_config_ca, client_config_mtls, client_config_pinned_fingerprint,
     install_crypto_provider, parse_fingerprint, private_key_from_pem, server_config,

@@ -12,6 +12,28 @@ use x509_parser::prelude::FromDer;
 use crate::dsse::{Envelope, Signature, pae};
 use crate::identity::fingerprint_der;
 
+/// Signs `message` with an agent's ECDSA P-256 private key (ASN.1 DER signature).
+pub fn sign_with_agent_key(agent_key_pem: &str, message: &[u8]) -> Result<Vec<u8>, ReceiptError> {
+    let key =
+        rcgen::KeyPair::from_pem(agent_key_pem).map_err(|e| ReceiptError::Key(e.to_string()))?;
+    key.sign(message)
+        .map_err(|e| ReceiptError::Key(e.to_string()))
+}
+
+/// Verifies an ECDSA P-256 signature made with the key of the given certificate.
+pub fn verify_with_cert(
+    cert_der: &[u8],
+    message: &[u8],
+    signature: &[u8],
+) -> Result<(), ReceiptError> {
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(cert_der)
+        .map_err(|e| ReceiptError::Malformed(format!("certificate: {e}")))?;
+    let public_key = &cert.tbs_certificate.subject_pki.subject_public_key.data;
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, public_key)
+        .verify(message, signature)
+        .map_err(|_| ReceiptError::BadSignature)
+}
+
 pub const RECEIPT_PAYLOAD_TYPE: &str = "application/vnd.stella.receipt.v1+json";
 
 /// What an agent attests about one job.
@@ -100,12 +122,11 @@ pub fn verify_receipt(
     let sig_bytes = B64
         .decode(&sig.sig)
         .map_err(|e| ReceiptError::Malformed(format!("signature: {e}")))?;
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(agent_cert_der)
-        .map_err(|e| ReceiptError::Malformed(format!("certificate: {e}")))?;
-    let public_key = &cert.tbs_certificate.subject_pki.subject_public_key.data;
-    ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, public_key)
-        .verify(&pae(RECEIPT_PAYLOAD_TYPE, &body), &sig_bytes)
-        .map_err(|_| ReceiptError::BadSignature)?;
+    verify_with_cert(
+        agent_cert_der,
+        &pae(RECEIPT_PAYLOAD_TYPE, &body),
+        &sig_bytes,
+    )?;
     serde_json::from_slice(&body).map_err(|e| ReceiptError::Malformed(e.to_string()))
 }
 

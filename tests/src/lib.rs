@@ -89,6 +89,8 @@ pub struct Plane {
     pub dir: PathBuf,
     pub api_port: u16,
     pub agent_port: u16,
+    /// Extra `stella serve` flags (e.g. short certificate lifetimes).
+    pub extra_args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -98,10 +100,15 @@ impl Plane {
     }
 
     pub fn start_on(dir: &Path, api_port: u16, agent_port: u16) -> Plane {
+        Self::start_with(dir, api_port, agent_port, &[])
+    }
+
+    pub fn start_with(dir: &Path, api_port: u16, agent_port: u16, extra: &[&str]) -> Plane {
         let mut plane = Plane {
             dir: dir.to_path_buf(),
             api_port,
             agent_port,
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
         };
         plane.restart();
@@ -117,6 +124,7 @@ impl Plane {
             .args(["--api-listen", &format!("127.0.0.1:{}", self.api_port)])
             .args(["--agent-listen", &format!("127.0.0.1:{}", self.agent_port)])
             .args(["--heartbeat-interval", "1s"])
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
@@ -287,6 +295,16 @@ pub fn enroll_cmd(
 impl Agent {
     /// Enrolls a new agent with a fresh join token and starts it.
     pub fn enroll_and_start(plane: &Plane, dir: &Path, name: &str) -> Agent {
+        let mut agent = Self::enroll(plane, dir, name);
+        agent.start();
+        wait_until(Duration::from_secs(30), "the agent to connect", || {
+            (plane.agent_status(&agent.id) == "connected").then_some(())
+        });
+        agent
+    }
+
+    /// Enrolls a new agent with a fresh join token without starting it.
+    pub fn enroll(plane: &Plane, dir: &Path, name: &str) -> Agent {
         let (token, fp) = plane.join_token();
         let out = enroll_cmd(dir, &plane.api_url(), &token, &fp, name);
         assert!(
@@ -298,16 +316,11 @@ impl Agent {
         let config: Value =
             serde_json::from_slice(&std::fs::read(dir.join("agent.json")).expect("agent.json"))
                 .expect("agent.json is JSON");
-        let mut agent = Agent {
+        Agent {
             dir: dir.to_path_buf(),
             id: config["agent_id"].as_str().expect("agent id").to_string(),
             child: None,
-        };
-        agent.start();
-        wait_until(Duration::from_secs(30), "the agent to connect", || {
-            (plane.agent_status(&agent.id) == "connected").then_some(())
-        });
-        agent
+        }
     }
 
     pub fn start(&mut self) {
