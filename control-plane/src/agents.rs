@@ -62,6 +62,24 @@ pub fn validate_name(kind: &str, name: &str) -> ApiResult<()> {
 
 pub use validate_name as validate_resource_name;
 
+/// Metric label for a refused enrollment.
+pub fn enrollment_refusal_reason(e: &ApiError) -> &'static str {
+    let text = e.to_string();
+    if text.contains("already been used") {
+        "token_used"
+    } else if text.contains("expired") {
+        "token_expired"
+    } else if text.contains("revoked") {
+        "token_revoked"
+    } else if text.contains("certificate signing request") {
+        "bad_csr"
+    } else if matches!(e, ApiError::BadRequest(_)) {
+        "bad_request"
+    } else {
+        "token_invalid"
+    }
+}
+
 pub async fn enroll(state: &AppState, req: EnrollRequest) -> ApiResult<EnrollResponse> {
     validate_name("agent", &req.name)?;
     validate_labels(&req.labels)?;

@@ -77,14 +77,37 @@ async fn get_metrics(State(state): State<SharedState>) -> ApiResult<impl IntoRes
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body))
 }
 
+/// The TCP peer of an API connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub std::net::IpAddr);
+
 async fn enroll(
     State(state): State<SharedState>,
+    client: Option<axum::Extension<ClientAddr>>,
     Body(req): Body<agents::EnrollRequest>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok((
-        StatusCode::CREATED,
-        Json(agents::enroll(&state, req).await?),
-    ))
+    let ip = client.map(|c| c.0.0);
+    let now = crate::store::now_ms();
+    if let Some(ip) = ip
+        && let Some(wait) = state.enrollment_limiter.blocked_for(ip, now)
+    {
+        state.count_enrollment_refusal("rate_limited");
+        return Err(ApiError::TooManyRequests(format!(
+            "too many failed enrollment attempts from {ip}; retry in {wait}s"
+        )));
+    }
+    match agents::enroll(&state, req).await {
+        Ok(answer) => Ok((StatusCode::CREATED, Json(answer))),
+        Err(e) => {
+            if let ApiError::Unauthorized(_) | ApiError::BadRequest(_) = &e {
+                if let Some(ip) = ip {
+                    state.enrollment_limiter.record_failure(ip, now);
+                }
+                state.count_enrollment_refusal(agents::enrollment_refusal_reason(&e));
+            }
+            Err(e)
+        }
+    }
 }
 
 async fn renew(

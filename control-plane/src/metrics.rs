@@ -105,17 +105,34 @@ pub async fn render(state: &AppState) -> ApiResult<String> {
             .receipt_refusals
             .load(std::sync::atomic::Ordering::Relaxed)
     );
-    let _ = writeln!(
-        out,
-        "# HELP stella_session_refusals_total Agent sessions refused at their start, by reason (since start).\n# TYPE stella_session_refusals_total counter"
-    );
     if let Ok(refusals) = state.session_refusals.lock() {
-        for (reason, n) in refusals.iter() {
-            let _ = writeln!(
-                out,
-                "stella_session_refusals_total{{reason=\"{reason}\"}} {n}"
-            );
-        }
+        labelled_counter(
+            &mut out,
+            "stella_session_refusals_total",
+            "Agent sessions refused at their start, by reason (since start).",
+            &refusals,
+        );
+    }
+    if let Ok(refusals) = state.enrollment_refusals.lock() {
+        labelled_counter(
+            &mut out,
+            "stella_enrollment_refusals_total",
+            "Enrollments refused, by reason (since start).",
+            &refusals,
+        );
     }
     Ok(out)
+}
+
+/// A counter family with a `reason` label, from in-memory counts.
+fn labelled_counter(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    counts: &std::collections::BTreeMap<&'static str, u64>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (reason, n) in counts {
+        let _ = writeln!(out, "{name}{{reason=\"{}\"}} {n}", escape(reason));
+    }
 }

@@ -129,6 +129,8 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
         shutdown: shutdown_rx.clone(),
         receipt_refusals: Default::default(),
         session_refusals: Default::default(),
+        enrollment_refusals: Default::default(),
+        enrollment_limiter: Default::default(),
         keys,
     });
 
@@ -218,7 +220,12 @@ async fn serve_api(
             _ = shutdown.wait_for(|v| *v) => return,
         };
         let acceptor = acceptor.clone();
-        let service = TowerToHyperService::new(router.clone());
+        // Handlers that rate-limit by source address read it from this extension.
+        let service = TowerToHyperService::new(
+            router
+                .clone()
+                .layer(axum::Extension(api::ClientAddr(peer.ip()))),
+        );
         tokio::spawn(async move {
             let tls =
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {

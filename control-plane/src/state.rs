@@ -31,9 +31,46 @@ pub struct AppState {
     pub receipt_refusals: std::sync::atomic::AtomicU64,
     /// Agent sessions refused at their start, by reason (since start).
     pub session_refusals: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    /// Enrollments refused, by reason (since start).
+    pub enrollment_refusals: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    pub enrollment_limiter: EnrollmentLimiter,
+}
+
+/// Failed enrollments per source address, to slow down token guessing.
+#[derive(Default)]
+pub struct EnrollmentLimiter {
+    windows: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (i64, u32)>>,
+}
+
+impl EnrollmentLimiter {
+    pub const WINDOW_MS: i64 = 60_000;
+    pub const MAX_FAILURES: u32 = 10;
+
+    /// Seconds to wait when `ip` used up its failures in the current window.
+    pub fn blocked_for(&self, ip: std::net::IpAddr, now_ms: i64) -> Option<i64> {
+        let windows = self.windows.lock().ok()?;
+        let (start, failures) = windows.get(&ip)?;
+        (now_ms - start < Self::WINDOW_MS && *failures >= Self::MAX_FAILURES)
+            .then(|| (Self::WINDOW_MS - (now_ms - start) + 999) / 1000)
+    }
+
+    pub fn record_failure(&self, ip: std::net::IpAddr, now_ms: i64) {
+        if let Ok(mut windows) = self.windows.lock() {
+            // Old windows go, so the map stays as small as the set of recent offenders.
+            windows.retain(|_, (start, _)| now_ms - *start < Self::WINDOW_MS);
+            let entry = windows.entry(ip).or_insert((now_ms, 0));
+            entry.1 = entry.1.saturating_add(1);
+        }
+    }
 }
 
 impl AppState {
+    pub fn count_enrollment_refusal(&self, reason: &'static str) {
+        if let Ok(mut m) = self.enrollment_refusals.lock() {
+            *m.entry(reason).or_default() += 1;
+        }
+    }
+
     pub fn count_session_refusal(&self, reason: &'static str) {
         if let Ok(mut m) = self.session_refusals.lock() {
             *m.entry(reason).or_default() += 1;

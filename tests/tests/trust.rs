@@ -252,3 +252,50 @@ fn every_result_carries_a_receipt_signed_by_its_agent() {
     );
     drop(other);
 }
+
+#[test]
+fn guessing_join_tokens_is_rate_limited() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plane = Plane::start(&tmp.path().join("plane"));
+    let (good, fp) = plane.join_token();
+    let server = plane.api_url();
+    for i in 0..10 {
+        let out = enroll_cmd(
+            &tmp.path().join(format!("g{i}")),
+            &server,
+            &format!("stj_guess{i}"),
+            &fp,
+            "g",
+        );
+        assert!(String::from_utf8_lossy(&out.stderr).contains("join token is not valid"));
+    }
+    // The 11th attempt from the same address is refused before the token is even looked at,
+    // so a correct guess (or a real token) does not get through either.
+    let out = enroll_cmd(&tmp.path().join("real"), &server, &good, &fp, "real");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("too many failed enrollment attempts") && err.contains("HTTP 429"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("real/agent.json").exists());
+    assert_eq!(
+        metric(
+            &plane,
+            "stella_enrollment_refusals_total{reason=\"token_invalid\"}"
+        ),
+        Some(10.0)
+    );
+    assert_eq!(
+        metric(
+            &plane,
+            "stella_enrollment_refusals_total{reason=\"rate_limited\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        plane.json(&["token", "list"])[0]["uses"],
+        0,
+        "the real token was not consumed"
+    );
+}
