@@ -113,6 +113,14 @@ pub async fn render(state: &AppState) -> ApiResult<String> {
             &refusals,
         );
     }
+    if let Ok(refusals) = state.handshake_refusals.lock() {
+        labelled_counter(
+            &mut out,
+            "stella_handshake_refusals_total",
+            "Agent TLS handshakes refused on the agent endpoint, by reason (since start).",
+            &refusals,
+        );
+    }
     if let Ok(refusals) = state.enrollment_refusals.lock() {
         labelled_counter(
             &mut out,

@@ -13,12 +13,11 @@ use stella_proto::agent_session_server::AgentSessionServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::hub::Hub;
 use crate::keys::PlaneKeys;
 use crate::session::AgentSessionService;
-use crate::state::{AppState, PlaneConfig, SharedState};
+use crate::state::{AppState, PlaneConfig, RefusalCounts, SharedState};
 use crate::{api, store, tokens};
 
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
@@ -116,6 +115,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
     let agent_url = format!("https://{}", advertised(&opts.advertise_host, agent_addr));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let handshake_refusals: RefusalCounts = Default::default();
     let state: SharedState = Arc::new(AppState {
         db,
         hub: Hub::default(),
@@ -131,6 +131,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
         session_refusals: Default::default(),
         enrollment_refusals: Default::default(),
         enrollment_limiter: Default::default(),
+        handshake_refusals: handshake_refusals.clone(),
         keys,
     });
 
@@ -146,23 +147,25 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
         shutdown_rx.clone(),
     ));
 
-    let agent_tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(
-            state.keys.server_chain_pem(),
-            &state.keys.server_key_pem,
-        ))
-        .client_ca_root(Certificate::from_pem(state.keys.ca.cert_pem()));
+    // The agent endpoint terminates mTLS itself (rather than through tonic) so that refused
+    // client certificates are counted by reason.
+    let observer_counts = handshake_refusals.clone();
+    let mut agent_tls = stella_pki::server_config_mtls_observed(
+        &state.keys.server_cert_pem,
+        &state.keys.server_key_pem,
+        state.keys.ca.cert_pem(),
+        Arc::new(move |reason| crate::state::count(&observer_counts, reason)),
+    )?;
+    agent_tls.alpn_protocols = vec![b"h2".to_vec()];
+    let incoming = tls_incoming(agent_listener, Arc::new(agent_tls), handshake_refusals, shutdown_rx.clone());
     let mut grpc_shutdown = shutdown_rx.clone();
     let grpc = tonic::transport::Server::builder()
-        .tls_config(agent_tls)
-        .context("configuring mTLS for the agent endpoint")?
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(AgentSessionServer::new(AgentSessionService::new(
             state.clone(),
         )));
     let agent_task = tokio::spawn(async move {
-        let incoming = tonic::transport::server::TcpIncoming::from(agent_listener);
         let signal = async move {
             let _ = grpc_shutdown.wait_for(|v| *v).await;
         };
@@ -244,4 +247,49 @@ async fn serve_api(
             }
         });
     }
+}
+
+type AgentTlsStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+/// Accepts TCP connections and completes TLS handshakes concurrently (a slow client cannot stall
+/// others), yielding established mTLS streams to the gRPC server.
+fn tls_incoming(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    refusals: RefusalCounts,
+    mut shutdown: watch::Receiver<bool>,
+) -> tokio_stream::wrappers::ReceiverStream<Result<AgentTlsStream, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "agent endpoint accept failed");
+                        continue;
+                    }
+                },
+                _ = shutdown.wait_for(|v| *v) => return,
+            };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, tx, refusals) = (acceptor.clone(), tx.clone(), refusals.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(e)) => {
+                        crate::state::count(&refusals, "handshake_failed");
+                        tracing::info!(%peer, error = %e, "agent TLS handshake refused");
+                    }
+                    Err(_) => {
+                        crate::state::count(&refusals, "handshake_timeout");
+                    }
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }

@@ -34,6 +34,17 @@ pub struct AppState {
     /// Enrollments refused, by reason (since start).
     pub enrollment_refusals: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
     pub enrollment_limiter: EnrollmentLimiter,
+    /// Client certificates refused during TLS handshakes on the agent endpoint, by reason.
+    pub handshake_refusals: RefusalCounts,
+}
+
+/// Counts by reason, shared with code that runs outside request handlers (TLS verifiers).
+pub type RefusalCounts = std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>>;
+
+pub fn count(counts: &RefusalCounts, reason: &'static str) {
+    if let Ok(mut m) = counts.lock() {
+        *m.entry(reason).or_default() += 1;
+    }
 }
 
 /// Failed enrollments per source address, to slow down token guessing.

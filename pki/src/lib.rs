@@ -38,7 +38,7 @@ pub use receipt::{
 pub use renewal::{cert_matches_key, cert_validity, renewal_proof_message};
 pub use tls::{
     client_config_ca, client_config_mtls, client_config_pinned_fingerprint,
-    install_crypto_provider, parse_fingerprint, private_key_from_pem, server_config,
-    server_config_mtls,
+    HandshakeObserver, install_crypto_provider, parse_fingerprint, private_key_from_pem,
+    server_config, server_config_mtls, server_config_mtls_observed,
 };
 pub use token::{generate_api_token, generate_join_token, hash_token, token_matches};

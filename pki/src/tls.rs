@@ -251,13 +251,29 @@ pub fn server_config_mtls(
     server_key_pem: &str,
     ca_pem: &str,
 ) -> Result<ServerConfig, PkiError> {
+    server_config_mtls_observed(server_cert_pem, server_key_pem, ca_pem, Arc::new(|_| {}))
+}
+
+/// Called with a stable reason each time a client certificate is refused during a handshake
+/// (`expired`, `not_yet_valid`, `unknown_ca`, `bad_signature`, `key_mismatch`, `revoked`,
+/// `invalid_certificate`), so the plane can count refusals that never reach its handlers.
+pub type HandshakeObserver = Arc<dyn Fn(&'static str) + Send + Sync>;
+
+/// Like [`server_config_mtls`], reporting each refused client certificate to `observer`.
+pub fn server_config_mtls_observed(
+    server_cert_pem: &str,
+    server_key_pem: &str,
+    ca_pem: &str,
+    observer: HandshakeObserver,
+) -> Result<ServerConfig, PkiError> {
     let provider = provider();
-    let client_verifier = WebPkiClientVerifier::builder_with_provider(
+    let inner = WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots_from_pem(ca_pem)?),
         Arc::clone(&provider),
     )
     .build()
     .map_err(|e| PkiError::Tls(rustls::Error::General(e.to_string())))?;
+    let client_verifier = Arc::new(ObservedClientVerifier { inner, observer });
     Ok(ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(client_verifier)
@@ -265,6 +281,82 @@ pub fn server_config_mtls(
             server_chain(server_cert_pem, ca_pem)?,
             private_key_from_pem(server_key_pem)?,
         )?)
+}
+
+/// Delegates every decision to rustls' WebPKI verifier and only names the refusals.
+struct ObservedClientVerifier {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    observer: HandshakeObserver,
+}
+
+impl std::fmt::Debug for ObservedClientVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObservedClientVerifier").field("inner", &self.inner).finish()
+    }
+}
+
+fn refusal_reason(e: &rustls::Error) -> &'static str {
+    use rustls::CertificateError as C;
+    match e {
+        rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => "expired",
+        rustls::Error::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => "not_yet_valid",
+        rustls::Error::InvalidCertificate(C::UnknownIssuer) => "unknown_ca",
+        rustls::Error::InvalidCertificate(C::BadSignature) => "bad_signature",
+        rustls::Error::InvalidCertificate(C::Revoked) => "revoked",
+        _ => "invalid_certificate",
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for ObservedClientVerifier {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &rustls_pki_types::CertificateDer<'_>,
+        intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)
+            .inspect_err(|e| (self.observer)(refusal_reason(e)))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        // A certificate presented with a key that is not its own fails here.
+        self.inner
+            .verify_tls12_signature(message, cert, dss)
+            .inspect_err(|_| (self.observer)("key_mismatch"))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner
+            .verify_tls13_signature(message, cert, dss)
+            .inspect_err(|_| (self.observer)("key_mismatch"))
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
 }
 
 #[cfg(test)]
