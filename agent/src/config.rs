@@ -73,6 +73,18 @@ impl DataDir {
     pub fn trust_file(&self) -> PathBuf {
         self.root.join("trust.json")
     }
+    /// Version of the trust bundle `trust.json` holds (0 when never updated in-band).
+    pub fn trust_version_file(&self) -> PathBuf {
+        self.root.join("trust.version")
+    }
+
+    pub fn load_trust_version(&self) -> u64 {
+        std::fs::read_to_string(self.trust_version_file())
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     pub fn targets_file(&self) -> PathBuf {
         self.root.join("targets.json")
     }

@@ -66,6 +66,8 @@ struct TrustBundle {
 #[derive(Deserialize)]
 struct EnrollResponse {
     agent_id: String,
+    #[serde(default)]
+    trust_bundle_version: u64,
     cert_pem: String,
     agent_endpoint: String,
     trust_bundle: TrustBundle,
@@ -206,6 +208,12 @@ pub async fn enroll(dir: &DataDir, opts: EnrollOptions) -> Result<AgentConfig, E
         },
     )
     .map_err(io_err(&trust_file))?;
+    let version_file = dir.trust_version_file();
+    write_atomic(
+        &version_file,
+        answer.trust_bundle_version.to_string().as_bytes(),
+    )
+    .map_err(io_err(&version_file))?;
     let config = AgentConfig {
         agent_id: answer.agent_id,
         name: opts.name,

@@ -47,7 +47,9 @@ struct WorkItem {
 
 struct Shared {
     config: AgentConfig,
-    verifier: JobVerifier,
+    /// Replaced when a new trust bundle arrives (key rotation).
+    verifier: Mutex<JobVerifier>,
+    trust_version: Mutex<u64>,
     executors: Executors,
     journal: Mutex<Journal>,
     targets: Mutex<BTreeMap<String, TargetRef>>,
@@ -151,11 +153,12 @@ pub async fn run_with_executors(
     let (work_tx, work_rx) = mpsc::unbounded_channel();
     let receipt_agent_id = config.agent_id.clone();
     let shared = Arc::new(Shared {
-        verifier: JobVerifier {
+        trust_version: Mutex::new(dir.load_trust_version()),
+        verifier: Mutex::new(JobVerifier {
             agent_id: config.agent_id.clone(),
             trusted,
             capabilities: executors::capabilities(&executors),
-        },
+        }),
         config,
         executors,
         journal: Mutex::new(journal),
@@ -172,7 +175,7 @@ pub async fn run_with_executors(
         }),
     });
     tracing::info!(agent_id = %shared.config.agent_id, endpoint = %shared.config.agent_endpoint,
-        capabilities = ?shared.verifier.capabilities, "agent starting");
+        capabilities = ?executors::capabilities(&shared.executors), "agent starting");
 
     // Jobs accepted before a restart and not finished: run them again (every step is an ensure).
     let resumed = lock(&shared.journal).in_flight();
@@ -344,7 +347,8 @@ async fn session(
         let journal = lock(&shared.journal);
         Hello {
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
-            capabilities: shared.verifier.capabilities.clone(),
+            capabilities: executors::capabilities(&shared.executors),
+            trust_bundle_version: *lock(&shared.trust_version),
             labels: shared.config.labels.clone().into_iter().collect(),
             in_flight_job_ids: journal.in_flight().into_iter().map(|e| e.job_id).collect(),
             last_sequence: journal.last_sequence(),
@@ -386,6 +390,9 @@ async fn session(
             config: serde_json::from_str(&t.config_json).unwrap_or(serde_json::Value::Null),
         }),
     );
+    if !welcome.trust_bundle.is_empty() {
+        apply_trust_bundle(shared, &welcome.trust_bundle, &out_tx).await?;
+    }
     let heartbeat_every = u64::try_from(welcome.heartbeat_interval_ms)
         .ok()
         .filter(|ms| *ms >= 100)
@@ -442,6 +449,7 @@ async fn session(
                             Err(e) => tracing::error!(error = %format!("{e:#}"), "cannot install the renewed certificate; will retry"),
                         }
                     }
+                    Some(PlaneBody::Trust(update)) => apply_trust_bundle(shared, &update.bundle, &out_tx).await?,
                     Some(PlaneBody::Welcome(_)) | None => {}
                 }
             }
@@ -458,6 +466,51 @@ async fn session(
             }
         }
     }
+}
+
+/// Adopts a newer trust bundle if it is signed by a key this agent already trusts, and tells
+/// the plane which version it holds. A bundle that does not verify changes nothing.
+async fn apply_trust_bundle(
+    shared: &Arc<Shared>,
+    bundle: &[u8],
+    out: &mpsc::Sender<AgentMessage>,
+) -> anyhow::Result<()> {
+    let current = *lock(&shared.trust_version);
+    let envelope: stella_pki::Envelope = match serde_json::from_slice(bundle) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(error = %e, "unreadable trust bundle ignored");
+            return Ok(());
+        }
+    };
+    let trusted = lock(&shared.verifier).trusted.clone();
+    let version = match stella_pki::verify_bundle(&trusted, current, &envelope) {
+        Ok(doc) => {
+            let keys = stella_pki::TrustedKeys {
+                keys: doc.job_signing_keys,
+            };
+            write_json(&shared.dir.trust_file(), &keys).context("writing trust.json")?;
+            crate::config::write_atomic(
+                &shared.dir.trust_version_file(),
+                doc.version.to_string().as_bytes(),
+            )
+            .context("writing trust.version")?;
+            lock(&shared.verifier).trusted = keys;
+            *lock(&shared.trust_version) = doc.version;
+            tracing::info!(version = doc.version, "trust bundle updated");
+            doc.version
+        }
+        Err(stella_pki::BundleError::Stale { .. }) => current,
+        Err(e) => {
+            tracing::error!(error = %e, "trust bundle refused; keeping the keys pinned so far");
+            return Ok(());
+        }
+    };
+    out.send(msg(AgentBody::TrustAck(stella_proto::TrustBundleAck {
+        version,
+    })))
+    .await?;
+    Ok(())
 }
 
 fn remember_targets(shared: &Shared, targets: impl Iterator<Item = TargetRef>) {
@@ -511,9 +564,8 @@ async fn handle_offer(
     }
 
     let last = lock(&shared.journal).last_sequence();
-    let verified = shared
-        .verifier
-        .verify(&offer.envelope, time::OffsetDateTime::now_utc(), last);
+    let verified =
+        lock(&shared.verifier).verify(&offer.envelope, time::OffsetDateTime::now_utc(), last);
     let (payload, _envelope) = match verified {
         Ok(v) => v,
         Err(refused) => {

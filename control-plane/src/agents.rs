@@ -37,6 +37,7 @@ pub struct TrustBundle {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct EnrollResponse {
     pub agent_id: String,
+    pub trust_bundle_version: u64,
     pub cert_pem: String,
     pub cert_not_after: String,
     pub spiffe_id: String,
@@ -189,6 +190,7 @@ pub async fn enroll(state: &AppState, req: EnrollRequest) -> ApiResult<EnrollRes
     .await?;
     tx.commit().await?;
     tracing::info!(agent_id = %agent_id, name = %req.name, "agent enrolled");
+    let (bundle_version, bundle) = crate::trust::current_document(state).await?;
 
     Ok(EnrollResponse {
         agent_id,
@@ -196,9 +198,10 @@ pub async fn enroll(state: &AppState, req: EnrollRequest) -> ApiResult<EnrollRes
         cert_not_after: rfc3339(not_after_ms),
         spiffe_id: issued.spiffe_id,
         agent_endpoint: state.config.agent_endpoint.clone(),
+        trust_bundle_version: bundle_version,
         trust_bundle: TrustBundle {
             ca_pem: state.keys.ca.cert_pem().to_string(),
-            job_signing_keys: vec![state.keys.job_key.public_key()],
+            job_signing_keys: bundle.job_signing_keys,
             trust_domain: state.keys.trust_domain.clone(),
         },
         labels,

@@ -23,6 +23,8 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/agents", get(list_agents))
         .route("/v1/agents/{id}", get(show_agent))
         .route("/v1/agents/{id}/revoke", post(revoke_agent))
+        .route("/v1/trust", get(trust_status))
+        .route("/v1/trust/job-key/rotate", post(rotate_job_key))
         .route("/v1/environments", post(create_env).get(list_envs))
         .route("/v1/environments/{name}", get(show_env))
         .route("/v1/targets", post(create_target).get(list_targets))
@@ -127,6 +129,23 @@ async fn create_token(
         StatusCode::CREATED,
         Json(tokens::create_join_token(&state, req).await?),
     ))
+}
+
+async fn trust_status(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+) -> ApiResult<impl IntoResponse> {
+    authorize(&state, &headers).await?;
+    Ok(Json(crate::trust::status(&state).await?))
+}
+
+async fn rotate_job_key(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    Body(req): Body<crate::trust::RotateRequest>,
+) -> ApiResult<impl IntoResponse> {
+    authorize(&state, &headers).await?;
+    Ok(Json(crate::trust::rotate(&state, req).await?))
 }
 
 async fn list_tokens(

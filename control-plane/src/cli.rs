@@ -20,6 +20,7 @@ use stella_control_plane::releases::{Release, ReleaseComponent};
 use stella_control_plane::server::ServeOptions;
 use stella_control_plane::targets::{Target, TargetDetail};
 use stella_control_plane::tokens::{JoinTokenCreated, JoinTokenView};
+use stella_control_plane::trust::TrustStatus;
 use stella_control_plane::{duration, server};
 
 use crate::dev;
@@ -80,6 +81,9 @@ enum Command {
         #[command(subcommand)]
         command: Option<AgentsCommand>,
     },
+    /// Job-signing keys: status and rotation with overlap (`start`, then `finish`).
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Environments (dev, stage, prod).
     #[command(alias = "envs", alias = "environment")]
     Env {
@@ -192,6 +196,27 @@ enum TokenCommand {
     List,
     /// Revoke a join token: no agent can enroll with it any more.
     Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// The current trust bundle, the signing key and which agents have acknowledged it.
+    Status,
+    /// Rotate the job-signing key.
+    #[command(subcommand)]
+    Rotate(RotatePhase),
+}
+
+#[derive(Subcommand)]
+enum RotatePhase {
+    /// Stage a new key and distribute it to agents next to the current one.
+    Start,
+    /// Sign with the new key and withdraw the old one (refused while an agent lacks the new key).
+    Finish {
+        /// Finish even if some agents have not acknowledged the new key (they will refuse jobs).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -416,6 +441,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     })
                 }
             }
+        }
+        Command::Keys(cmd) => {
+            let client = ApiClient::connect(&conn)?;
+            let status: TrustStatus = match cmd {
+                KeysCommand::Status => client.get("/v1/trust").await?,
+                KeysCommand::Rotate(RotatePhase::Start) => {
+                    client
+                        .post("/v1/trust/job-key/rotate", &json!({"phase": "start"}))
+                        .await?
+                }
+                KeysCommand::Rotate(RotatePhase::Finish { force }) => {
+                    client
+                        .post(
+                            "/v1/trust/job-key/rotate",
+                            &json!({"phase": "finish", "force": force}),
+                        )
+                        .await?
+                }
+            };
+            render(out, &status, print_trust)
         }
         Command::Env { command } => {
             let client = ApiClient::connect(&conn)?;
@@ -871,4 +916,26 @@ fn print_deployment(d: &Deployment) {
             println!("    {} {}", e.at, e.message);
         }
     }
+}
+
+fn print_trust(t: &TrustStatus) {
+    println!("trust bundle version {} ({})", t.bundle_version, t.phase);
+    println!("signing key: {}", t.active_key_id);
+    if let Some(next) = &t.next_key_id {
+        println!("staged key:  {next}");
+    }
+    table(
+        &["AGENT", "NAME", "BUNDLE", "UP TO DATE"],
+        t.agents
+            .iter()
+            .map(|a| {
+                vec![
+                    a.id.clone(),
+                    a.name.clone(),
+                    a.trust_bundle_version.to_string(),
+                    if a.up_to_date { "yes" } else { "no" }.to_string(),
+                ]
+            })
+            .collect(),
+    );
 }

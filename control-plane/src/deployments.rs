@@ -92,6 +92,7 @@ pub async fn create(state: &AppState, req: CreateDeployment) -> ApiResult<Deploy
     let deployment_id = new_id("dep");
     let now = now_ms();
     let ttl_ms = state.config.job_ttl.as_millis() as i64;
+    let signing_key = state.keys.job_keys().active;
     let mut tx = state.db.begin().await?;
     sqlx::query(
         "INSERT INTO deployments (id, release_id, environment_id, status, message, created_at, updated_at)
@@ -142,7 +143,7 @@ pub async fn create(state: &AppState, req: CreateDeployment) -> ApiResult<Deploy
             sequence: sequence as u64,
             idempotency_key: format!("{deployment_id}/{}", t.id),
         };
-        let envelope = stella_pki::sign_job(&state.keys.job_key, &payload)?;
+        let envelope = stella_pki::sign_job(&signing_key, &payload)?;
         let envelope_json =
             serde_json::to_string(&envelope).map_err(|e| ApiError::Internal(e.to_string()))?;
         sqlx::query(

@@ -70,6 +70,15 @@ impl Hub {
         }
     }
 
+    /// Wakes every session (e.g. a new trust bundle to push).
+    pub fn notify_all(&self) {
+        if let Ok(sessions) = self.sessions.lock() {
+            for handle in sessions.values() {
+                handle.wake.notify_one();
+            }
+        }
+    }
+
     pub fn is_connected(&self, agent_id: &str) -> bool {
         self.sessions
             .lock()

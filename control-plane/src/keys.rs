@@ -30,8 +30,36 @@ pub struct PlaneKeys {
     pub ca: CertificateAuthority,
     pub server_cert_pem: String,
     pub server_key_pem: String,
-    pub job_key: SigningKey,
+    /// Job-signing keys change at run time (rotation), hence the lock.
+    pub job_keys: std::sync::RwLock<JobKeys>,
     pub trust_domain: String,
+    pub pki_dir: PathBuf,
+}
+
+/// The key that signs jobs now, and the one being rolled out to agents during a rotation.
+#[derive(Clone)]
+pub struct JobKeys {
+    pub active: SigningKey,
+    pub next: Option<SigningKey>,
+}
+
+pub const JOB_KEY_FILE: &str = "job-signing.key";
+pub const NEXT_JOB_KEY_FILE: &str = "job-signing.next.key";
+
+impl PlaneKeys {
+    pub fn job_keys(&self) -> JobKeys {
+        self.job_keys
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    pub fn set_job_keys(&self, keys: JobKeys) {
+        *self
+            .job_keys
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = keys;
+    }
 }
 
 fn read(path: &Path) -> Result<String, KeysError> {
@@ -85,7 +113,7 @@ impl PlaneKeys {
             ca
         };
 
-        let job_key_path = pki_dir.join("job-signing.key");
+        let job_key_path = pki_dir.join(JOB_KEY_FILE);
         let job_key = if job_key_path.exists() {
             SigningKey::from_pem(&read(&job_key_path)?).map_err(pki_err(&job_key_path))?
         } else {
@@ -125,8 +153,15 @@ impl PlaneKeys {
             ca,
             server_cert_pem: issued.cert_pem,
             server_key_pem: issued.key_pem,
-            job_key,
+            job_keys: std::sync::RwLock::new(JobKeys {
+                active: job_key,
+                next: match pki_dir.join(NEXT_JOB_KEY_FILE) {
+                    p if p.exists() => Some(SigningKey::from_pem(&read(&p)?).map_err(pki_err(&p))?),
+                    _ => None,
+                },
+            }),
             trust_domain: trust_domain.to_string(),
+            pki_dir: pki_dir.to_path_buf(),
         })
     }
 

@@ -22,3 +22,4 @@ pub mod state;
 pub mod store;
 pub mod targets;
 pub mod tokens;
+pub mod trust;

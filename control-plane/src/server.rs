@@ -135,6 +135,9 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
         keys,
     });
 
+    crate::trust::ensure_initial_bundle(&state)
+        .await
+        .map_err(|e| anyhow::anyhow!("publishing the first trust bundle: {e}"))?;
     let tls = Arc::new(stella_pki::server_config(
         &state.keys.server_cert_pem,
         &state.keys.server_key_pem,
@@ -157,7 +160,12 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
         Arc::new(move |reason| crate::state::count(&observer_counts, reason)),
     )?;
     agent_tls.alpn_protocols = vec![b"h2".to_vec()];
-    let incoming = tls_incoming(agent_listener, Arc::new(agent_tls), handshake_refusals, shutdown_rx.clone());
+    let incoming = tls_incoming(
+        agent_listener,
+        Arc::new(agent_tls),
+        handshake_refusals,
+        shutdown_rx.clone(),
+    );
     let mut grpc_shutdown = shutdown_rx.clone();
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))

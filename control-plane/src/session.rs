@@ -16,7 +16,7 @@ use stella_proto::agent_session_server::AgentSession;
 use stella_proto::plane_message::Body as PlaneBody;
 use stella_proto::{
     AgentMessage, Drain, JobOffer, JobStatus, PlaneMessage, RenewResponse, ResultAck, TargetInfo,
-    Welcome,
+    TrustBundleUpdate, Welcome,
 };
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -26,7 +26,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::error::ApiError;
 use crate::state::SharedState;
 use crate::store::now_ms;
-use crate::{agents, deployments, targets};
+use crate::{agents, deployments, targets, trust};
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -215,6 +215,11 @@ async fn serve_session(
     let (state, agent_id, tx) = (session.state, session.agent_id, session.tx);
     let interval = state.config.heartbeat_interval;
     let targets = targets::list_for_agent(state, agent_id).await?;
+    trust::record_ack(state, agent_id, hello.trust_bundle_version).await?;
+    let (mut bundle_sent, bundle) = trust::current(&state.db)
+        .await
+        .map_err(ApiError::from)?
+        .unwrap_or((0, String::new()));
     send(
         tx,
         PlaneBody::Welcome(Welcome {
@@ -229,6 +234,7 @@ async fn serve_session(
                     config_json: t.config.to_string(),
                 })
                 .collect(),
+            trust_bundle: bundle.into_bytes(),
         }),
     )
     .await?;
@@ -250,6 +256,13 @@ async fn serve_session(
                 handle_message(session, msg).await?;
             }
             _ = wake.notified() => {
+                // A rotation may have published a bundle: push it before any job signed under it.
+                if let Some((version, bundle)) = trust::current(&state.db).await.map_err(ApiError::from)?
+                    && version > bundle_sent
+                {
+                    send(tx, PlaneBody::Trust(TrustBundleUpdate { bundle: bundle.into_bytes() })).await?;
+                    bundle_sent = version;
+                }
                 offer_pending(state, agent_id, tx, &mut offered).await?;
             }
             _ = &mut evicted => return Err(SessionEnd::Replaced),
@@ -339,6 +352,7 @@ async fn handle_message(session: &Session<'_>, msg: AgentMessage) -> Result<(), 
         Some(AgentBody::Inventory(report)) => {
             targets::record_inventory(state, agent_id, &report).await?
         }
+        Some(AgentBody::TrustAck(ack)) => trust::record_ack(state, agent_id, ack.version).await?,
         Some(AgentBody::Renew(req)) => {
             let presented = x509_serial_hex(session.leaf_der).unwrap_or_default();
             let response =

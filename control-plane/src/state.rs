@@ -39,7 +39,8 @@ pub struct AppState {
 }
 
 /// Counts by reason, shared with code that runs outside request handlers (TLS verifiers).
-pub type RefusalCounts = std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>>;
+pub type RefusalCounts =
+    std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>>;
 
 pub fn count(counts: &RefusalCounts, reason: &'static str) {
     if let Ok(mut m) = counts.lock() {

@@ -4,6 +4,7 @@
 //!
 //! The only rustls crypto provider used is ring.
 
+mod bundle;
 mod ca;
 mod dsse;
 mod error;
@@ -15,6 +16,9 @@ mod renewal;
 mod tls;
 mod token;
 
+pub use bundle::{
+    BundleError, TRUST_BUNDLE_PAYLOAD_TYPE, TrustBundleDocument, sign_bundle, verify_bundle,
+};
 pub use ca::{CertificateAuthority, DEFAULT_TRUST_DOMAIN, IssuedCert, IssuedKeyPair};
 pub use dsse::{
     DsseError, ED25519, Envelope, PublicKeyRecord, Signature, SigningKey, TrustedKeys,
@@ -37,8 +41,8 @@ pub use receipt::{
 };
 pub use renewal::{cert_matches_key, cert_validity, renewal_proof_message};
 pub use tls::{
-    client_config_ca, client_config_mtls, client_config_pinned_fingerprint,
-    HandshakeObserver, install_crypto_provider, parse_fingerprint, private_key_from_pem,
-    server_config, server_config_mtls, server_config_mtls_observed,
+    HandshakeObserver, client_config_ca, client_config_mtls, client_config_pinned_fingerprint,
+    install_crypto_provider, parse_fingerprint, private_key_from_pem, server_config,
+    server_config_mtls, server_config_mtls_observed,
 };
 pub use token::{generate_api_token, generate_join_token, hash_token, token_matches};

@@ -291,7 +291,9 @@ struct ObservedClientVerifier {
 
 impl std::fmt::Debug for ObservedClientVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ObservedClientVerifier").field("inner", &self.inner).finish()
+        f.debug_struct("ObservedClientVerifier")
+            .field("inner", &self.inner)
+            .finish()
     }
 }
 
@@ -299,7 +301,9 @@ fn refusal_reason(e: &rustls::Error) -> &'static str {
     use rustls::CertificateError as C;
     match e {
         rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => "expired",
-        rustls::Error::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => "not_yet_valid",
+        rustls::Error::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => {
+            "not_yet_valid"
+        }
         rustls::Error::InvalidCertificate(C::UnknownIssuer) => "unknown_ca",
         rustls::Error::InvalidCertificate(C::BadSignature) => "bad_signature",
         rustls::Error::InvalidCertificate(C::Revoked) => "revoked",

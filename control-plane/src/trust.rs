@@ -1,0 +1,263 @@
+//! Trust bundles and job-signing key rotation with overlap.
+//!
+//! `start` stages a new key and publishes a bundle trusting both keys, signed by the current one;
+//! agents verify it with what they already trust and acknowledge it. `finish` — only once every
+//! agent that is not revoked has acknowledged (or with `force`) — switches signing to the new key,
+//! re-signs the jobs not yet accepted, and publishes a bundle with the new key alone, signed by
+//! both keys so that an agent that slept through the overlap still adopts it. Running jobs are
+//! never interrupted: an accepted job was verified already.
+
+use serde::{Deserialize, Serialize};
+use stella_pki::{SigningKey, TrustBundleDocument};
+
+use crate::error::{ApiError, ApiResult};
+use crate::keys::{JOB_KEY_FILE, JobKeys, NEXT_JOB_KEY_FILE};
+use crate::state::AppState;
+use crate::store::{Db, now_ms};
+
+/// The newest bundle: version and signed envelope (JSON).
+pub async fn current(db: &Db) -> Result<Option<(u64, String)>, sqlx::Error> {
+    let row: Option<(i64, String)> =
+        sqlx::query_as("SELECT version, document FROM trust_bundles ORDER BY version DESC LIMIT 1")
+            .fetch_optional(db)
+            .await?;
+    Ok(row.map(|(v, d)| (v as u64, d)))
+}
+
+/// The newest bundle's version and its document (for enrollment answers).
+pub async fn current_document(state: &AppState) -> ApiResult<(u64, TrustBundleDocument)> {
+    let (version, json) = current(&state.db)
+        .await?
+        .ok_or_else(|| ApiError::Internal("no trust bundle".to_string()))?;
+    let env: stella_pki::Envelope =
+        serde_json::from_str(&json).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let body = stella_pki::decode_payload(&env).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let doc = serde_json::from_slice(&body).map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok((version, doc))
+}
+
+/// Publishes a bundle signed by every key in `signers` (the outgoing key countersigns the final
+/// bundle of a rotation, so an agent that missed the overlap can still adopt it).
+async fn publish(
+    state: &AppState,
+    signers: &[&SigningKey],
+    keys: Vec<stella_pki::PublicKeyRecord>,
+) -> ApiResult<u64> {
+    let version = current(&state.db).await?.map(|(v, _)| v).unwrap_or(0) + 1;
+    let doc = TrustBundleDocument {
+        version,
+        job_signing_keys: keys,
+    };
+    let mut env: Option<stella_pki::Envelope> = None;
+    for signer in signers {
+        let signed =
+            stella_pki::sign_bundle(signer, &doc).map_err(|e| ApiError::Internal(e.to_string()))?;
+        match env.as_mut() {
+            Some(e) => e.signatures.extend(signed.signatures),
+            None => env = Some(signed),
+        }
+    }
+    let env = env.ok_or_else(|| ApiError::Internal("a bundle needs a signer".to_string()))?;
+    let json = serde_json::to_string(&env).map_err(|e| ApiError::Internal(e.to_string()))?;
+    sqlx::query("INSERT INTO trust_bundles (version, document, created_at) VALUES (?, ?, ?)")
+        .bind(version as i64)
+        .bind(&json)
+        .bind(now_ms())
+        .execute(&state.db)
+        .await?;
+    state.hub.notify_all();
+    tracing::info!(version, "trust bundle published");
+    Ok(version)
+}
+
+fn bundle_keys(keys: &JobKeys) -> Vec<stella_pki::PublicKeyRecord> {
+    let mut out = vec![keys.active.public_key()];
+    out.extend(keys.next.as_ref().map(SigningKey::public_key));
+    out
+}
+
+/// Makes sure a first bundle exists (first start, or a data directory from before bundles).
+pub async fn ensure_initial_bundle(state: &AppState) -> ApiResult<()> {
+    if current(&state.db).await?.is_none() {
+        let keys = state.keys.job_keys();
+        publish(state, &[&keys.active], bundle_keys(&keys)).await?;
+    }
+    Ok(())
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AgentTrust {
+    pub id: String,
+    pub name: String,
+    pub trust_bundle_version: u64,
+    pub up_to_date: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TrustStatus {
+    pub bundle_version: u64,
+    /// `idle` or `rotating` (a new key is staged and being distributed).
+    pub phase: String,
+    pub active_key_id: String,
+    pub next_key_id: Option<String>,
+    pub agents: Vec<AgentTrust>,
+}
+
+pub async fn status(state: &AppState) -> ApiResult<TrustStatus> {
+    let keys = state.keys.job_keys();
+    let version = current(&state.db).await?.map(|(v, _)| v).unwrap_or(0);
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT id, name, trust_bundle_version FROM agents WHERE status != 'revoked' ORDER BY enrolled_at, id",
+    )
+    .fetch_all(&state.db)
+    .await?;
+    Ok(TrustStatus {
+        bundle_version: version,
+        phase: if keys.next.is_some() {
+            "rotating"
+        } else {
+            "idle"
+        }
+        .to_string(),
+        active_key_id: keys.active.key_id().to_string(),
+        next_key_id: keys.next.as_ref().map(|k| k.key_id().to_string()),
+        agents: rows
+            .into_iter()
+            .map(|(id, name, v)| AgentTrust {
+                id,
+                name,
+                trust_bundle_version: v as u64,
+                up_to_date: v as u64 >= version,
+            })
+            .collect(),
+    })
+}
+
+fn write_key(state: &AppState, file: &str, key: &SigningKey) -> ApiResult<()> {
+    let pem = key.to_pem()?;
+    stella_pki::write_secret_file(&state.keys.pki_dir.join(file), pem.as_bytes())
+        .map_err(|e| ApiError::Internal(format!("writing {file}: {e}")))
+}
+
+/// Stages a new job-signing key and distributes it. Idempotent while a rotation is under way.
+pub async fn rotate_start(state: &AppState) -> ApiResult<TrustStatus> {
+    let mut keys = state.keys.job_keys();
+    if keys.next.is_none() {
+        let next = SigningKey::generate();
+        // On disk before anyone is told about it: a restart keeps the rotation going.
+        write_key(state, NEXT_JOB_KEY_FILE, &next)?;
+        keys.next = Some(next);
+        state.keys.set_job_keys(keys.clone());
+        publish(state, &[&keys.active], bundle_keys(&keys)).await?;
+        tracing::warn!(
+            next_key = keys.next.as_ref().map(|k| k.key_id()).unwrap_or_default(),
+            "job-signing key rotation started"
+        );
+    }
+    status(state).await
+}
+
+/// Switches signing to the staged key once every agent has it, re-signs waiting jobs, and
+/// withdraws the old key.
+pub async fn rotate_finish(state: &AppState, force: bool) -> ApiResult<TrustStatus> {
+    let keys = state.keys.job_keys();
+    let Some(next) = keys.next.clone() else {
+        return Err(ApiError::Conflict(
+            "no key rotation is under way; run `stella keys rotate start` first".to_string(),
+        ));
+    };
+    let before = status(state).await?;
+    let lagging: Vec<String> = before
+        .agents
+        .iter()
+        .filter(|a| !a.up_to_date)
+        .map(|a| {
+            format!(
+                "{} ({}) has bundle {}",
+                a.name, a.id, a.trust_bundle_version
+            )
+        })
+        .collect();
+    if !lagging.is_empty() && !force {
+        return Err(ApiError::Conflict(format!(
+            "{} agent(s) do not trust the new key yet (bundle {}): {}; wait for them to connect, or --force (the final bundle is countersigned by the old key, so they adopt it when they return)",
+            lagging.len(),
+            before.bundle_version,
+            lagging.join("; ")
+        )));
+    }
+    // The new key becomes the signing key on disk first; a crash after this point restarts
+    // with the new key active and the bundle below is published again by `finish`.
+    write_key(state, JOB_KEY_FILE, &next)?;
+    let _ = std::fs::remove_file(state.keys.pki_dir.join(NEXT_JOB_KEY_FILE));
+    state.keys.set_job_keys(JobKeys {
+        active: next.clone(),
+        next: None,
+    });
+    resign_waiting_jobs(state, &next).await?;
+    publish(state, &[&next, &keys.active], vec![next.public_key()]).await?;
+    tracing::warn!(
+        active_key = next.key_id(),
+        "job-signing key rotation finished"
+    );
+    status(state).await
+}
+
+/// Jobs not yet accepted by their agent are signed again with the new key (same payload, same
+/// sequence), so nothing waiting is stranded by the rotation.
+async fn resign_waiting_jobs(state: &AppState, key: &SigningKey) -> ApiResult<()> {
+    let mut tx = state.db.begin().await?;
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT id, envelope FROM jobs WHERE status IN ('queued', 'offered')")
+            .fetch_all(&mut *tx)
+            .await?;
+    for (id, envelope) in rows {
+        let env: stella_pki::Envelope =
+            serde_json::from_str(&envelope).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let body =
+            stella_pki::decode_payload(&env).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let payload: stella_pki::JobPayload =
+            serde_json::from_slice(&body).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let resigned = stella_pki::sign_job(key, &payload)?;
+        let json =
+            serde_json::to_string(&resigned).map_err(|e| ApiError::Internal(e.to_string()))?;
+        sqlx::query("UPDATE jobs SET envelope = ?, updated_at = ? WHERE id = ?")
+            .bind(&json)
+            .bind(now_ms())
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+pub async fn record_ack(state: &AppState, agent_id: &str, version: u64) -> ApiResult<()> {
+    sqlx::query(
+        "UPDATE agents SET trust_bundle_version = ? WHERE id = ? AND trust_bundle_version < ?",
+    )
+    .bind(version as i64)
+    .bind(agent_id)
+    .bind(version as i64)
+    .execute(&state.db)
+    .await?;
+    Ok(())
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RotateRequest {
+    /// `start` or `finish`.
+    pub phase: String,
+    #[serde(default)]
+    pub force: bool,
+}
+
+pub async fn rotate(state: &AppState, req: RotateRequest) -> ApiResult<TrustStatus> {
+    match req.phase.as_str() {
+        "start" => rotate_start(state).await,
+        "finish" => rotate_finish(state, req.force).await,
+        other => Err(ApiError::BadRequest(format!(
+            "unknown rotation phase {other:?}; expected start or finish"
+        ))),
+    }
+}
