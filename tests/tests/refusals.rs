@@ -209,3 +209,25 @@ fn digest_mismatch_is_refused_before_anything_changes() {
     assert_eq!(dep["jobs"][0]["reason_code"], "digest_mismatch");
     assert!(containers_of(&stack.target).is_empty(), "nothing executed");
 }
+
+#[test]
+fn job_for_a_target_kind_the_agent_lacks_is_refused() {
+    let (case, dep) = run_case(false, |stack, _, env| {
+        let mut p = payload(env);
+        p.target.kind = "mainframe".to_string();
+        sign(&plane_key(stack), &p)
+    });
+    assert_refused(&case, &dep, "unsupported_target");
+    assert!(containers_of(&case.stack.target).is_empty(), "nothing executed");
+}
+
+#[test]
+fn oversized_envelope_is_refused() {
+    let (case, dep) = run_case(false, |stack, _, env| {
+        let mut p = payload(env);
+        p.target.config = serde_json::json!({ "padding": "x".repeat(stella_pki::MAX_ENVELOPE_BYTES) });
+        sign(&plane_key(stack), &p)
+    });
+    assert_refused(&case, &dep, "oversized");
+    assert!(containers_of(&case.stack.target).is_empty(), "nothing executed");
+}
