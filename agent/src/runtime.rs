@@ -50,6 +50,8 @@ struct Shared {
     /// Replaced when a new trust bundle arrives (key rotation).
     verifier: Mutex<JobVerifier>,
     trust_version: Mutex<u64>,
+    /// Set when a trust bundle brings a CA that did not issue our certificate: renew now.
+    renew_now: std::sync::atomic::AtomicBool,
     executors: Executors,
     journal: Mutex<Journal>,
     targets: Mutex<BTreeMap<String, TargetRef>>,
@@ -140,7 +142,7 @@ pub async fn run_with_executors(
     let config = dir.load_config()?;
     let trusted = dir.load_trust()?;
     let ident = identity::load(&dir)?;
-    let ca_pem = dir.read_text(&dir.ca_file())?;
+    dir.read_text(&dir.ca_file())?;
     let journal =
         Journal::open(dir.journal_dir(), dir.spool_dir()).context("opening the job journal")?;
     let targets: BTreeMap<String, TargetRef> = if dir.targets_file().exists() {
@@ -154,6 +156,7 @@ pub async fn run_with_executors(
     let receipt_agent_id = config.agent_id.clone();
     let shared = Arc::new(Shared {
         trust_version: Mutex::new(dir.load_trust_version()),
+        renew_now: std::sync::atomic::AtomicBool::new(false),
         verifier: Mutex::new(JobVerifier {
             agent_id: config.agent_id.clone(),
             trusted,
@@ -204,7 +207,7 @@ pub async fn run_with_executors(
     loop {
         let outcome = tokio::select! {
             _ = &mut shutdown => break,
-            o = connect_and_serve(&shared, &ca_pem, &mut uplink_rx) => o,
+            o = connect_and_serve(&shared, &mut uplink_rx) => o,
         };
         let delay = match outcome {
             Ok(SessionEnd::Drained(delay)) => {
@@ -283,9 +286,10 @@ fn unix_now() -> i64 {
 /// serves one session with it.
 async fn connect_and_serve(
     shared: &Arc<Shared>,
-    ca_pem: &str,
     uplink_rx: &mut mpsc::UnboundedReceiver<AgentMessage>,
 ) -> anyhow::Result<SessionEnd> {
+    // Read at every connection: a CA rotation changes which CAs this agent trusts.
+    let ca_pem = &shared.dir.read_text(&shared.dir.ca_file())?;
     let mut ident = identity::load(&shared.dir)?;
     if ident.expired(unix_now()) {
         tracing::warn!(
@@ -442,6 +446,7 @@ async fn session(
                             .and_then(|()| identity::load(&shared.dir))
                         {
                             Ok(new_ident) => {
+                                shared.renew_now.store(false, std::sync::atomic::Ordering::Relaxed);
                                 use_identity(shared, &new_ident);
                                 tracing::info!(not_after = new_ident.not_after, "certificate renewed in-band");
                                 return Ok(SessionEnd::Renewed);
@@ -458,7 +463,8 @@ async fn session(
                 out_tx.send(msg(AgentBody::Heartbeat(Heartbeat { sent_at_unix_ms: now_ms() }))).await?;
             }
             _ = inventory.tick() => out_tx.send(inventory_message(shared, None).await).await?,
-            _ = renewal_check.tick(), if !renewal_pending && ident.renewal_due(unix_now()) => {
+            _ = renewal_check.tick(), if !renewal_pending
+                && (ident.renewal_due(unix_now()) || shared.renew_now.load(std::sync::atomic::Ordering::Relaxed)) => {
                 let csr_pem = identity::stage_new_key(&shared.dir, &shared.config.agent_id)?;
                 renewal_pending = true;
                 tracing::info!("certificate past two thirds of its life; renewing in-band");
@@ -496,6 +502,18 @@ async fn apply_trust_bundle(
             )
             .context("writing trust.version")?;
             lock(&shared.verifier).trusted = keys;
+            if let Some(newest) = doc.ca_pems.last() {
+                let all: String = doc.ca_pems.concat();
+                crate::config::write_atomic(&shared.dir.ca_file(), all.as_bytes())
+                    .context("writing ca.pem")?;
+                let ours = identity::load(&shared.dir)?;
+                if !stella_pki::issued_by(&ours.cert_der, newest) {
+                    tracing::info!("a new CA is being rolled out; renewing under it");
+                    shared
+                        .renew_now
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
             *lock(&shared.trust_version) = doc.version;
             tracing::info!(version = doc.version, "trust bundle updated");
             doc.version

@@ -137,7 +137,8 @@ pub async fn enroll(state: &AppState, req: EnrollRequest) -> ApiResult<EnrollRes
     let agent_id = new_id("agt");
     let issued = state
         .keys
-        .ca
+        .cas()
+        .issuing()
         .sign_agent_csr(
             &req.csr_pem,
             &state.keys.trust_domain,
@@ -200,7 +201,9 @@ pub async fn enroll(state: &AppState, req: EnrollRequest) -> ApiResult<EnrollRes
         agent_endpoint: state.config.agent_endpoint.clone(),
         trust_bundle_version: bundle_version,
         trust_bundle: TrustBundle {
-            ca_pem: state.keys.ca.cert_pem().to_string(),
+            // The CA of the server chain first (the agent checks it against its pin), then any
+            // CA being rolled out.
+            ca_pem: state.keys.cas().trusted_pem(),
             job_signing_keys: bundle.job_signing_keys,
             trust_domain: state.keys.trust_domain.clone(),
         },
@@ -467,7 +470,8 @@ pub async fn renew_certificate(
     }
     let issued = state
         .keys
-        .ca
+        .cas()
+        .issuing()
         .sign_agent_csr(
             csr_pem,
             &state.keys.trust_domain,
@@ -541,8 +545,11 @@ pub async fn renew_offline(
         .map_err(|_| refuse("the certificate cannot be parsed"))?;
     state
         .keys
-        .ca
-        .verify_issued(&der)
+        .cas()
+        .trusted()
+        .iter()
+        .find_map(|ca| ca.verify_issued(&der).ok())
+        .ok_or(())
         .map_err(|_| refuse("the certificate was not issued by this plane's CA"))?;
     let id = stella_pki::agent_id_from_cert(&der, &state.keys.trust_domain)
         .map_err(|e| refuse(&e.to_string()))?;

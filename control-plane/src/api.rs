@@ -25,6 +25,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/agents/{id}/revoke", post(revoke_agent))
         .route("/v1/trust", get(trust_status))
         .route("/v1/trust/job-key/rotate", post(rotate_job_key))
+        .route("/v1/trust/ca/rotate", post(rotate_ca))
         .route("/v1/environments", post(create_env).get(list_envs))
         .route("/v1/environments/{name}", get(show_env))
         .route("/v1/targets", post(create_target).get(list_targets))
@@ -146,6 +147,15 @@ async fn rotate_job_key(
 ) -> ApiResult<impl IntoResponse> {
     authorize(&state, &headers).await?;
     Ok(Json(crate::trust::rotate(&state, req).await?))
+}
+
+async fn rotate_ca(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    Body(req): Body<crate::trust::RotateRequest>,
+) -> ApiResult<impl IntoResponse> {
+    authorize(&state, &headers).await?;
+    Ok(Json(crate::trust::rotate_ca(&state, req).await?))
 }
 
 async fn list_tokens(

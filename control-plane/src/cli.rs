@@ -84,6 +84,9 @@ enum Command {
     /// Job-signing keys: status and rotation with overlap (`start`, then `finish`).
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// The certificate authority: status and rotation with overlap (`start`, then `finish`).
+    #[command(subcommand)]
+    Ca(KeysCommand),
     /// Environments (dev, stage, prod).
     #[command(alias = "envs", alias = "environment")]
     Env {
@@ -442,26 +445,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Keys(cmd) => {
-            let client = ApiClient::connect(&conn)?;
-            let status: TrustStatus = match cmd {
-                KeysCommand::Status => client.get("/v1/trust").await?,
-                KeysCommand::Rotate(RotatePhase::Start) => {
-                    client
-                        .post("/v1/trust/job-key/rotate", &json!({"phase": "start"}))
-                        .await?
-                }
-                KeysCommand::Rotate(RotatePhase::Finish { force }) => {
-                    client
-                        .post(
-                            "/v1/trust/job-key/rotate",
-                            &json!({"phase": "finish", "force": force}),
-                        )
-                        .await?
-                }
-            };
-            render(out, &status, print_trust)
-        }
+        Command::Keys(cmd) => rotation(&conn, out, "/v1/trust/job-key/rotate", cmd).await,
+        Command::Ca(cmd) => rotation(&conn, out, "/v1/trust/ca/rotate", cmd).await,
         Command::Env { command } => {
             let client = ApiClient::connect(&conn)?;
             match command.unwrap_or(EnvCommand::List) {
@@ -918,14 +903,40 @@ fn print_deployment(d: &Deployment) {
     }
 }
 
+/// `stella keys …` and `stella ca …`: the same phases against their own endpoint.
+async fn rotation(
+    conn: &ConnectionArgs,
+    out: Output,
+    path: &str,
+    cmd: KeysCommand,
+) -> anyhow::Result<()> {
+    let client = ApiClient::connect(conn)?;
+    let status: TrustStatus = match cmd {
+        KeysCommand::Status => client.get("/v1/trust").await?,
+        KeysCommand::Rotate(RotatePhase::Start) => {
+            client.post(path, &json!({"phase": "start"})).await?
+        }
+        KeysCommand::Rotate(RotatePhase::Finish { force }) => {
+            client
+                .post(path, &json!({"phase": "finish", "force": force}))
+                .await?
+        }
+    };
+    render(out, &status, print_trust)
+}
+
 fn print_trust(t: &TrustStatus) {
     println!("trust bundle version {} ({})", t.bundle_version, t.phase);
+    println!("CA:          {}", t.ca_fingerprint);
+    if let Some(next) = &t.next_ca_fingerprint {
+        println!("staged CA:   {next}");
+    }
     println!("signing key: {}", t.active_key_id);
     if let Some(next) = &t.next_key_id {
         println!("staged key:  {next}");
     }
     table(
-        &["AGENT", "NAME", "BUNDLE", "UP TO DATE"],
+        &["AGENT", "NAME", "BUNDLE", "UP TO DATE", "NEWEST CA"],
         t.agents
             .iter()
             .map(|a| {
@@ -934,6 +945,7 @@ fn print_trust(t: &TrustStatus) {
                     a.name.clone(),
                     a.trust_bundle_version.to_string(),
                     if a.up_to_date { "yes" } else { "no" }.to_string(),
+                    if a.on_newest_ca { "yes" } else { "no" }.to_string(),
                 ]
             })
             .collect(),

@@ -1,16 +1,26 @@
-//! The plane's key material on disk: CA, TLS server certificate and job-signing key.
+//! The plane's key material on disk: CA(s), TLS server certificate and job-signing keys.
 //!
 //! Created on first start under `<data-dir>/pki/`; private keys are written mode 0600 and never
 //! leave the plane. The server certificate is re-issued at every start (it is cheap and agents
 //! trust the CA, not the leaf), so it never reaches its expiry while the plane is maintained.
+//! During a rotation a second CA (`ca.next.*`) or job key (`job-signing.next.key`) is staged next
+//! to the active one; both are read back at start, so a restart keeps the rotation going.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use stella_pki::{CertificateAuthority, SigningKey, write_secret_file};
 
 const SERVER_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+pub const CA_CERT_FILE: &str = "ca.pem";
+pub const CA_KEY_FILE: &str = "ca.key";
+pub const NEXT_CA_CERT_FILE: &str = "ca.next.pem";
+pub const NEXT_CA_KEY_FILE: &str = "ca.next.key";
+pub const JOB_KEY_FILE: &str = "job-signing.key";
+pub const NEXT_JOB_KEY_FILE: &str = "job-signing.next.key";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeysError {
@@ -26,16 +36,6 @@ pub enum KeysError {
     },
 }
 
-pub struct PlaneKeys {
-    pub ca: CertificateAuthority,
-    pub server_cert_pem: String,
-    pub server_key_pem: String,
-    /// Job-signing keys change at run time (rotation), hence the lock.
-    pub job_keys: std::sync::RwLock<JobKeys>,
-    pub trust_domain: String,
-    pub pki_dir: PathBuf,
-}
-
 /// The key that signs jobs now, and the one being rolled out to agents during a rotation.
 #[derive(Clone)]
 pub struct JobKeys {
@@ -43,23 +43,48 @@ pub struct JobKeys {
     pub next: Option<SigningKey>,
 }
 
-pub const JOB_KEY_FILE: &str = "job-signing.key";
-pub const NEXT_JOB_KEY_FILE: &str = "job-signing.next.key";
+/// The CA that signed the server certificate, and the one being rolled out during a rotation.
+#[derive(Clone)]
+pub struct CaSet {
+    pub active: Arc<CertificateAuthority>,
+    pub next: Option<Arc<CertificateAuthority>>,
+}
 
-impl PlaneKeys {
-    pub fn job_keys(&self) -> JobKeys {
-        self.job_keys
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+impl CaSet {
+    /// New agent certificates come from the newest CA, so agents move over by renewing.
+    pub fn issuing(&self) -> Arc<CertificateAuthority> {
+        self.next.clone().unwrap_or_else(|| self.active.clone())
     }
 
-    pub fn set_job_keys(&self, keys: JobKeys) {
-        *self
-            .job_keys
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = keys;
+    /// Every CA whose certificates are accepted, the active one first.
+    pub fn trusted(&self) -> Vec<Arc<CertificateAuthority>> {
+        let mut out = vec![self.active.clone()];
+        out.extend(self.next.clone());
+        out
     }
+
+    pub fn trusted_pem(&self) -> String {
+        self.trusted()
+            .iter()
+            .map(|ca| ca.cert_pem().to_string())
+            .collect()
+    }
+}
+
+#[derive(Clone)]
+pub struct ServerCert {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+pub struct PlaneKeys {
+    cas: RwLock<CaSet>,
+    server: RwLock<ServerCert>,
+    /// Job-signing keys change at run time (rotation), hence the lock.
+    job_keys: RwLock<JobKeys>,
+    pub trust_domain: String,
+    pub pki_dir: PathBuf,
+    hostnames: Vec<String>,
 }
 
 fn read(path: &Path) -> Result<String, KeysError> {
@@ -76,6 +101,13 @@ fn write_secret(path: &Path, contents: &str) -> Result<(), KeysError> {
     })
 }
 
+fn write_public(path: &Path, contents: &str) -> Result<(), KeysError> {
+    std::fs::write(path, contents).map_err(|source| KeysError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 fn pki_err(path: &Path) -> impl FnOnce(stella_pki::PkiError) -> KeysError + '_ {
     move |source| KeysError::Pki {
         path: path.to_path_buf(),
@@ -83,9 +115,40 @@ fn pki_err(path: &Path) -> impl FnOnce(stella_pki::PkiError) -> KeysError + '_ {
     }
 }
 
+fn read_lock<T: Clone>(lock: &RwLock<T>) -> T {
+    lock.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+fn write_lock<T>(lock: &RwLock<T>, value: T) {
+    *lock.write().unwrap_or_else(|p| p.into_inner()) = value;
+}
+
+fn load_ca(dir: &Path, cert: &str, key: &str) -> Result<Option<CertificateAuthority>, KeysError> {
+    let (cert, key) = (dir.join(cert), dir.join(key));
+    if cert.exists() && key.exists() {
+        Ok(Some(
+            CertificateAuthority::from_pem(&read(&cert)?, &read(&key)?).map_err(pki_err(&cert))?,
+        ))
+    } else {
+        Ok(None)
+    }
+}
+
+/// Writes a CA's key, then its certificate: a crash between the two writes leaves no
+/// certificate without its key.
+pub fn store_ca(
+    dir: &Path,
+    ca: &CertificateAuthority,
+    cert: &str,
+    key: &str,
+) -> Result<(), KeysError> {
+    write_secret(&dir.join(key), &ca.key_pem())?;
+    write_public(&dir.join(cert), ca.cert_pem())
+}
+
 impl PlaneKeys {
-    /// Loads the CA and job-signing key from `pki_dir`, creating them on first start, and issues
-    /// a fresh server certificate for `hostnames` (plus localhost and the loopback addresses).
+    /// Loads the CA(s) and job-signing key(s) from `pki_dir`, creating them on first start, and
+    /// issues a fresh server certificate for `hostnames` (plus localhost and loopback addresses).
     pub fn load_or_create(
         pki_dir: &Path,
         trust_domain: &str,
@@ -95,23 +158,26 @@ impl PlaneKeys {
             path: pki_dir.to_path_buf(),
             source,
         })?;
-        let ca_cert = pki_dir.join("ca.pem");
-        let ca_key = pki_dir.join("ca.key");
-        let ca = if ca_cert.exists() && ca_key.exists() {
-            CertificateAuthority::from_pem(&read(&ca_cert)?, &read(&ca_key)?)
-                .map_err(pki_err(&ca_cert))?
-        } else {
-            let ca = CertificateAuthority::generate("Stella control plane CA")
-                .map_err(pki_err(&ca_cert))?;
-            // Key first: a crash between the two writes leaves no certificate without its key.
-            write_secret(&ca_key, &ca.key_pem())?;
-            std::fs::write(&ca_cert, ca.cert_pem()).map_err(|source| KeysError::Io {
-                path: ca_cert.clone(),
-                source,
-            })?;
-            tracing::info!(fingerprint = %ca.fingerprint(), "created a new certificate authority");
-            ca
+        // A crash in the middle of finishing a CA rotation can leave the new key next to the old
+        // certificate; the staged pair is still there, so finish the switch.
+        if load_ca(pki_dir, CA_CERT_FILE, CA_KEY_FILE).is_err()
+            && let Some(next) = load_ca(pki_dir, NEXT_CA_CERT_FILE, NEXT_CA_KEY_FILE)?
+        {
+            store_ca(pki_dir, &next, CA_CERT_FILE, CA_KEY_FILE)?;
+            let _ = std::fs::remove_file(pki_dir.join(NEXT_CA_CERT_FILE));
+            let _ = std::fs::remove_file(pki_dir.join(NEXT_CA_KEY_FILE));
+        }
+        let active = match load_ca(pki_dir, CA_CERT_FILE, CA_KEY_FILE)? {
+            Some(ca) => ca,
+            None => {
+                let ca = CertificateAuthority::generate("Stella control plane CA")
+                    .map_err(pki_err(&pki_dir.join(CA_CERT_FILE)))?;
+                store_ca(pki_dir, &ca, CA_CERT_FILE, CA_KEY_FILE)?;
+                tracing::info!(fingerprint = %ca.fingerprint(), "created a new certificate authority");
+                ca
+            }
         };
+        let next = load_ca(pki_dir, NEXT_CA_CERT_FILE, NEXT_CA_KEY_FILE)?;
 
         let job_key_path = pki_dir.join(JOB_KEY_FILE);
         let job_key = if job_key_path.exists() {
@@ -125,49 +191,93 @@ impl PlaneKeys {
             tracing::info!(key_id = key.key_id(), "created a new job-signing key");
             key
         };
+        let next_job_key = match pki_dir.join(NEXT_JOB_KEY_FILE) {
+            p if p.exists() => Some(SigningKey::from_pem(&read(&p)?).map_err(pki_err(&p))?),
+            _ => None,
+        };
 
-        let mut dns: Vec<String> = vec!["localhost".to_string()];
-        let mut ips: Vec<IpAddr> = vec![
-            IpAddr::from([127, 0, 0, 1]),
-            IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]),
-        ];
-        for name in hostnames {
-            match name.parse::<IpAddr>() {
-                Ok(ip) if !ips.contains(&ip) => ips.push(ip),
-                Ok(_) => {}
-                Err(_) if !dns.contains(name) => dns.push(name.clone()),
-                Err(_) => {}
-            }
-        }
-        let server_cert_path = pki_dir.join("server.pem");
-        let issued = ca
-            .issue_server_cert(&dns, &ips, SERVER_CERT_VALIDITY)
-            .map_err(pki_err(&server_cert_path))?;
-        write_secret(&pki_dir.join("server.key"), &issued.key_pem)?;
-        std::fs::write(&server_cert_path, &issued.cert_pem).map_err(|source| KeysError::Io {
-            path: server_cert_path.clone(),
-            source,
-        })?;
-
+        let server = issue_server(pki_dir, &active, hostnames)?;
         Ok(Self {
-            ca,
-            server_cert_pem: issued.cert_pem,
-            server_key_pem: issued.key_pem,
-            job_keys: std::sync::RwLock::new(JobKeys {
+            cas: RwLock::new(CaSet {
+                active: Arc::new(active),
+                next: next.map(Arc::new),
+            }),
+            server: RwLock::new(server),
+            job_keys: RwLock::new(JobKeys {
                 active: job_key,
-                next: match pki_dir.join(NEXT_JOB_KEY_FILE) {
-                    p if p.exists() => Some(SigningKey::from_pem(&read(&p)?).map_err(pki_err(&p))?),
-                    _ => None,
-                },
+                next: next_job_key,
             }),
             trust_domain: trust_domain.to_string(),
             pki_dir: pki_dir.to_path_buf(),
+            hostnames: hostnames.to_vec(),
         })
     }
 
-    /// The server certificate followed by the CA, as presented in TLS handshakes; agents that
+    pub fn job_keys(&self) -> JobKeys {
+        read_lock(&self.job_keys)
+    }
+
+    pub fn set_job_keys(&self, keys: JobKeys) {
+        write_lock(&self.job_keys, keys);
+    }
+
+    pub fn cas(&self) -> CaSet {
+        read_lock(&self.cas)
+    }
+
+    pub fn set_cas(&self, cas: CaSet) {
+        write_lock(&self.cas, cas);
+    }
+
+    /// The CA that signs the server certificate; agents enrolling now pin this one.
+    pub fn ca(&self) -> Arc<CertificateAuthority> {
+        self.cas().active
+    }
+
+    pub fn server(&self) -> ServerCert {
+        read_lock(&self.server)
+    }
+
+    /// Re-issues the server certificate from the active CA (after a CA rotation).
+    pub fn reissue_server(&self) -> Result<(), KeysError> {
+        let server = issue_server(&self.pki_dir, &self.ca(), &self.hostnames)?;
+        write_lock(&self.server, server);
+        Ok(())
+    }
+
+    /// The server certificate followed by its CA, as presented in TLS handshakes; agents that
     /// enroll by fingerprint find the CA in this chain.
     pub fn server_chain_pem(&self) -> String {
-        format!("{}{}", self.server_cert_pem, self.ca.cert_pem())
+        format!("{}{}", self.server().cert_pem, self.ca().cert_pem())
     }
+}
+
+fn issue_server(
+    pki_dir: &Path,
+    ca: &CertificateAuthority,
+    hostnames: &[String],
+) -> Result<ServerCert, KeysError> {
+    let mut dns: Vec<String> = vec!["localhost".to_string()];
+    let mut ips: Vec<IpAddr> = vec![
+        IpAddr::from([127, 0, 0, 1]),
+        IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]),
+    ];
+    for name in hostnames {
+        match name.parse::<IpAddr>() {
+            Ok(ip) if !ips.contains(&ip) => ips.push(ip),
+            Ok(_) => {}
+            Err(_) if !dns.contains(name) => dns.push(name.clone()),
+            Err(_) => {}
+        }
+    }
+    let server_cert_path = pki_dir.join("server.pem");
+    let issued = ca
+        .issue_server_cert(&dns, &ips, SERVER_CERT_VALIDITY)
+        .map_err(pki_err(&server_cert_path))?;
+    write_secret(&pki_dir.join("server.key"), &issued.key_pem)?;
+    write_public(&server_cert_path, &issued.cert_pem)?;
+    Ok(ServerCert {
+        cert_pem: issued.cert_pem,
+        key_pem: issued.key_pem,
+    })
 }

@@ -132,40 +132,25 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
         enrollment_refusals: Default::default(),
         enrollment_limiter: Default::default(),
         handshake_refusals: handshake_refusals.clone(),
+        tls: Default::default(),
         keys,
     });
 
     crate::trust::ensure_initial_bundle(&state)
         .await
         .map_err(|e| anyhow::anyhow!("publishing the first trust bundle: {e}"))?;
-    let tls = Arc::new(stella_pki::server_config(
-        &state.keys.server_cert_pem,
-        &state.keys.server_key_pem,
-        state.keys.ca.cert_pem(),
-    )?);
+    state.tls.rebuild(&state.keys, &state.handshake_refusals)?;
     let api_task = tokio::spawn(serve_api(
         api_listener,
-        tls,
+        state.clone(),
         api::router(state.clone()),
         shutdown_rx.clone(),
     ));
 
     // The agent endpoint terminates mTLS itself (rather than through tonic) so that refused
-    // client certificates are counted by reason.
-    let observer_counts = handshake_refusals.clone();
-    let mut agent_tls = stella_pki::server_config_mtls_observed(
-        &state.keys.server_cert_pem,
-        &state.keys.server_key_pem,
-        state.keys.ca.cert_pem(),
-        Arc::new(move |reason| crate::state::count(&observer_counts, reason)),
-    )?;
-    agent_tls.alpn_protocols = vec![b"h2".to_vec()];
-    let incoming = tls_incoming(
-        agent_listener,
-        Arc::new(agent_tls),
-        handshake_refusals,
-        shutdown_rx.clone(),
-    );
+    // client certificates are counted by reason, and so its trusted CAs can change at run time
+    // (CA rotation).
+    let incoming = tls_incoming(agent_listener, state.clone(), shutdown_rx.clone());
     let mut grpc_shutdown = shutdown_rx.clone();
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
@@ -188,7 +173,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
     Ok(RunningPlane {
         api_url,
         agent_url,
-        ca_fingerprint: state.keys.ca.fingerprint(),
+        ca_fingerprint: state.keys.ca().fingerprint(),
         admin_token_path,
         state,
         shutdown: shutdown_tx,
@@ -214,11 +199,10 @@ impl RunningPlane {
 
 async fn serve_api(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    state: SharedState,
     router: axum::Router,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -230,7 +214,7 @@ async fn serve_api(
             },
             _ = shutdown.wait_for(|v| *v) => return,
         };
-        let acceptor = acceptor.clone();
+        let acceptor = tokio_rustls::TlsAcceptor::from(state.tls.api());
         // Handlers that rate-limit by source address read it from this extension.
         let service = TowerToHyperService::new(
             router
@@ -263,12 +247,11 @@ type AgentTlsStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
 /// others), yielding established mTLS streams to the gRPC server.
 fn tls_incoming(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    refusals: RefusalCounts,
+    state: SharedState,
     mut shutdown: watch::Receiver<bool>,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<AgentTlsStream, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(256);
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let refusals = state.handshake_refusals.clone();
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = tokio::select! {
@@ -282,7 +265,9 @@ fn tls_incoming(
                 _ = shutdown.wait_for(|v| *v) => return,
             };
             let _ = tcp.set_nodelay(true);
-            let (acceptor, tx, refusals) = (acceptor.clone(), tx.clone(), refusals.clone());
+            // The current configuration: trusted CAs change during a CA rotation.
+            let acceptor = tokio_rustls::TlsAcceptor::from(state.tls.agent());
+            let (tx, refusals) = (tx.clone(), refusals.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {

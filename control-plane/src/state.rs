@@ -36,6 +36,82 @@ pub struct AppState {
     pub enrollment_limiter: EnrollmentLimiter,
     /// Client certificates refused during TLS handshakes on the agent endpoint, by reason.
     pub handshake_refusals: RefusalCounts,
+    /// TLS configurations of the API and the agent endpoint, rebuilt when CAs rotate.
+    pub tls: TlsConfigs,
+}
+
+#[derive(Default)]
+pub struct TlsConfigs {
+    api: std::sync::RwLock<Option<std::sync::Arc<rustls::ServerConfig>>>,
+    agent: std::sync::RwLock<Option<std::sync::Arc<rustls::ServerConfig>>>,
+}
+
+impl TlsConfigs {
+    /// Builds both configurations from the current server certificate and trusted CAs.
+    pub fn rebuild(
+        &self,
+        keys: &crate::keys::PlaneKeys,
+        refusals: &RefusalCounts,
+    ) -> Result<(), stella_pki::PkiError> {
+        let server = keys.server();
+        let cas = keys.cas().trusted_pem();
+        let api = stella_pki::server_config(&server.cert_pem, &server.key_pem, &cas)?;
+        let counts = refusals.clone();
+        let mut agent = stella_pki::server_config_mtls_observed(
+            &server.cert_pem,
+            &server.key_pem,
+            &cas,
+            std::sync::Arc::new(move |reason| count(&counts, reason)),
+        )?;
+        agent.alpn_protocols = vec![b"h2".to_vec()];
+        *self.api.write().unwrap_or_else(|p| p.into_inner()) = Some(std::sync::Arc::new(api));
+        *self.agent.write().unwrap_or_else(|p| p.into_inner()) = Some(std::sync::Arc::new(agent));
+        Ok(())
+    }
+
+    fn get(
+        lock: &std::sync::RwLock<Option<std::sync::Arc<rustls::ServerConfig>>>,
+    ) -> std::sync::Arc<rustls::ServerConfig> {
+        lock.read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| std::sync::Arc::new(unconfigured()))
+    }
+
+    pub fn api(&self) -> std::sync::Arc<rustls::ServerConfig> {
+        Self::get(&self.api)
+    }
+
+    pub fn agent(&self) -> std::sync::Arc<rustls::ServerConfig> {
+        Self::get(&self.agent)
+    }
+}
+
+/// A configuration that completes no handshake: used only if a listener runs before `rebuild`.
+fn unconfigured() -> rustls::ServerConfig {
+    #[derive(Debug)]
+    struct NoCert;
+    impl rustls::server::ResolvesServerCert for NoCert {
+        fn resolve(
+            &self,
+            _: rustls::server::ClientHello<'_>,
+        ) -> Option<std::sync::Arc<rustls::sign::CertifiedKey>> {
+            None
+        }
+    }
+    rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map(|b| {
+        b.with_no_client_auth()
+            .with_cert_resolver(std::sync::Arc::new(NoCert))
+    })
+    .unwrap_or_else(|_| {
+        rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_cert_resolver(std::sync::Arc::new(NoCert))
+    })
 }
 
 /// Counts by reason, shared with code that runs outside request handlers (TLS verifiers).

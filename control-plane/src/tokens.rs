@@ -168,7 +168,7 @@ pub async fn create_join_token(
         id,
         token,
         expires_at: rfc3339(expires_at),
-        ca_fingerprint: state.keys.ca.fingerprint(),
+        ca_fingerprint: state.keys.ca().fingerprint(),
         labels: req.labels,
         max_uses: req.max_uses,
     })

@@ -47,6 +47,13 @@ async fn publish(
     let doc = TrustBundleDocument {
         version,
         job_signing_keys: keys,
+        ca_pems: state
+            .keys
+            .cas()
+            .trusted()
+            .iter()
+            .map(|ca| ca.cert_pem().to_string())
+            .collect(),
     };
     let mut env: Option<stella_pki::Envelope> = None;
     for signer in signers {
@@ -91,11 +98,16 @@ pub struct AgentTrust {
     pub name: String,
     pub trust_bundle_version: u64,
     pub up_to_date: bool,
+    /// Whether the agent's current certificate comes from the newest CA.
+    pub on_newest_ca: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct TrustStatus {
     pub bundle_version: u64,
+    pub ca_fingerprint: String,
+    /// The CA being rolled out, during a CA rotation.
+    pub next_ca_fingerprint: Option<String>,
     /// `idle` or `rotating` (a new key is staged and being distributed).
     pub phase: String,
     pub active_key_id: String,
@@ -106,13 +118,17 @@ pub struct TrustStatus {
 pub async fn status(state: &AppState) -> ApiResult<TrustStatus> {
     let keys = state.keys.job_keys();
     let version = current(&state.db).await?.map(|(v, _)| v).unwrap_or(0);
-    let rows: Vec<(String, String, i64)> = sqlx::query_as(
-        "SELECT id, name, trust_bundle_version FROM agents WHERE status != 'revoked' ORDER BY enrolled_at, id",
+    let rows: Vec<(String, String, i64, String)> = sqlx::query_as(
+        "SELECT id, name, trust_bundle_version, cert_pem FROM agents WHERE status != 'revoked' ORDER BY enrolled_at, id",
     )
     .fetch_all(&state.db)
     .await?;
+    let cas = state.keys.cas();
+    let newest = cas.issuing();
     Ok(TrustStatus {
         bundle_version: version,
+        ca_fingerprint: cas.active.fingerprint(),
+        next_ca_fingerprint: cas.next.as_ref().map(|c| c.fingerprint()),
         phase: if keys.next.is_some() {
             "rotating"
         } else {
@@ -123,7 +139,10 @@ pub async fn status(state: &AppState) -> ApiResult<TrustStatus> {
         next_key_id: keys.next.as_ref().map(|k| k.key_id().to_string()),
         agents: rows
             .into_iter()
-            .map(|(id, name, v)| AgentTrust {
+            .map(|(id, name, v, cert_pem)| AgentTrust {
+                on_newest_ca: stella_pki::cert_der_from_pem(&cert_pem)
+                    .map(|der| newest.verify_issued(&der).is_ok())
+                    .unwrap_or(false),
                 id,
                 name,
                 trust_bundle_version: v as u64,
@@ -256,6 +275,97 @@ pub async fn rotate(state: &AppState, req: RotateRequest) -> ApiResult<TrustStat
     match req.phase.as_str() {
         "start" => rotate_start(state).await,
         "finish" => rotate_finish(state, req.force).await,
+        other => Err(ApiError::BadRequest(format!(
+            "unknown rotation phase {other:?}; expected start or finish"
+        ))),
+    }
+}
+
+/// Stages a new CA: agents trust it next to the current one and renew under it.
+pub async fn rotate_ca_start(state: &AppState) -> ApiResult<TrustStatus> {
+    let mut cas = state.keys.cas();
+    if cas.next.is_none() {
+        let name = format!(
+            "Stella control plane CA {}",
+            crate::store::rfc3339(now_ms())
+        );
+        let next = stella_pki::CertificateAuthority::generate(&name)?;
+        crate::keys::store_ca(
+            &state.keys.pki_dir,
+            &next,
+            crate::keys::NEXT_CA_CERT_FILE,
+            crate::keys::NEXT_CA_KEY_FILE,
+        )
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        cas.next = Some(std::sync::Arc::new(next));
+        state.keys.set_cas(cas.clone());
+        state.tls.rebuild(&state.keys, &state.handshake_refusals)?;
+        let keys = state.keys.job_keys();
+        publish(state, &[&keys.active], bundle_keys(&keys)).await?;
+        tracing::warn!(
+            next_ca = cas
+                .next
+                .as_ref()
+                .map(|c| c.fingerprint())
+                .unwrap_or_default(),
+            "CA rotation started"
+        );
+    }
+    status(state).await
+}
+
+/// Makes the new CA the only one once every agent holds a certificate from it (or `force`):
+/// the server certificate switches, the old CA leaves the trust bundle.
+pub async fn rotate_ca_finish(state: &AppState, force: bool) -> ApiResult<TrustStatus> {
+    let cas = state.keys.cas();
+    let Some(next) = cas.next.clone() else {
+        return Err(ApiError::Conflict(
+            "no CA rotation is under way; run `stella ca rotate start` first".to_string(),
+        ));
+    };
+    let before = status(state).await?;
+    let lagging: Vec<String> = before
+        .agents
+        .iter()
+        .filter(|a| !a.on_newest_ca)
+        .map(|a| format!("{} ({})", a.name, a.id))
+        .collect();
+    if !lagging.is_empty() && !force {
+        return Err(ApiError::Conflict(format!(
+            "{} agent(s) still hold a certificate from the old CA: {}; wait for them to renew, or --force (they will need a new join token)",
+            lagging.len(),
+            lagging.join("; ")
+        )));
+    }
+    let dir = &state.keys.pki_dir;
+    crate::keys::store_ca(
+        dir,
+        &next,
+        crate::keys::CA_CERT_FILE,
+        crate::keys::CA_KEY_FILE,
+    )
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let _ = std::fs::remove_file(dir.join(crate::keys::NEXT_CA_CERT_FILE));
+    let _ = std::fs::remove_file(dir.join(crate::keys::NEXT_CA_KEY_FILE));
+    state.keys.set_cas(crate::keys::CaSet {
+        active: next,
+        next: None,
+    });
+    state
+        .keys
+        .reissue_server()
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    state.tls.rebuild(&state.keys, &state.handshake_refusals)?;
+    let keys = state.keys.job_keys();
+    publish(state, &[&keys.active], bundle_keys(&keys)).await?;
+    tracing::warn!(ca = state.keys.ca().fingerprint(), "CA rotation finished");
+    status(state).await
+}
+
+pub async fn rotate_ca(state: &AppState, req: RotateRequest) -> ApiResult<TrustStatus> {
+    match req.phase.as_str() {
+        "start" => rotate_ca_start(state).await,
+        "finish" => rotate_ca_finish(state, req.force).await,
         other => Err(ApiError::BadRequest(format!(
             "unknown rotation phase {other:?}; expected start or finish"
         ))),

@@ -16,6 +16,10 @@ pub struct TrustBundleDocument {
     /// Strictly increasing; an agent never goes back to an older bundle.
     pub version: u64,
     pub job_signing_keys: Vec<PublicKeyRecord>,
+    /// CA certificates (PEM) the agent trusts for the plane and that issue agent certificates,
+    /// the one serving the plane first. Empty in bundles that do not change CAs.
+    #[serde(default)]
+    pub ca_pems: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -70,6 +74,7 @@ mod tests {
         let doc = TrustBundleDocument {
             version: 2,
             job_signing_keys: vec![old.public_key(), new.public_key()],
+            ca_pems: vec![],
         };
         let env = sign_bundle(&old, &doc).unwrap();
         assert_eq!(verify_bundle(&trusted, 1, &env).unwrap(), doc);
@@ -88,6 +93,7 @@ mod tests {
             &TrustBundleDocument {
                 version: 3,
                 job_signing_keys: vec![],
+                ca_pems: vec![],
             },
         )
         .unwrap();

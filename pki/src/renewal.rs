@@ -26,6 +26,20 @@ pub fn cert_matches_key(cert_der: &[u8], key_pem: &str) -> bool {
     cert.tbs_certificate.subject_pki.raw == key.subject_public_key_info().as_slice()
 }
 
+/// Whether `cert_der` was signed by the CA certificate `ca_pem` (dates not checked).
+pub fn issued_by(cert_der: &[u8], ca_pem: &str) -> bool {
+    let Ok(ca_der) = crate::cert_der_from_pem(ca_pem) else {
+        return false;
+    };
+    let (Ok((_, ca)), Ok((_, cert))) = (
+        x509_parser::certificate::X509Certificate::from_der(&ca_der),
+        x509_parser::certificate::X509Certificate::from_der(cert_der),
+    ) else {
+        return false;
+    };
+    cert.verify_signature(Some(ca.public_key())).is_ok()
+}
+
 /// Validity window of a certificate as unix seconds (not before, not after).
 pub fn cert_validity(cert_der: &[u8]) -> Option<(i64, i64)> {
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(cert_der).ok()?;

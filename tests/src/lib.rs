@@ -650,3 +650,63 @@ impl Drop for Sshd {
         let _ = self.child.wait();
     }
 }
+
+#[derive(Debug)]
+struct Fixed(std::sync::Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for Fixed {
+    fn resolve(
+        &self,
+        _: &[&[u8]],
+        _: &[rustls::SignatureScheme],
+    ) -> Option<std::sync::Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// A raw mTLS handshake with exactly this certificate and key (which need not match);
+/// returns whether the plane completed it and answered.
+pub fn handshake(plane: &Plane, cert_pem: &str, key_pem: &str) -> bool {
+    let ca_pem = std::fs::read_to_string(plane.dir.join("pki/ca.pem")).expect("ca.pem");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cert = stella_pki::cert_der_from_pem(cert_pem).unwrap();
+    let key_der = rustls_pki_types::pem::PemObject::from_pem_slice(key_pem.as_bytes())
+        .map(|k: rustls_pki_types::PrivatePkcs8KeyDer<'static>| {
+            rustls_pki_types::PrivateKeyDer::Pkcs8(k)
+        })
+        .unwrap();
+    let signing = provider.key_provider.load_private_key(key_der).unwrap();
+    let certified = std::sync::Arc::new(rustls::sign::CertifiedKey::new(
+        vec![rustls_pki_types::CertificateDer::from(cert)],
+        signing,
+    ));
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from(
+            stella_pki::cert_der_from_pem(&ca_pem).unwrap(),
+        ))
+        .unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_cert_resolver(std::sync::Arc::new(Fixed(certified)));
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let port = plane.agent_port;
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        let Ok(mut tls) = connector.connect(rustls_pki_types::ServerName::try_from("localhost").unwrap(), tcp).await else {
+            return false;
+        };
+        // TLS 1.3 reports a refused client certificate on the first read after the handshake.
+        if tokio::io::AsyncWriteExt::write_all(&mut tls, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 64];
+        matches!(tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read(&mut tls, &mut buf)).await, Ok(Ok(n)) if n > 0)
+    })
+}

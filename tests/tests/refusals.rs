@@ -218,16 +218,23 @@ fn job_for_a_target_kind_the_agent_lacks_is_refused() {
         sign(&plane_key(stack), &p)
     });
     assert_refused(&case, &dep, "unsupported_target");
-    assert!(containers_of(&case.stack.target).is_empty(), "nothing executed");
+    assert!(
+        containers_of(&case.stack.target).is_empty(),
+        "nothing executed"
+    );
 }
 
 #[test]
 fn oversized_envelope_is_refused() {
     let (case, dep) = run_case(false, |stack, _, env| {
         let mut p = payload(env);
-        p.target.config = serde_json::json!({ "padding": "x".repeat(stella_pki::MAX_ENVELOPE_BYTES) });
+        p.target.config =
+            serde_json::json!({ "padding": "x".repeat(stella_pki::MAX_ENVELOPE_BYTES) });
         sign(&plane_key(stack), &p)
     });
     assert_refused(&case, &dep, "oversized");
-    assert!(containers_of(&case.stack.target).is_empty(), "nothing executed");
+    assert!(
+        containers_of(&case.stack.target).is_empty(),
+        "nothing executed"
+    );
 }

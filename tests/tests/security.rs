@@ -4,16 +4,11 @@
 //! (`stella_session_refusals_total{reason}`). The envelope half is `refusals.rs`, tokens are in
 //! `enrollment.rs` and `trust.rs`.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair, SanType};
-use rustls::client::ResolvesClientCert;
-use rustls::sign::CertifiedKey;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
-use stella_e2e::{Agent, Plane, wait_until};
+use stella_e2e::{Agent, Plane, handshake, wait_until};
 use time::OffsetDateTime;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Minted {
     cert_pem: String,
@@ -51,57 +46,6 @@ fn plane_ca(plane: &Plane) -> (String, String) {
         std::fs::read_to_string(plane.dir.join("pki/ca.pem")).unwrap(),
         std::fs::read_to_string(plane.dir.join("pki/ca.key")).unwrap(),
     )
-}
-
-#[derive(Debug)]
-struct Fixed(Arc<CertifiedKey>);
-
-impl ResolvesClientCert for Fixed {
-    fn resolve(&self, _: &[&[u8]], _: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.clone())
-    }
-    fn has_certs(&self) -> bool {
-        true
-    }
-}
-
-/// A raw mTLS handshake with exactly this certificate and key (which need not match);
-/// returns whether the plane completed it and answered.
-fn handshake(plane: &Plane, cert_pem: &str, key_pem: &str) -> bool {
-    let (ca_pem, _) = plane_ca(plane);
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cert = stella_pki::cert_der_from_pem(cert_pem).unwrap();
-    let key_der = rustls_pki_types::pem::PemObject::from_pem_slice(key_pem.as_bytes())
-        .map(|k: PrivatePkcs8KeyDer<'static>| PrivateKeyDer::Pkcs8(k))
-        .unwrap();
-    let signing = provider.key_provider.load_private_key(key_der).unwrap();
-    let certified = Arc::new(CertifiedKey::new(vec![CertificateDer::from(cert)], signing));
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from(
-            stella_pki::cert_der_from_pem(&ca_pem).unwrap(),
-        ))
-        .unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_cert_resolver(Arc::new(Fixed(certified)));
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let port = plane.agent_port;
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async move {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-        let Ok(mut tls) = connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await else {
-            return false;
-        };
-        // TLS 1.3 reports a refused client certificate on the first read after the handshake.
-        if tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.is_err() {
-            return false;
-        }
-        let mut buf = [0u8; 64];
-        matches!(tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await, Ok(Ok(n)) if n > 0)
-    })
 }
 
 /// Opens a gRPC session with a certificate that passes TLS; returns the gRPC status code.
