@@ -89,7 +89,7 @@ pub async fn enroll(state: &AppState, req: EnrollRequest) -> ApiResult<EnrollRes
     }
     let now = now_ms();
     let hash = stella_pki::hash_token(&req.token);
-    let mut tx = state.db.begin().await?;
+    let mut tx = crate::store::write_tx(&state.db).await?;
     let row = sqlx::query(
         "SELECT id, token_hash, labels, max_uses, uses, expires_at, revoked_at FROM join_tokens WHERE token_hash = ?",
     )

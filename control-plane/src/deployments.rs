@@ -93,7 +93,7 @@ pub async fn create(state: &AppState, req: CreateDeployment) -> ApiResult<Deploy
     let now = now_ms();
     let ttl_ms = state.config.job_ttl.as_millis() as i64;
     let signing_key = state.keys.job_keys().active;
-    let mut tx = state.db.begin().await?;
+    let mut tx = crate::store::write_tx(&state.db).await?;
     sqlx::query(
         "INSERT INTO deployments (id, release_id, environment_id, status, message, created_at, updated_at)
          VALUES (?, ?, ?, 'running', '', ?, ?)",
@@ -348,7 +348,7 @@ pub async fn record_result(
     receipt: &str,
 ) -> ApiResult<bool> {
     let now = now_ms();
-    let mut tx = state.db.begin().await?;
+    let mut tx = crate::store::write_tx(&state.db).await?;
     let row: Option<(String, String)> =
         sqlx::query_as("SELECT deployment_id, status FROM jobs WHERE id = ? AND agent_id = ?")
             .bind(&result.job_id)
@@ -385,7 +385,7 @@ pub async fn record_result(
 /// Fails a job the plane gave up on before delivery (its not-after passed), with the reason.
 pub async fn expire_job(state: &AppState, job_id: &str) -> ApiResult<()> {
     let now = now_ms();
-    let mut tx = state.db.begin().await?;
+    let mut tx = crate::store::write_tx(&state.db).await?;
     let row: Option<(String,)> = sqlx::query_as(
         "SELECT deployment_id FROM jobs WHERE id = ? AND status IN ('queued', 'offered')",
     )
@@ -413,7 +413,7 @@ pub async fn expire_job(state: &AppState, job_id: &str) -> ApiResult<()> {
 /// Cancels every unfinished job of an agent (it was revoked) and settles their deployments.
 pub async fn cancel_agent_jobs(state: &AppState, agent_id: &str, reason: &str) -> ApiResult<()> {
     let now = now_ms();
-    let mut tx = state.db.begin().await?;
+    let mut tx = crate::store::write_tx(&state.db).await?;
     let affected: Vec<(String,)> = sqlx::query_as(
         "SELECT DISTINCT deployment_id FROM jobs WHERE agent_id = ? AND status IN ('queued', 'offered', 'accepted')",
     )

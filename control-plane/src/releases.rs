@@ -101,7 +101,7 @@ pub async fn create(state: &AppState, req: CreateRelease) -> ApiResult<Release> 
     }
     let id = new_id("rel");
     let now = now_ms();
-    let mut tx = state.db.begin().await?;
+    let mut tx = crate::store::write_tx(&state.db).await?;
     let inserted = sqlx::query(
         "INSERT INTO releases (id, name, created_at) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING",
     )

@@ -64,3 +64,11 @@ pub fn rfc3339(ms: i64) -> String {
     ts.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
+
+/// Starts a write transaction. `BEGIN IMMEDIATE` takes the write lock up front: a deferred
+/// transaction that reads first and writes later fails at once with "database is locked" when
+/// another writer committed in between (SQLite cannot upgrade a stale read snapshot), whereas an
+/// immediate one waits for the busy timeout like any other writer.
+pub async fn write_tx(db: &Db) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+    db.begin_with("BEGIN IMMEDIATE").await
+}

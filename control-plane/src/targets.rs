@@ -316,7 +316,7 @@ pub async fn record_inventory(
     } else {
         now_ms()
     };
-    let mut tx = state.db.begin().await?;
+    let mut tx = crate::store::write_tx(&state.db).await?;
     for t in &report.targets {
         let row: Option<(String,)> =
             sqlx::query_as("SELECT id FROM targets WHERE name = ? AND agent_id = ?")

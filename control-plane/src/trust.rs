@@ -225,7 +225,7 @@ pub async fn rotate_finish(state: &AppState, force: bool) -> ApiResult<TrustStat
 /// Jobs not yet accepted by their agent are signed again with the new key (same payload, same
 /// sequence), so nothing waiting is stranded by the rotation.
 async fn resign_waiting_jobs(state: &AppState, key: &SigningKey) -> ApiResult<()> {
-    let mut tx = state.db.begin().await?;
+    let mut tx = crate::store::write_tx(&state.db).await?;
     let rows: Vec<(String, String)> =
         sqlx::query_as("SELECT id, envelope FROM jobs WHERE status IN ('queued', 'offered')")
             .fetch_all(&mut *tx)
