@@ -151,14 +151,7 @@ pub async fn enroll(dir: &DataDir, opts: EnrollOptions) -> Result<AgentConfig, E
         detail: e.to_string(),
     })?;
     if !status.is_success() {
-        let message = serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| {
-                v.pointer("/error/message")
-                    .and_then(|m| m.as_str())
-                    .map(str::to_string)
-            })
-            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+        let message = crate::config::api_error_message(&body);
         return Err(EnrollError::Refused(format!(
             "{message} (HTTP {})",
             status.as_u16()

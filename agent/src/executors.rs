@@ -1,5 +1,7 @@
-//! The executors this agent runs, keyed by capability. Which exist depends on the host: the
-//! docker executor only when a Docker engine answers.
+//! The executors this agent runs, keyed by capability. Which exist depends on the host: docker
+//! and compose only when a Docker engine (and a compose tool) answers; the remote-API executors
+//! (ssh, winrm, ecs, nomad) need nothing local — each target names its endpoint, and the
+//! credentials live in files or environment variables on this host.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -10,43 +12,47 @@ use crate::config::DataDir;
 
 pub type Executors = BTreeMap<String, Arc<dyn Executor>>;
 
+/// Every executor kind this agent build knows.
+pub const KINDS: &[&str] = &["docker", "compose", "ssh", "winrm", "ecs", "nomad"];
+
+async fn build(kind: &str, ctx: ExecutorContext) -> Result<Arc<dyn Executor>, String> {
+    let exec: Arc<dyn Executor> = match kind {
+        "docker" => Arc::new(
+            stella_plugin_docker::DockerExecutor::connect(ctx)
+                .await
+                .map_err(|e| format!("no Docker engine reachable: {e}"))?,
+        ),
+        "compose" => Arc::new(
+            stella_plugin_compose::ComposeExecutor::connect(ctx)
+                .await
+                .map_err(|e| format!("no Docker engine with a compose tool: {e}"))?,
+        ),
+        "ssh" => Arc::new(stella_plugin_ssh::SshExecutor::new(ctx)),
+        "winrm" => Arc::new(stella_plugin_winrm::WinrmExecutor::new(ctx)),
+        "ecs" => Arc::new(stella_plugin_ecs::EcsExecutor::new(ctx)),
+        "nomad" => Arc::new(stella_plugin_nomad::NomadExecutor::new(ctx)),
+        other => return Err(format!("unknown executor kind {other:?}")),
+    };
+    Ok(exec)
+}
+
 pub async fn detect(dir: &DataDir, disabled: &[String]) -> Executors {
     let mut out: Executors = BTreeMap::new();
-    if !disabled.iter().any(|d| d == "docker") {
+    for kind in KINDS {
+        if disabled.iter().any(|d| d == kind) {
+            continue;
+        }
         let ctx = ExecutorContext {
-            state_dir: dir.executor_dir("docker"),
+            state_dir: dir.executor_dir(kind),
         };
-        match stella_plugin_docker::DockerExecutor::connect(ctx).await {
+        match build(kind, ctx).await {
             Ok(exec) => {
-                out.insert("docker".to_string(), Arc::new(exec));
+                out.insert((*kind).to_string(), exec);
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "no Docker engine reachable; the docker capability is off")
+            Err(why) => {
+                tracing::warn!(kind, reason = %why, "executor unavailable; its capability is off")
             }
         }
-    }
-    if !disabled.iter().any(|d| d == "compose") {
-        let ctx = ExecutorContext {
-            state_dir: dir.executor_dir("compose"),
-        };
-        match stella_plugin_compose::ComposeExecutor::connect(ctx).await {
-            Ok(exec) => {
-                out.insert("compose".to_string(), Arc::new(exec));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "no Docker engine with a compose tool; the compose capability is off")
-            }
-        }
-    }
-    if !disabled.iter().any(|d| d == "ssh") {
-        // ssh needs nothing local: each target names its host and the key file on this host.
-        let ctx = ExecutorContext {
-            state_dir: dir.executor_dir("ssh"),
-        };
-        out.insert(
-            "ssh".to_string(),
-            Arc::new(stella_plugin_ssh::SshExecutor::new(ctx)),
-        );
     }
     out
 }

@@ -151,14 +151,7 @@ pub async fn renew_offline(
     let status = resp.status();
     let body = resp.bytes().await?;
     if !status.is_success() {
-        let message = serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| {
-                v.pointer("/error/message")
-                    .and_then(|m| m.as_str())
-                    .map(str::to_string)
-            })
-            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+        let message = crate::config::api_error_message(&body);
         bail!("renewal refused: {message} (HTTP {})", status.as_u16());
     }
     let answer: OfflineRenewResponse = serde_json::from_slice(&body)?;

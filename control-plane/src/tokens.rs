@@ -183,24 +183,11 @@ pub async fn ensure_admin_token(db: &Db, name: &str) -> Result<Option<String>, s
     if exists.is_some() {
         return Ok(None);
     }
-    let token = stella_pki::generate_api_token();
-    sqlx::query("INSERT INTO api_tokens (id, name, token_hash, created_at) VALUES (?, ?, ?, ?)")
-        .bind(new_id("at"))
-        .bind(name)
-        .bind(stella_pki::hash_token(&token))
-        .bind(now_ms())
-        .execute(db)
-        .await?;
-    Ok(Some(token))
+    insert_admin_token(db, name).await.map(Some)
 }
 
-/// Replaces the named admin token (used when its file was lost); returns the new plaintext.
-pub async fn rotate_admin_token(db: &Db, name: &str) -> Result<String, sqlx::Error> {
+async fn insert_admin_token(db: &Db, name: &str) -> Result<String, sqlx::Error> {
     let token = stella_pki::generate_api_token();
-    sqlx::query("DELETE FROM api_tokens WHERE name = ?")
-        .bind(name)
-        .execute(db)
-        .await?;
     sqlx::query("INSERT INTO api_tokens (id, name, token_hash, created_at) VALUES (?, ?, ?, ?)")
         .bind(new_id("at"))
         .bind(name)
@@ -209,6 +196,15 @@ pub async fn rotate_admin_token(db: &Db, name: &str) -> Result<String, sqlx::Err
         .execute(db)
         .await?;
     Ok(token)
+}
+
+/// Replaces the named admin token (used when its file was lost); returns the new plaintext.
+pub async fn rotate_admin_token(db: &Db, name: &str) -> Result<String, sqlx::Error> {
+    sqlx::query("DELETE FROM api_tokens WHERE name = ?")
+        .bind(name)
+        .execute(db)
+        .await?;
+    insert_admin_token(db, name).await
 }
 
 /// Checks a bearer token against the stored hashes (constant-time comparison of the hash).

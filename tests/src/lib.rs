@@ -215,6 +215,15 @@ impl Plane {
             .to_string()
     }
 
+    /// Waits (up to a minute) until the plane reports the agent in `status`.
+    pub fn wait_agent(&self, agent_id: &str, status: &str) {
+        wait_until(
+            Duration::from_secs(60),
+            &format!("agent {agent_id} to be {status}"),
+            || (self.agent_status(agent_id) == status).then_some(()),
+        );
+    }
+
     pub fn agent_status(&self, agent_id: &str) -> String {
         let v = self.json(&["agents", "show", agent_id]);
         v["status"].as_str().unwrap_or_default().to_string()
@@ -297,9 +306,7 @@ impl Agent {
     pub fn enroll_and_start(plane: &Plane, dir: &Path, name: &str) -> Agent {
         let mut agent = Self::enroll(plane, dir, name);
         agent.start();
-        wait_until(Duration::from_secs(30), "the agent to connect", || {
-            (plane.agent_status(&agent.id) == "connected").then_some(())
-        });
+        plane.wait_agent(&agent.id, "connected");
         agent
     }
 

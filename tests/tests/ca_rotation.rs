@@ -93,9 +93,7 @@ fn finishing_a_ca_rotation_waits_for_agents_still_on_the_old_ca() {
     let mut stack = Stack::new();
     stack.agent.stop();
     let id = stack.agent.id.clone();
-    wait_until(Duration::from_secs(30), "the agent to disconnect", || {
-        (stack.plane.agent_status(&id) == "disconnected").then_some(())
-    });
+    stack.plane.wait_agent(&id, "disconnected");
     stack.plane.ok(&["ca", "rotate", "start"]);
     let err = stack.plane.fails(&["ca", "rotate", "finish"]);
     assert!(

@@ -67,9 +67,7 @@ fn jobs_created_while_the_agent_is_away_are_delivered_when_it_returns() {
     let v1 = TestImage::busybox_sleeper(&unique("stella-e2e/offline"), "1");
     stack.agent.stop();
     let id = stack.agent.id.clone();
-    wait_until(Duration::from_secs(30), "the agent to disconnect", || {
-        (stack.plane.agent_status(&id) == "disconnected").then_some(())
-    });
+    stack.plane.wait_agent(&id, "disconnected");
     let dep = stack.deploy_no_wait("queued", &[v1.component("web")]);
     assert_eq!(dep["jobs"][0]["status"], "queued");
     stack.agent.start();

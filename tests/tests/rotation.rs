@@ -107,9 +107,7 @@ fn rotation_keeps_jobs_flowing_and_withdraws_the_old_key() {
     // A job signed with the withdrawn key (valid signature, rotated-out key) is refused.
     stack.agent.stop();
     let id = stack.agent.id.clone();
-    wait_until(Duration::from_secs(30), "the agent to disconnect", || {
-        (stack.plane.agent_status(&id) == "disconnected").then_some(())
-    });
+    stack.plane.wait_agent(&id, "disconnected");
     let before_containers = containers_of(&stack.target);
     let dep = stack.deploy_no_wait("forged", &[image.component("web")]);
     let job_id = dep["jobs"][0]["id"].as_str().unwrap().to_string();
@@ -171,9 +169,7 @@ fn finishing_waits_for_lagging_agents_and_waiting_jobs_are_resigned() {
         &sleeper.id,
     ]);
     sleeper.stop();
-    wait_until(Duration::from_secs(30), "the sleeper to disconnect", || {
-        (p.agent_status(&sleeper.id) == "disconnected").then_some(())
-    });
+    p.wait_agent(&sleeper.id, "disconnected");
 
     let started = p.json(&["keys", "rotate", "start"]);
     let new_id = started["next_key_id"].as_str().unwrap().to_string();

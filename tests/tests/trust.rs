@@ -22,26 +22,18 @@ fn revoking_an_agent_cuts_its_session_refuses_handshakes_and_cancels_its_jobs() 
 
     // A job waits for the agent while it is away.
     stack.agent.stop();
-    wait_until(Duration::from_secs(30), "the agent to disconnect", || {
-        (stack.plane.agent_status(&id) == "disconnected").then_some(())
-    });
+    stack.plane.wait_agent(&id, "disconnected");
     let dep = stack.deploy_no_wait("before-revoke", &[image.component("web")]);
     stack.agent.start();
     let _ = stack.plane.wait_deployment(dep["id"].as_str().unwrap());
-    wait_until(Duration::from_secs(30), "the agent to reconnect", || {
-        (stack.plane.agent_status(&id) == "connected").then_some(())
-    });
+    stack.plane.wait_agent(&id, "connected");
 
     stack.agent.stop();
-    wait_until(Duration::from_secs(30), "the agent to disconnect", || {
-        (stack.plane.agent_status(&id) == "disconnected").then_some(())
-    });
+    stack.plane.wait_agent(&id, "disconnected");
     let queued = stack.deploy_no_wait("during-revoke", &[image.component("web")]);
     stack.agent.start();
     // Revoke as soon as it is back: the live session must be cut.
-    wait_until(Duration::from_secs(30), "the agent to reconnect", || {
-        (stack.plane.agent_status(&id) == "connected").then_some(())
-    });
+    stack.plane.wait_agent(&id, "connected");
     let revoked = stack
         .plane
         .json(&["agents", "revoke", &id, "--reason", "host decommissioned"]);
@@ -101,9 +93,7 @@ fn queued_jobs_of_a_revoked_agent_are_cancelled_with_the_reason() {
     let image = TestImage::busybox_sleeper(&unique("stella-e2e/cancel"), "1");
     let id = stack.agent.id.clone();
     stack.agent.stop();
-    wait_until(Duration::from_secs(30), "the agent to disconnect", || {
-        (stack.plane.agent_status(&id) == "disconnected").then_some(())
-    });
+    stack.plane.wait_agent(&id, "disconnected");
     let dep = stack.deploy_no_wait("queued", &[image.component("web")]);
     stack
         .plane
