@@ -8,10 +8,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
+use stella_plugin_sdk::config::{env_vars, integer, invalid, object_or_null, seconds, unknown_key};
+use stella_plugin_sdk::naming::path_segment;
 use stella_plugin_sdk::{PluginError, TargetRef};
 
-use crate::naming::{default_project, is_valid_project, path_segment};
+use crate::naming::{default_project, is_valid_project};
 
 pub(crate) const DEFAULT_HEALTH_TIMEOUT_SECS: u64 = 60;
 const MAX_HEALTH_TIMEOUT_SECS: u64 = 3600;
@@ -67,10 +69,6 @@ impl std::fmt::Debug for ServiceConfig {
     }
 }
 
-fn invalid(msg: impl Into<String>) -> PluginError {
-    PluginError::InvalidConfig(msg.into())
-}
-
 /// Parses `target.config`, filling defaults from the target name and the executor's state dir.
 pub(crate) fn parse(target: &TargetRef, state_dir: &Path) -> Result<TargetConfig, PluginError> {
     let mut out = TargetConfig {
@@ -79,10 +77,8 @@ pub(crate) fn parse(target: &TargetRef, state_dir: &Path) -> Result<TargetConfig
         health_timeout: Duration::from_secs(DEFAULT_HEALTH_TIMEOUT_SECS),
         services: BTreeMap::new(),
     };
-    let map = match &target.config {
-        Value::Null => return Ok(out),
-        Value::Object(map) => map,
-        _ => return Err(invalid("target config must be a JSON object or null")),
+    let Some(map) = object_or_null(&target.config)? else {
+        return Ok(out);
     };
     for (key, value) in map {
         match key.as_str() {
@@ -107,15 +103,7 @@ pub(crate) fn parse(target: &TargetRef, state_dir: &Path) -> Result<TargetConfig
                 out.directory = dir.to_path_buf();
             }
             "health_timeout_secs" => {
-                let secs = value
-                    .as_u64()
-                    .filter(|s| (1..=MAX_HEALTH_TIMEOUT_SECS).contains(s))
-                    .ok_or_else(|| {
-                        invalid(format!(
-                            "health_timeout_secs: must be an integer between 1 and {MAX_HEALTH_TIMEOUT_SECS}"
-                        ))
-                    })?;
-                out.health_timeout = Duration::from_secs(secs);
+                out.health_timeout = seconds(key, value, MAX_HEALTH_TIMEOUT_SECS)?;
             }
             "services" => {
                 let services = value.as_object().ok_or_else(|| {
@@ -130,7 +118,7 @@ pub(crate) fn parse(target: &TargetRef, state_dir: &Path) -> Result<TargetConfig
                         .insert(component.clone(), parse_service(&key, settings)?);
                 }
             }
-            other => return Err(invalid(format!("unknown key {other:?}"))),
+            other => return Err(unknown_key(other)),
         }
     }
     Ok(out)
@@ -155,7 +143,7 @@ fn parse_service(key: &str, value: &Value) -> Result<ServiceConfig, PluginError>
                     }
                 }
             }
-            "environment" => out.environment = environment(&key, v)?,
+            "environment" => out.environment = env_vars(&key, v)?,
             "command" => {
                 let command = string_list(&key, v)?;
                 if command.is_empty() {
@@ -185,29 +173,6 @@ fn string_list(key: &str, value: &Value) -> Result<Vec<String>, PluginError> {
         .collect()
 }
 
-fn environment(key: &str, value: &Value) -> Result<BTreeMap<String, String>, PluginError> {
-    let vars: &Map<String, Value> = value
-        .as_object()
-        .ok_or_else(|| invalid(format!("{key}: must be an object of string values")))?;
-    let mut out = BTreeMap::new();
-    for (name, v) in vars {
-        if name.is_empty() || name.contains('=') || name.contains('\0') {
-            return Err(invalid(format!(
-                "{key}.{name}: variable names must be non-empty and contain no '=' or NUL"
-            )));
-        }
-        // The message names the variable but never echoes its value: it may be a secret.
-        let s = v
-            .as_str()
-            .ok_or_else(|| invalid(format!("{key}.{name}: value must be a string")))?;
-        if s.contains('\0') {
-            return Err(invalid(format!("{key}.{name}: value must not contain NUL")));
-        }
-        out.insert(name.clone(), s.to_string());
-    }
-    Ok(out)
-}
-
 fn healthcheck(key: &str, value: &Value) -> Result<HealthcheckConfig, PluginError> {
     let map = value
         .as_object()
@@ -235,27 +200,9 @@ fn healthcheck(key: &str, value: &Value) -> Result<HealthcheckConfig, PluginErro
                 test = Some(t);
             }
             "interval_secs" => {
-                interval_secs = Some(
-                    v.as_u64()
-                        .filter(|s| (1..=MAX_HEALTHCHECK_INTERVAL_SECS).contains(s))
-                        .ok_or_else(|| {
-                            invalid(format!(
-                                "{key}: must be an integer between 1 and {MAX_HEALTHCHECK_INTERVAL_SECS}"
-                            ))
-                        })?,
-                );
+                interval_secs = Some(integer(&key, v, 1, MAX_HEALTHCHECK_INTERVAL_SECS)?);
             }
-            "retries" => {
-                retries = Some(
-                    v.as_u64()
-                        .filter(|r| (1..=MAX_HEALTHCHECK_RETRIES).contains(r))
-                        .ok_or_else(|| {
-                            invalid(format!(
-                                "{key}: must be an integer between 1 and {MAX_HEALTHCHECK_RETRIES}"
-                            ))
-                        })?,
-                );
-            }
+            "retries" => retries = Some(integer(&key, v, 1, MAX_HEALTHCHECK_RETRIES)?),
             other => return Err(invalid(format!("unknown key {key:?} ({other:?})"))),
         }
     }

@@ -9,7 +9,6 @@
 //! (through bollard) is what Stella reads back for readiness, digests and inventory.
 
 mod config;
-mod files;
 mod lockfile;
 mod naming;
 mod tool;
@@ -17,7 +16,6 @@ mod tool;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::pin::pin;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bollard::errors::Error as BollardError;
@@ -27,20 +25,24 @@ use bollard::query_parameters::{
 };
 use bollard::{API_DEFAULT_VERSION, Docker};
 use futures_util::StreamExt;
+use stella_plugin_sdk::digest::{
+    RunningDigests, matching_repo_digest, repository_of, short_digest, short_id, tagged_reference,
+};
+use stella_plugin_sdk::files::{self, StagedFile};
+use stella_plugin_sdk::readiness::{
+    self, ContainerState, LOG_FETCH_TIMEOUT, LOG_TAIL_LINES, WaitOptions,
+};
+use stella_plugin_sdk::validate::{self, DistinctNames};
 use stella_plugin_sdk::{
     ComponentAction, ComponentOutcome, ComponentSpec, DeployOutcome, DeploySpec, Executor,
-    ExecutorContext, InventoryItem, PluginError, ProgressSink, STICKER_FILE_NAME, TargetRef,
-    VersionSticker, is_valid_digest,
+    ExecutorContext, InventoryItem, PluginError, ProgressSink, STICKER_FILE_NAME, TargetLocks,
+    TargetRef, VersionSticker, engine, millis, sort_inventory,
 };
 use tracing::{debug, info, warn};
 
 use crate::config::TargetConfig;
-use crate::files::{LOCK_FILE_MODE, StagedFile};
-use crate::lockfile::{LOCK_FILE_NAME, LockedService};
-use crate::naming::{
-    repo_digest_has, repo_digest_matches, repository_of, service_name, short_digest, short_id,
-    tagged_reference,
-};
+use crate::lockfile::{LOCK_FILE_MODE, LOCK_FILE_NAME, LockedService};
+use crate::naming::service_name;
 
 pub use crate::lockfile::{
     COMPOSE_ONEOFF, COMPOSE_PROJECT, COMPOSE_SERVICE, LABEL_COMPONENT, LABEL_DEPLOYMENT_ID,
@@ -53,7 +55,6 @@ pub const KIND: &str = "compose";
 /// The compose file Stella generates in the project directory.
 pub const LOCK_FILE: &str = LOCK_FILE_NAME;
 
-const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
 /// Per-request timeout of engine calls (until response headers).
 const REQUEST_TIMEOUT_SECS: u64 = 120;
 /// `config` only parses the file.
@@ -62,11 +63,6 @@ const CONFIG_TIMEOUT: Duration = Duration::from_secs(60);
 /// is pulled. Readiness has its own timeout afterwards.
 const UP_TIMEOUT: Duration = Duration::from_secs(600);
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
-/// A container without a health check counts as up once it has stayed running this long, so
-/// that one crashing right after start is reported instead of being declared a success.
-const SETTLE: Duration = Duration::from_secs(2);
-const LOG_TAIL_LINES: usize = 50;
-const LOG_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs releases as compose projects on one Docker Engine.
 pub struct ComposeExecutor {
@@ -74,7 +70,7 @@ pub struct ComposeExecutor {
     tool: ComposeTool,
     ctx: ExecutorContext,
     /// Two jobs for the same target must not interleave their lock-file writes and `up`s.
-    target_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    target_locks: TargetLocks,
 }
 
 impl std::fmt::Debug for ComposeExecutor {
@@ -98,8 +94,7 @@ impl ComposeExecutor {
     /// Connects to the engine (DOCKER_HOST unix socket if set, else /var/run/docker.sock) and
     /// finds the compose tool. The compose tool inherits the same DOCKER_HOST.
     pub async fn connect(ctx: ExecutorContext) -> Result<Self, PluginError> {
-        let socket = socket_from_docker_host(std::env::var("DOCKER_HOST").ok().as_deref())?;
-        Self::connect_with_socket(&socket, ctx).await
+        Self::connect_with_socket(&engine::docker_socket()?, ctx).await
     }
 
     /// Connects to the engine listening on `socket` and finds the compose tool.
@@ -134,7 +129,7 @@ impl ComposeExecutor {
             docker,
             tool,
             ctx,
-            target_locks: std::sync::Mutex::new(HashMap::new()),
+            target_locks: TargetLocks::default(),
         })
     }
 
@@ -167,15 +162,6 @@ impl ComposeExecutor {
         config::parse(target, &self.ctx.state_dir)
     }
 
-    fn target_lock(&self, target: &str) -> Arc<tokio::sync::Mutex<()>> {
-        // A poisoned map is still a valid map: the lock only guards insertion.
-        let mut locks = self
-            .target_locks
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        locks.entry(target.to_string()).or_default().clone()
-    }
-
     /// Finds the local image `digest` names: its id (locally built images have no registry
     /// digest), or an image whose RepoDigests carry exactly `repo@digest`.
     async fn find_local_image(
@@ -203,14 +189,11 @@ impl ComposeExecutor {
             .await
             .map_err(|e| backend("list images", e))?;
         Ok(images.into_iter().find_map(|img| {
-            img.repo_digests
-                .iter()
-                .find(|rd| repo_digest_matches(rd, repo, digest))
-                // The engine's own spelling of `repo@digest`: it is what the engine resolves.
-                .map(|rd| Resolved {
-                    image_id: img.id.clone(),
-                    pin: rd.clone(),
-                })
+            // The engine's own spelling of `repo@digest`: it is what the engine resolves.
+            matching_repo_digest(&img.repo_digests, repo, digest).map(|rd| Resolved {
+                pin: rd.to_string(),
+                image_id: img.id.clone(),
+            })
         }))
     }
 
@@ -234,12 +217,10 @@ impl ComposeExecutor {
         if let Some(tagged) = tagged_reference(&c.image) {
             match self.docker.inspect_image(tagged).await {
                 Ok(img) => {
-                    return Err(PluginError::DigestMismatch {
-                        component: c.name.clone(),
-                        image: c.image.clone(),
-                        expected: c.digest.clone(),
-                        actual: img.id.unwrap_or_else(|| "an image without id".to_string()),
-                    });
+                    return Err(engine::other_content_under_tag(
+                        c,
+                        img.id.unwrap_or_default(),
+                    ));
                 }
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => return Err(backend("inspect image", e)),
@@ -384,97 +365,19 @@ impl ComposeExecutor {
         id: &str,
         component: &str,
         timeout: Duration,
-        mut baseline_restarts: Option<i64>,
+        baseline_restarts: Option<i64>,
     ) -> Result<bool, PluginError> {
-        let deadline = Instant::now() + timeout;
-        let settle = SETTLE.min(timeout / 2);
-        // (StartedAt, when this process first saw that incarnation running)
-        let mut seen_running: Option<(String, Instant)> = None;
-        loop {
-            let Some(info) = self.inspect(id).await? else {
-                return Err(PluginError::Unhealthy {
-                    component: component.to_string(),
-                    detail: format!("container {} disappeared", short_id(id)),
-                    log_tail: String::new(),
-                });
-            };
-            let state = info.state.unwrap_or_default();
-            let status = state.status.unwrap_or(ContainerStateStatusEnum::EMPTY);
-            let health = state
-                .health
-                .as_ref()
-                .and_then(|h| h.status)
-                .filter(|s| !matches!(s, HealthStatusEnum::NONE | HealthStatusEnum::EMPTY));
-            let restarts = info.restart_count.unwrap_or(0);
-            let baseline = *baseline_restarts.get_or_insert(restarts);
-            let exit_code = state.exit_code.unwrap_or(0);
-
-            let failure = match status {
-                ContainerStateStatusEnum::RUNNING if restarts > baseline => Some(format!(
-                    "container restarted {} time(s) (last exit code {exit_code})",
-                    restarts - baseline
-                )),
-                ContainerStateStatusEnum::RUNNING => match health {
-                    Some(HealthStatusEnum::HEALTHY) => return Ok(true),
-                    Some(HealthStatusEnum::UNHEALTHY) => Some(format!(
-                        "health check reports unhealthy{}",
-                        last_health_output(&state)
-                    )),
-                    Some(_) => None,
-                    None => {
-                        let started_at = state.started_at.clone().unwrap_or_default();
-                        let first_seen = match &seen_running {
-                            Some((s, at)) if *s == started_at => *at,
-                            _ => {
-                                let now = Instant::now();
-                                seen_running = Some((started_at.clone(), now));
-                                now
-                            }
-                        };
-                        if first_seen.elapsed() >= settle || engine_uptime(&started_at) >= settle {
-                            return Ok(false);
-                        }
-                        None
-                    }
-                },
-                ContainerStateStatusEnum::CREATED | ContainerStateStatusEnum::EMPTY => None,
-                ContainerStateStatusEnum::RESTARTING => Some(format!(
-                    "container keeps restarting (last exit code {exit_code})"
-                )),
-                ContainerStateStatusEnum::EXITED | ContainerStateStatusEnum::DEAD => {
-                    let mut detail = format!("container exited with code {exit_code}");
-                    if state.oom_killed == Some(true) {
-                        detail.push_str(" (killed: out of memory)");
-                    }
-                    if let Some(err) = state.error.as_deref().filter(|e| !e.is_empty()) {
-                        detail.push_str(&format!(" ({err})"));
-                    }
-                    Some(detail)
-                }
-                other => Some(format!("container is {other}")),
-            };
-            if let Some(detail) = failure {
-                return Err(self.unhealthy(id, component, detail).await);
-            }
-            if Instant::now() >= deadline {
-                let health = health.map_or_else(|| "none".to_string(), |h| h.to_string());
-                let detail = format!(
-                    "not ready within {}s (state {status}, health {health})",
-                    timeout.as_secs()
-                );
-                return Err(self.unhealthy(id, component, detail).await);
-            }
-            tokio::time::sleep(POLL_INTERVAL).await;
-        }
-    }
-
-    async fn unhealthy(&self, id: &str, component: &str, detail: String) -> PluginError {
-        warn!(component, container = id, %detail, "component did not become ready");
-        PluginError::Unhealthy {
-            component: component.to_string(),
-            detail,
-            log_tail: self.log_tail(id).await,
-        }
+        readiness::wait_ready(
+            id,
+            component,
+            WaitOptions::for_timeout(timeout, POLL_INTERVAL, baseline_restarts),
+            || async move { Ok(self.inspect(id).await?.as_ref().map(container_state)) },
+            |detail: &str| {
+                warn!(component, container = id, %detail, "component did not become ready");
+                self.log_tail(id)
+            },
+        )
+        .await
     }
 
     /// Best effort: a failure to fetch logs must not hide the failure being reported.
@@ -505,7 +408,7 @@ impl ComposeExecutor {
             debug!(container = id, "log fetch timed out");
         }
         let lines: Vec<&str> = out.lines().collect();
-        lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+        readiness::last_lines(&lines, LOG_TAIL_LINES)
     }
 
     /// Turns a failed `up` into the error an operator can act on: the first component whose
@@ -564,32 +467,13 @@ impl ComposeExecutor {
         PluginError::Backend(format!("{detail}\n{compose_output}"))
     }
 
-    /// The digest an existing container really runs: the one Stella asked for when its image is
-    /// that digest, otherwise the image id (which then shows the drift).
-    async fn running_digest(
-        &self,
-        image_id: &str,
-        label_digest: Option<&str>,
-        repo_digests_cache: &mut HashMap<String, Vec<String>>,
-    ) -> Result<String, PluginError> {
-        let Some(wanted) = label_digest else {
-            return Ok(image_id.to_string());
-        };
-        if wanted == image_id {
-            return Ok(wanted.to_string());
+    /// The `RepoDigests` of image `image_id`; none when it is gone.
+    async fn repo_digests(&self, image_id: &str) -> Result<Vec<String>, PluginError> {
+        match self.docker.inspect_image(image_id).await {
+            Ok(img) => Ok(img.repo_digests.unwrap_or_default()),
+            Err(e) if is_not_found(&e) => Ok(Vec::new()),
+            Err(e) => Err(backend("inspect image", e)),
         }
-        if !repo_digests_cache.contains_key(image_id) {
-            let digests = match self.docker.inspect_image(image_id).await {
-                Ok(img) => img.repo_digests.unwrap_or_default(),
-                Err(e) if is_not_found(&e) => Vec::new(),
-                Err(e) => return Err(backend("inspect image", e)),
-            };
-            repo_digests_cache.insert(image_id.to_string(), digests);
-        }
-        let carries = repo_digests_cache
-            .get(image_id)
-            .is_some_and(|ds| ds.iter().any(|rd| repo_digest_has(rd, wanted)));
-        Ok(if carries { wanted } else { image_id }.to_string())
     }
 }
 
@@ -600,17 +484,7 @@ impl Executor for ComposeExecutor {
     }
 
     fn validate_config(&self, target: &TargetRef) -> Result<(), PluginError> {
-        if target.kind != KIND {
-            return Err(PluginError::InvalidConfig(format!(
-                "target {} has kind {:?}, this executor handles {KIND:?}",
-                target.name, target.kind
-            )));
-        }
-        if target.name.is_empty() {
-            return Err(PluginError::InvalidConfig(
-                "target name must not be empty".to_string(),
-            ));
-        }
+        validate::target(target, KIND)?;
         self.config(target).map(|_| ())
     }
 
@@ -624,8 +498,7 @@ impl Executor for ComposeExecutor {
         let cfg = self.config(&spec.target)?;
         let services = validate_components(&spec.components)?;
         let target = spec.target.name.as_str();
-        let lock = self.target_lock(target);
-        let _guard = lock.lock().await;
+        let _guard = self.target_locks.lock(target).await;
         info!(
             target,
             project = %cfg.project,
@@ -668,7 +541,7 @@ impl Executor for ComposeExecutor {
             .collect();
         let text = lockfile::render(spec, &cfg, &locked);
         let lock_path = cfg.directory.join(LOCK_FILE_NAME);
-        let on_disk = files::read_optional(&lock_path).await.map_err(|e| {
+        let on_disk = files::read_optional_string(&lock_path).await.map_err(|e| {
             PluginError::Backend(format!("cannot read {}: {e}", lock_path.display()))
         })?;
 
@@ -853,11 +726,13 @@ impl Executor for ComposeExecutor {
     async fn inventory(&self, target: &TargetRef) -> Result<Vec<InventoryItem>, PluginError> {
         let cfg = self.config(target)?;
         let mut items = Vec::new();
-        let mut repo_digests = HashMap::new();
+        let mut digests = RunningDigests::default();
         for info in self.observe(&cfg.project, &target.name).await? {
             let image_id = info.image.clone().unwrap_or_default();
-            let digest = self
-                .running_digest(&image_id, label(&info, LABEL_DIGEST), &mut repo_digests)
+            let digest = digests
+                .resolve(&image_id, label(&info, LABEL_DIGEST), || {
+                    self.repo_digests(&image_id)
+                })
                 .await?;
             let component = label(&info, LABEL_COMPONENT)
                 .or_else(|| label(&info, COMPOSE_SERVICE))
@@ -882,10 +757,7 @@ impl Executor for ComposeExecutor {
                 deployment_id,
             });
         }
-        items.sort_by(|a, b| {
-            (a.component.as_str(), a.workload_id.as_str())
-                .cmp(&(b.component.as_str(), b.workload_id.as_str()))
-        });
+        sort_inventory(&mut items);
         Ok(items)
     }
 
@@ -907,34 +779,17 @@ impl Executor for ComposeExecutor {
 
 /// Checks the components and returns their compose service names, in order.
 fn validate_components(components: &[ComponentSpec]) -> Result<Vec<String>, PluginError> {
-    let mut seen: HashMap<String, &str> = HashMap::new();
+    let mut names = DistinctNames::default();
     let mut out = Vec::with_capacity(components.len());
     for c in components {
-        if c.name.is_empty() {
-            return Err(PluginError::InvalidConfig(
-                "component names must not be empty".to_string(),
-            ));
-        }
-        if c.image.is_empty() {
-            return Err(PluginError::InvalidConfig(format!(
-                "component {}: image must not be empty",
-                c.name
-            )));
-        }
-        if !is_valid_digest(&c.digest) {
-            return Err(PluginError::InvalidConfig(format!(
-                "component {}: digest {:?} is not sha256:<64 lowercase hex>",
-                c.name, c.digest
-            )));
-        }
+        validate::component(c)?;
         let svc = service_name(&c.name);
         // Two components mapping to one service would silently merge into one.
-        if let Some(other) = seen.insert(svc.clone(), &c.name) {
-            return Err(PluginError::InvalidConfig(format!(
-                "components {other:?} and {:?} map to the same compose service name {svc:?}",
-                c.name
-            )));
-        }
+        names.insert(
+            svc.clone(),
+            &c.name,
+            &format!("compose service name {svc:?}"),
+        )?;
         out.push(svc);
     }
     Ok(out)
@@ -995,18 +850,6 @@ fn is_current(
             .all(|(k, v)| label(info, k) == Some(v.as_str()))
 }
 
-fn socket_from_docker_host(docker_host: Option<&str>) -> Result<PathBuf, PluginError> {
-    match docker_host.map(str::trim).filter(|h| !h.is_empty()) {
-        None => Ok(PathBuf::from(DEFAULT_SOCKET)),
-        Some(host) => match host.strip_prefix("unix://") {
-            Some(path) if !path.is_empty() => Ok(PathBuf::from(path)),
-            _ => Err(PluginError::Backend(format!(
-                "DOCKER_HOST={host} is not supported: only unix:// sockets are"
-            ))),
-        },
-    }
-}
-
 fn is_not_found(e: &BollardError) -> bool {
     matches!(
         e,
@@ -1021,51 +864,35 @@ fn backend(what: &str, e: BollardError) -> PluginError {
     PluginError::Backend(format!("{what}: {e}"))
 }
 
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// How long the engine says the container has been running; zero when unknown.
-fn engine_uptime(started_at: &str) -> Duration {
-    time::OffsetDateTime::parse(started_at, &time::format_description::well_known::Rfc3339)
-        .ok()
-        .and_then(|t| (time::OffsetDateTime::now_utc() - t).try_into().ok())
-        .unwrap_or(Duration::ZERO)
-}
-
-fn last_health_output(state: &bollard::models::ContainerState) -> String {
-    let output = state
-        .health
-        .as_ref()
-        .and_then(|h| h.log.as_ref())
-        .and_then(|log| log.last())
-        .and_then(|r| r.output.as_deref())
-        .map(str::trim)
-        .unwrap_or_default();
-    if output.is_empty() {
-        String::new()
-    } else {
-        let cut: String = output.chars().take(200).collect();
-        format!(": {cut}")
+/// A bollard container inspection as the SDK's readiness rules read it.
+fn container_state(info: &ContainerInspectResponse) -> ContainerState {
+    let state = info.state.clone().unwrap_or_default();
+    let health = state.health.as_ref();
+    ContainerState {
+        status: state
+            .status
+            .unwrap_or(ContainerStateStatusEnum::EMPTY)
+            .to_string(),
+        health: health
+            .and_then(|h| h.status)
+            .filter(|s| !matches!(s, HealthStatusEnum::NONE | HealthStatusEnum::EMPTY))
+            .map(|s| s.to_string()),
+        restart_count: info.restart_count.unwrap_or(0),
+        exit_code: state.exit_code.unwrap_or(0),
+        oom_killed: state.oom_killed == Some(true),
+        error: state.error.clone().unwrap_or_default(),
+        started_at: state.started_at.clone().unwrap_or_default(),
+        health_output: health
+            .and_then(|h| h.log.as_ref())
+            .and_then(|log| log.last())
+            .and_then(|r| r.output.clone())
+            .unwrap_or_default(),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn docker_host_parsing() {
-        assert_eq!(
-            socket_from_docker_host(None).unwrap(),
-            PathBuf::from("/var/run/docker.sock")
-        );
-        assert_eq!(
-            socket_from_docker_host(Some("unix:///run/user/1/docker.sock")).unwrap(),
-            PathBuf::from("/run/user/1/docker.sock")
-        );
-        assert!(socket_from_docker_host(Some("tcp://1.2.3.4:2375")).is_err());
-    }
 
     #[test]
     fn components_are_validated() {

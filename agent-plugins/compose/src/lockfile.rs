@@ -9,28 +9,26 @@
 use std::fmt::Write as _;
 
 use stella_plugin_sdk::DeploySpec;
+use stella_plugin_sdk::engine::RESTART_POLICY;
 
 use crate::config::{ServiceConfig, TargetConfig};
 
 pub(crate) const LOCK_FILE_NAME: &str = "compose.stella.lock.yml";
+/// The lock file carries environment values, which may be secrets.
+pub(crate) const LOCK_FILE_MODE: u32 = 0o600;
 
-pub const LABEL_MANAGED: &str = "stella.managed";
-pub const LABEL_TARGET: &str = "stella.target";
-/// The component name as the release spells it (the compose service name may be sanitized).
-pub const LABEL_COMPONENT: &str = "stella.component.id";
-/// The digest the job asked for (what the container runs is its `Image` field).
-pub const LABEL_DIGEST: &str = "stella.digest";
-pub const LABEL_RELEASE_ID: &str = "stella.release.id";
-pub const LABEL_DEPLOYMENT_ID: &str = "stella.deployment.id";
+/// The component name as the release spells it (the compose service name may be sanitized):
+/// `stella.component.id`, deliberately not the docker executor's `stella.component`.
+pub use stella_plugin_sdk::labels::COMPONENT_ID as LABEL_COMPONENT;
+pub use stella_plugin_sdk::labels::{
+    DEPLOYMENT_ID as LABEL_DEPLOYMENT_ID, DIGEST as LABEL_DIGEST, MANAGED as LABEL_MANAGED,
+    RELEASE_ID as LABEL_RELEASE_ID, TARGET as LABEL_TARGET,
+};
 
 /// Compose's own labels, which identify the containers of a project.
 pub const COMPOSE_PROJECT: &str = "com.docker.compose.project";
 pub const COMPOSE_SERVICE: &str = "com.docker.compose.service";
 pub const COMPOSE_ONEOFF: &str = "com.docker.compose.oneoff";
-
-/// Stella is the only thing that should stop a deployed workload; a host reboot or a crash must
-/// not leave the target silently running nothing.
-const RESTART_POLICY: &str = "unless-stopped";
 
 /// One service of the lock file.
 pub(crate) struct LockedService<'a> {

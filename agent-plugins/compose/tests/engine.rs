@@ -2,94 +2,40 @@
 //! the static busybox binary (nothing can be pulled); every test uses its own repository, target
 //! and project names so tests can run in parallel, and cleans up behind itself, also when it fails.
 
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::{Value, json};
 use stella_plugin_compose::*;
 use stella_plugin_sdk::{
-    ComponentAction, ComponentSpec, DeploySpec, Executor, ExecutorContext, NoProgress, PluginError,
-    ProgressSink, STICKER_SCHEMA, TargetRef, VersionSticker,
+    ComponentAction, ComponentSpec, Executor, NoProgress, PluginError, TargetRef,
 };
+use stella_plugin_testkit::docker::{
+    Scratch, assert_untouched, containers_labelled, docker, exists, inspect, run_labelled,
+    started_at,
+};
+use stella_plugin_testkit::{Recorder, deploy, deploy_fails, expect, spec};
 
-const BUSYBOX: &str = "/bin/busybox";
-
-/// A long-running CMD that exits promptly on SIGTERM (a bare `sleep` as PID 1 ignores it, and
-/// every stop would then wait the engine's full 10 s grace period). `secs` varies the config so
-/// that images built from it differ.
-fn sleep_cmd(secs: u32) -> String {
-    format!(
-        r#"CMD ["/bin/busybox","sh","-c","trap 'exit 0' TERM; while :; do /bin/busybox sleep {secs} & wait $!; done"]"#
-    )
-}
-
-fn docker(args: &[&str]) -> String {
-    let out = Command::new("docker")
-        .args(args)
-        .output()
-        .expect("docker CLI runs");
-    assert!(
-        out.status.success(),
-        "docker {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn docker_ok(args: &[&str]) -> bool {
-    Command::new("docker")
-        .args(args)
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
-fn unique() -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!(
-        "{}-{nanos:x}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// Per-test names, images, projects and containers; removes them all when dropped.
+/// Per-test names, images, projects and containers (removed when dropped) and executor state.
 struct Fixture {
-    id: String,
-    repo: String,
-    images: Mutex<Vec<String>>,
-    /// (target name, compose project)
-    targets: Mutex<Vec<(String, String)>>,
-    containers: Mutex<Vec<String>>,
-    state: tempfile::TempDir,
+    scratch: Scratch,
+    targets: AtomicUsize,
+}
+
+impl Deref for Fixture {
+    type Target = Scratch;
+
+    fn deref(&self) -> &Scratch {
+        &self.scratch
+    }
 }
 
 impl Fixture {
     fn new() -> Self {
-        assert!(
-            Path::new(BUSYBOX).exists(),
-            "{BUSYBOX} missing: apt-get install -y busybox-static"
-        );
-        let id = unique();
         Self {
-            repo: format!("stella-ctest-{id}/app"),
-            id,
-            images: Mutex::new(Vec::new()),
-            targets: Mutex::new(Vec::new()),
-            containers: Mutex::new(Vec::new()),
-            state: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn ctx(&self) -> ExecutorContext {
-        ExecutorContext {
-            state_dir: self.state.path().to_path_buf(),
+            scratch: Scratch::new("stella-ctest"),
+            targets: AtomicUsize::new(0),
         }
     }
 
@@ -99,170 +45,32 @@ impl Fixture {
 
     /// A target with the default project name (`stella-<target>`; the name is already valid).
     fn target(&self, config: Value) -> TargetRef {
-        let n = self.targets.lock().unwrap().len();
+        let n = self.targets.fetch_add(1, Ordering::Relaxed);
         let name = format!("t-{}-{n}", self.id);
         let project = config["project"]
             .as_str()
             .map_or_else(|| format!("stella-{name}"), str::to_string);
-        self.targets.lock().unwrap().push((name.clone(), project));
+        // By label rather than through compose: cleanup must work even when a test left a lock
+        // file compose cannot read.
+        self.cleanup.labelled(&format!("{LABEL_TARGET}={name}"));
+        self.cleanup
+            .labelled(&format!("{COMPOSE_PROJECT}={project}"));
+        self.cleanup.network(&format!("{project}_default"));
         TargetRef {
             name,
             kind: "compose".to_string(),
             config,
         }
     }
-
-    /// Imports a busybox rootfs as `<repo>:<tag>` with the given Dockerfile changes; returns its id.
-    fn image(&self, tag: &str, changes: &[&str]) -> String {
-        let dir = tempfile::tempdir().unwrap();
-        let rootfs = dir.path().join("rootfs");
-        std::fs::create_dir_all(rootfs.join("bin")).unwrap();
-        std::fs::copy(BUSYBOX, rootfs.join("bin/busybox")).unwrap();
-        std::os::unix::fs::symlink("busybox", rootfs.join("bin/sh")).unwrap();
-        // Makes each image's content distinct, not just its config.
-        std::fs::write(rootfs.join("tag"), tag).unwrap();
-        let tar = dir.path().join("rootfs.tar");
-        let status = Command::new("tar")
-            .arg("-C")
-            .arg(&rootfs)
-            .arg("-cf")
-            .arg(&tar)
-            .arg(".")
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let reference = format!("{}:{tag}", self.repo);
-        let mut args = vec!["import".to_string()];
-        for c in changes {
-            args.push("--change".to_string());
-            args.push(c.to_string());
-        }
-        args.push(tar.to_string_lossy().into_owned());
-        args.push(reference.clone());
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        docker(&args);
-        self.images.lock().unwrap().push(reference.clone());
-        docker(&["image", "inspect", "-f", "{{.Id}}", &reference])
-    }
-
-    fn sleeper(&self, tag: &str, secs: u32) -> String {
-        self.image(tag, &[&sleep_cmd(secs)])
-    }
-
-    fn component(&self, name: &str, tag: &str, digest: &str) -> ComponentSpec {
-        ComponentSpec {
-            name: name.to_string(),
-            image: format!("{}:{tag}", self.repo),
-            digest: digest.to_string(),
-        }
-    }
-
-    fn track_container(&self, name: &str) {
-        self.containers.lock().unwrap().push(name.to_string());
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        // By label rather than through compose: cleanup must work even when a test left a lock
-        // file compose cannot read.
-        let mut doomed: Vec<String> = self.containers.lock().unwrap().clone();
-        let targets = self.targets.lock().unwrap().clone();
-        for (target, project) in &targets {
-            for filter in [
-                format!("label=stella.target={target}"),
-                format!("label=com.docker.compose.project={project}"),
-            ] {
-                if let Ok(out) = Command::new("docker")
-                    .args(["ps", "-aq", "--filter", &filter])
-                    .output()
-                {
-                    doomed.extend(
-                        String::from_utf8_lossy(&out.stdout)
-                            .split_whitespace()
-                            .map(String::from),
-                    );
-                }
-            }
-        }
-        for c in doomed {
-            let _ = Command::new("docker").args(["rm", "-f", &c]).output();
-        }
-        for (_, project) in &targets {
-            let _ = Command::new("docker")
-                .args(["network", "rm", &format!("{project}_default")])
-                .output();
-        }
-        for i in self.images.lock().unwrap().iter() {
-            let _ = Command::new("docker").args(["rmi", "-f", i]).output();
-        }
-    }
-}
-
-fn spec(target: &TargetRef, release: &str, components: Vec<ComponentSpec>) -> DeploySpec {
-    DeploySpec {
-        job_id: format!("job-{release}"),
-        deployment_id: format!("dep-{release}"),
-        release_id: release.to_string(),
-        release_name: format!("Release {release}"),
-        target: target.clone(),
-        components,
-    }
-}
-
-#[derive(Default)]
-struct Recorder(Mutex<Vec<String>>);
-
-impl ProgressSink for Recorder {
-    fn progress(&self, message: &str) {
-        self.0.lock().unwrap().push(message.to_string());
-    }
-}
-
-impl Recorder {
-    fn lines(&self) -> Vec<String> {
-        self.0.lock().unwrap().clone()
-    }
-}
-
-fn inspect(container: &str) -> Value {
-    let raw = docker(&["container", "inspect", container]);
-    let v: Value = serde_json::from_str(&raw).unwrap();
-    v[0].clone()
-}
-
-fn exists(container: &str) -> bool {
-    docker_ok(&["container", "inspect", container])
 }
 
 /// Ids of every container of the project, sorted.
 fn containers_of(project: &str) -> Vec<String> {
-    let out = docker(&[
-        "ps",
-        "-aq",
-        "--no-trunc",
-        "--filter",
-        &format!("label=com.docker.compose.project={project}"),
-    ]);
-    let mut ids: Vec<String> = out.split_whitespace().map(String::from).collect();
-    ids.sort();
-    ids
+    containers_labelled(&format!("{COMPOSE_PROJECT}={project}"))
 }
 
 fn unknown_digest() -> String {
-    // Unique per call so that no other test can make it resolvable by accident.
-    static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    format!(
-        "sha256:{:016x}{:016x}{:016x}{:016x}",
-        std::process::id(),
-        nanos,
-        N.fetch_add(1, Ordering::Relaxed),
-        0xc0_u64
-    )
+    stella_plugin_testkit::docker::unknown_digest(0xc0)
 }
 
 fn outcome<'a>(
@@ -563,62 +371,37 @@ async fn a_digest_mismatch_is_refused_and_nothing_changes() {
 
     // On a fresh target, not even the project directory appears.
     let wanted = unknown_digest();
-    let err = exec
-        .deploy(
-            &spec(&target, "r0", vec![fx.component("api", "v3", &wanted)]),
-            &NoProgress,
-        )
-        .await
-        .unwrap_err();
+    let err = deploy_fails(
+        &exec,
+        &target,
+        "r0",
+        vec![fx.component("api", "v3", &wanted)],
+    )
+    .await;
     assert!(matches!(err, PluginError::DigestMismatch { .. }), "{err:?}");
     assert!(!exec.project_dir(&target).unwrap().exists());
 
-    let before = exec
-        .deploy(
-            &spec(&target, "r1", vec![fx.component("web", "v1", &v1)]),
-            &NoProgress,
-        )
-        .await
-        .unwrap();
+    let before = deploy(&exec, &target, "r1", vec![fx.component("web", "v1", &v1)]).await;
     let web = before.components[0].workload_id.clone();
-    let started_at = inspect(&web)["State"]["StartedAt"].clone();
+    let started = started_at(&web);
     let lock_before = read(&lock_path);
 
     // `web` alone could be honoured; `api` cannot, so nothing may be touched.
-    let err = exec
-        .deploy(
-            &spec(
-                &target,
-                "r2",
-                vec![
-                    fx.component("web", "v2", &v2),
-                    fx.component("api", "v3", &wanted),
-                ],
-            ),
-            &NoProgress,
-        )
-        .await
-        .unwrap_err();
+    let err = deploy_fails(
+        &exec,
+        &target,
+        "r2",
+        vec![
+            fx.component("web", "v2", &v2),
+            fx.component("api", "v3", &wanted),
+        ],
+    )
+    .await;
 
-    match &err {
-        PluginError::DigestMismatch {
-            component,
-            expected,
-            actual,
-            ..
-        } => {
-            assert_eq!(component, "api");
-            assert_eq!(expected, &wanted);
-            assert_eq!(actual, &mismatched);
-        }
-        other => panic!("expected DigestMismatch, got {other:?}"),
-    }
-    assert_eq!(err.reason_code(), "digest_mismatch");
+    expect::digest_mismatch(&err, "api", &wanted, &mismatched);
     assert_eq!(read(&lock_path), lock_before);
     assert_eq!(containers_of(&project), vec![web.clone()]);
-    let info = inspect(&web);
-    assert_eq!(info["Image"], json!(v1));
-    assert_eq!(info["State"]["StartedAt"], started_at);
+    assert_untouched(&web, &v1, &started);
 }
 
 #[tokio::test]
@@ -639,19 +422,8 @@ async fn an_unknown_digest_without_a_local_tag_is_unavailable() {
 
     let err = exec.deploy(&s, &NoProgress).await.unwrap_err();
 
-    match &err {
-        PluginError::ImageUnavailable {
-            component,
-            digest: d,
-            detail,
-        } => {
-            assert_eq!(component, "web");
-            assert_eq!(d, &digest);
-            assert!(detail.contains("does not pull"), "{detail}");
-        }
-        other => panic!("expected ImageUnavailable, got {other:?}"),
-    }
-    assert_eq!(err.reason_code(), "image_unavailable");
+    let detail = expect::unavailable(&err, "web", &digest);
+    assert!(detail.contains("does not pull"), "{detail}");
     assert!(!exec.project_dir(&target).unwrap().exists());
 }
 
@@ -659,45 +431,22 @@ async fn an_unknown_digest_without_a_local_tag_is_unavailable() {
 async fn a_crashing_container_is_unhealthy_with_its_log_tail() {
     let fx = Fixture::new();
     let ok = fx.sleeper("ok", 3600);
-    let crash = fx.image(
-        "crash",
-        &[r#"CMD ["/bin/busybox","sh","-c","echo starting up; echo fatal: boom-marker >&2; exit 3"]"#],
-    );
+    let crash = fx.image("crash", &[expect::CRASH_CMD]);
     let target = fx.target(json!({"health_timeout_secs": 30}));
     let exec = fx.executor().await;
 
-    let err = exec
-        .deploy(
-            &spec(
-                &target,
-                "r1",
-                vec![
-                    fx.component("web", "ok", &ok),
-                    fx.component("api", "crash", &crash),
-                ],
-            ),
-            &NoProgress,
-        )
-        .await
-        .unwrap_err();
+    let err = deploy_fails(
+        &exec,
+        &target,
+        "r1",
+        vec![
+            fx.component("web", "ok", &ok),
+            fx.component("api", "crash", &crash),
+        ],
+    )
+    .await;
 
-    match &err {
-        PluginError::Unhealthy {
-            component,
-            detail,
-            log_tail,
-        } => {
-            assert_eq!(component, "api");
-            assert!(
-                detail.contains("exit") || detail.contains("restart"),
-                "{detail}"
-            );
-            assert!(log_tail.contains("boom-marker"), "{log_tail:?}");
-            assert!(log_tail.contains("starting up"), "{log_tail:?}");
-        }
-        other => panic!("expected Unhealthy, got {other:?}"),
-    }
-    assert_eq!(err.reason_code(), "unhealthy");
+    expect::crash_reported(&err, "api");
 }
 
 #[tokio::test]
@@ -708,34 +457,21 @@ async fn a_container_that_cannot_start_fails_the_deploy_with_compose_output() {
     let target = fx.target(json!({"health_timeout_secs": 30}));
     let exec = fx.executor().await;
 
-    let err = exec
-        .deploy(
-            &spec(
-                &target,
-                "r1",
-                vec![
-                    fx.component("web", "ok", &ok),
-                    fx.component("api", "broken", &broken),
-                ],
-            ),
-            &NoProgress,
-        )
-        .await
-        .unwrap_err();
+    let err = deploy_fails(
+        &exec,
+        &target,
+        "r1",
+        vec![
+            fx.component("web", "ok", &ok),
+            fx.component("api", "broken", &broken),
+        ],
+    )
+    .await;
 
-    match &err {
-        PluginError::Unhealthy {
-            component,
-            detail,
-            log_tail,
-        } => {
-            assert_eq!(component, "api");
-            assert!(detail.contains("up failed"), "{detail}");
-            assert!(log_tail.contains("binary-marker"), "{log_tail}");
-            assert!(log_tail.contains(&exec.tool().command_line()), "{log_tail}");
-        }
-        other => panic!("expected Unhealthy, got {other:?}"),
-    }
+    let (detail, log_tail) = expect::unhealthy(&err, "api");
+    assert!(detail.contains("up failed"), "{detail}");
+    assert!(log_tail.contains("binary-marker"), "{log_tail}");
+    assert!(log_tail.contains(&exec.tool().command_line()), "{log_tail}");
 }
 
 #[tokio::test]
@@ -804,13 +540,7 @@ async fn service_settings_are_applied_and_secrets_stay_out_of_progress() {
     // A changed setting is a new lock file: the service is recreated.
     let mut changed = target.clone();
     changed.config["services"]["web"]["environment"]["GREETING"] = json!("bye");
-    let again = exec
-        .deploy(
-            &spec(&changed, "r1", vec![fx.component("web", "v1", &id)]),
-            &NoProgress,
-        )
-        .await
-        .unwrap();
+    let again = deploy(&exec, &changed, "r1", vec![fx.component("web", "v1", &id)]).await;
     assert_eq!(again.components[0].action, ComponentAction::Replaced);
     let env = inspect(&again.components[0].workload_id)["Config"]["Env"].clone();
     assert!(env.as_array().unwrap().contains(&json!("GREETING=bye")));
@@ -828,21 +558,11 @@ async fn a_failing_healthcheck_is_unhealthy() {
     }));
     let exec = fx.executor().await;
 
-    let err = exec
-        .deploy(
-            &spec(&target, "r1", vec![fx.component("web", "v1", &id)]),
-            &NoProgress,
-        )
-        .await
-        .unwrap_err();
+    let err = deploy_fails(&exec, &target, "r1", vec![fx.component("web", "v1", &id)]).await;
 
-    match &err {
-        PluginError::Unhealthy { detail, .. } => {
-            assert!(detail.contains("unhealthy"), "{detail}");
-            assert!(detail.contains("probe-failed"), "{detail}");
-        }
-        other => panic!("expected Unhealthy, got {other:?}"),
-    }
+    let (detail, _) = expect::unhealthy(&err, "web");
+    assert!(detail.contains("unhealthy"), "{detail}");
+    assert!(detail.contains("probe-failed"), "{detail}");
 }
 
 #[tokio::test]
@@ -869,25 +589,18 @@ async fn drift_behind_stellas_back_shows_in_inventory_and_is_repaired() {
     docker(&["stop", "-t", "1", &worker]);
     // ...and runs another image claiming to be web of this target.
     let name = format!("stella-drift-{}", fx.id);
-    fx.track_container(&name);
-    let label = |k: &str, v: &str| format!("{k}={v}");
-    let planted = docker(&[
-        "run",
-        "-d",
-        "--name",
+    fx.cleanup.container(&name);
+    let planted = run_labelled(
         &name,
-        "--label",
-        &label(LABEL_MANAGED, "true"),
-        "--label",
-        &label(LABEL_TARGET, &target.name),
-        "--label",
-        &label(LABEL_COMPONENT, "web"),
-        "--label",
-        &label(LABEL_DIGEST, &v1),
-        "--label",
-        &label(LABEL_RELEASE_ID, "r1"),
+        &[
+            (LABEL_MANAGED, "true"),
+            (LABEL_TARGET, &target.name),
+            (LABEL_COMPONENT, "web"),
+            (LABEL_DIGEST, &v1),
+            (LABEL_RELEASE_ID, "r1"),
+        ],
         &v2,
-    ]);
+    );
 
     let inv = exec.inventory(&target).await.unwrap();
     assert_eq!(inv.len(), 3, "{inv:?}");
@@ -923,7 +636,7 @@ async fn a_project_held_by_something_else_is_refused() {
     let target = fx.target(json!({ "project": project }));
     let exec = fx.executor().await;
     let name = format!("stella-foreign-{}", fx.id);
-    fx.track_container(&name);
+    fx.cleanup.container(&name);
     docker(&[
         "create",
         "--name",
@@ -935,18 +648,10 @@ async fn a_project_held_by_something_else_is_refused() {
         &id,
     ]);
 
-    let err = exec
-        .deploy(
-            &spec(&target, "r1", vec![fx.component("web", "v1", &id)]),
-            &NoProgress,
-        )
-        .await
-        .unwrap_err();
+    let err = deploy_fails(&exec, &target, "r1", vec![fx.component("web", "v1", &id)]).await;
 
-    match &err {
-        PluginError::InvalidConfig(m) => assert!(m.contains("project"), "{m}"),
-        other => panic!("expected InvalidConfig, got {other:?}"),
-    }
+    let m = expect::invalid_config(&err);
+    assert!(m.contains("project"), "{m}");
     assert!(!exec.project_dir(&target).unwrap().exists());
     assert!(exists(&name));
 }
@@ -958,10 +663,8 @@ async fn invalid_config_is_rejected_naming_the_key() {
     let exec = fx.executor().await;
 
     let bad = fx.target(json!({"health_timeout": 5}));
-    match exec.validate_config(&bad) {
-        Err(PluginError::InvalidConfig(m)) => assert!(m.contains("health_timeout"), "{m}"),
-        other => panic!("expected InvalidConfig, got {other:?}"),
-    }
+    let m = expect::invalid_config(&expect::failure(exec.validate_config(&bad)));
+    assert!(m.contains("health_timeout"), "{m}");
     assert!(exec.validate_config(&fx.target(Value::Null)).is_ok());
     assert!(
         exec.validate_config(&fx.target(json!({
@@ -1000,18 +703,9 @@ async fn invalid_config_is_rejected_naming_the_key() {
         (json!({"directory": 1}), "directory"),
     ] {
         let t = fx.target(config);
-        let err = exec
-            .deploy(
-                &spec(&t, "r1", vec![fx.component("web", "v1", &id)]),
-                &NoProgress,
-            )
-            .await
-            .unwrap_err();
-        match &err {
-            PluginError::InvalidConfig(m) => assert!(m.contains(key), "{key}: {m}"),
-            other => panic!("expected InvalidConfig for {key}, got {other:?}"),
-        }
-        assert_eq!(err.reason_code(), "invalid_target_config");
+        let err = deploy_fails(&exec, &t, "r1", vec![fx.component("web", "v1", &id)]).await;
+        let m = expect::invalid_config(&err);
+        assert!(m.contains(key), "{key}: {m}");
     }
     assert!(
         !fx.state.path().join("projects").exists(),
@@ -1025,50 +719,9 @@ async fn stickers_roundtrip_in_the_project_directory() {
     let exec = fx.executor().await;
     let custom = fx.state.path().join("elsewhere").join("shop");
     let target = fx.target(json!({"directory": custom.to_str().unwrap()}));
-    assert_eq!(exec.read_sticker(&target).await.unwrap(), None);
-
-    let s = spec(
-        &target,
-        "r1",
-        vec![ComponentSpec {
-            name: "web".to_string(),
-            image: "demo/app:1".to_string(),
-            digest: format!("sha256:{}", "c".repeat(64)),
-        }],
-    );
-    let sticker = VersionSticker::for_deploy(&s, "2025-01-01T00:00:00Z".to_string());
-    exec.write_sticker(&target, &sticker).await.unwrap();
-    assert_eq!(
-        exec.read_sticker(&target).await.unwrap(),
-        Some(sticker.clone())
-    );
     let path: PathBuf = custom.join("stella.version.json");
     assert_eq!(exec.sticker_path(&target).unwrap(), path);
-    use std::os::unix::fs::PermissionsExt;
-    assert_eq!(
-        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-        0o644
-    );
-    assert_eq!(std::fs::read_dir(&custom).unwrap().count(), 1);
-
-    let mut next = sticker.clone();
-    next.release_id = "r2".to_string();
-    exec.write_sticker(&target, &next).await.unwrap();
-    assert_eq!(exec.read_sticker(&target).await.unwrap(), Some(next));
-
-    let mut foreign: Value = serde_json::to_value(&sticker).unwrap();
-    foreign["schema"] = json!("stella.version/v999");
-    std::fs::write(&path, serde_json::to_vec(&foreign).unwrap()).unwrap();
-    assert!(matches!(
-        exec.read_sticker(&target).await,
-        Err(PluginError::Sticker(_))
-    ));
-    std::fs::write(&path, b"{not json").unwrap();
-    assert!(matches!(
-        exec.read_sticker(&target).await,
-        Err(PluginError::Sticker(_))
-    ));
-    assert_eq!(STICKER_SCHEMA, sticker.schema);
+    expect::sticker_roundtrip(&exec, &target, &path).await;
 
     // The default lives under the state dir, named after the target.
     let plain = fx.target(Value::Null);

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bollard::models::RestartPolicyNameEnum;
 use stella_plugin_sdk::PluginError;
+use stella_plugin_sdk::config::{env_vars, invalid, object_or_null, seconds, unknown_key};
 
 pub(crate) const DEFAULT_HEALTH_TIMEOUT_SECS: u64 = 60;
 const MAX_HEALTH_TIMEOUT_SECS: u64 = 3600;
@@ -41,29 +42,15 @@ impl TargetConfig {
     }
 }
 
-fn invalid(msg: impl Into<String>) -> PluginError {
-    PluginError::InvalidConfig(msg.into())
-}
-
 pub(crate) fn parse(config: &serde_json::Value) -> Result<TargetConfig, PluginError> {
     let mut out = TargetConfig::default();
-    let map = match config {
-        serde_json::Value::Null => return Ok(out),
-        serde_json::Value::Object(map) => map,
-        _ => return Err(invalid("target config must be a JSON object or null")),
+    let Some(map) = object_or_null(config)? else {
+        return Ok(out);
     };
     for (key, value) in map {
         match key.as_str() {
             "health_timeout_secs" => {
-                let secs = value
-                    .as_u64()
-                    .filter(|s| (1..=MAX_HEALTH_TIMEOUT_SECS).contains(s))
-                    .ok_or_else(|| {
-                        invalid(format!(
-                            "health_timeout_secs: must be an integer between 1 and {MAX_HEALTH_TIMEOUT_SECS}"
-                        ))
-                    })?;
-                out.health_timeout = Duration::from_secs(secs);
+                out.health_timeout = seconds(key, value, MAX_HEALTH_TIMEOUT_SECS)?;
             }
             "network" => {
                 let name = value
@@ -72,26 +59,7 @@ pub(crate) fn parse(config: &serde_json::Value) -> Result<TargetConfig, PluginEr
                     .ok_or_else(|| invalid("network: must be a non-empty string"))?;
                 out.network = Some(name.to_string());
             }
-            "env" => {
-                let vars = value
-                    .as_object()
-                    .ok_or_else(|| invalid("env: must be an object of string values"))?;
-                for (name, v) in vars {
-                    if name.is_empty() || name.contains('=') || name.contains('\0') {
-                        return Err(invalid(format!(
-                            "env.{name}: variable names must be non-empty and contain no '=' or NUL"
-                        )));
-                    }
-                    // The message names the variable but never echoes its value: it may be a secret.
-                    let s = v
-                        .as_str()
-                        .ok_or_else(|| invalid(format!("env.{name}: value must be a string")))?;
-                    if s.contains('\0') {
-                        return Err(invalid(format!("env.{name}: value must not contain NUL")));
-                    }
-                    out.env.insert(name.clone(), s.to_string());
-                }
-            }
+            "env" => out.env = env_vars(key, value)?,
             "restart_policy" => {
                 out.restart_policy = match value.as_str() {
                     Some("no") => RestartPolicyNameEnum::NO,
@@ -105,7 +73,7 @@ pub(crate) fn parse(config: &serde_json::Value) -> Result<TargetConfig, PluginEr
                     }
                 };
             }
-            other => return Err(invalid(format!("unknown key {other:?}"))),
+            other => return Err(unknown_key(other)),
         }
     }
     Ok(out)

@@ -6,13 +6,10 @@
 //! resolved before the engine is touched, so a job that cannot be honoured changes nothing.
 
 mod config;
-mod naming;
-mod sticker;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::pin::pin;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bollard::errors::Error as BollardError;
@@ -26,51 +23,41 @@ use bollard::query_parameters::{
 };
 use bollard::{API_DEFAULT_VERSION, Docker};
 use futures_util::StreamExt;
+use stella_plugin_sdk::digest::{RunningDigests, matching_repo_digest, short_id};
+use stella_plugin_sdk::engine::ImageStore;
+use stella_plugin_sdk::naming::{container_name, path_segment, sanitize};
+use stella_plugin_sdk::readiness::{
+    self, ContainerState, LOG_FETCH_TIMEOUT, LOG_TAIL_LINES, WaitOptions,
+};
+use stella_plugin_sdk::validate::{self, DistinctNames};
 use stella_plugin_sdk::{
     ComponentAction, ComponentOutcome, ComponentSpec, DeployOutcome, DeploySpec, Executor,
-    ExecutorContext, InventoryItem, PluginError, ProgressSink, TargetRef, VersionSticker,
-    is_valid_digest,
+    ExecutorContext, InventoryItem, PluginError, ProgressSink, STICKER_FILE_NAME, TargetLocks,
+    TargetRef, VersionSticker, engine, files, labels, millis, sort_inventory,
 };
 use tracing::{debug, info, warn};
 
 use crate::config::TargetConfig;
-use crate::naming::{
-    container_name, repo_digest_has, repo_digest_matches, repository_of, sanitize, short_digest,
-    tagged_reference,
-};
 
-/// Set to `"true"` on every container Stella creates.
-pub const LABEL_MANAGED: &str = "stella.managed";
-pub const LABEL_TARGET: &str = "stella.target";
-pub const LABEL_COMPONENT: &str = "stella.component";
-/// The digest the job asked for (what the container runs is its `Image` field).
-pub const LABEL_DIGEST: &str = "stella.digest";
-pub const LABEL_RELEASE_ID: &str = "stella.release.id";
-pub const LABEL_RELEASE_NAME: &str = "stella.release.name";
-pub const LABEL_DEPLOYMENT_ID: &str = "stella.deployment.id";
-pub const LABEL_JOB_ID: &str = "stella.job.id";
-/// The image reference as the job spelled it; informational only.
-pub const LABEL_IMAGE: &str = "stella.image";
+pub use stella_plugin_sdk::labels::{
+    COMPONENT as LABEL_COMPONENT, DEPLOYMENT_ID as LABEL_DEPLOYMENT_ID, DIGEST as LABEL_DIGEST,
+    IMAGE as LABEL_IMAGE, JOB_ID as LABEL_JOB_ID, MANAGED as LABEL_MANAGED,
+    RELEASE_ID as LABEL_RELEASE_ID, RELEASE_NAME as LABEL_RELEASE_NAME, TARGET as LABEL_TARGET,
+};
 
 /// The executor kind this crate implements.
 pub const KIND: &str = "docker";
 
-const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
 /// Per-request timeout (until response headers); image pulls stream past it.
 const REQUEST_TIMEOUT_SECS: u64 = 120;
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
-/// A container without a health check counts as up once it has stayed running this long, so
-/// that one crashing right after start is reported instead of being declared a success.
-const SETTLE: Duration = Duration::from_secs(2);
-const LOG_TAIL_LINES: usize = 50;
-const LOG_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs releases as containers on one Docker Engine.
 pub struct DockerExecutor {
     docker: Docker,
     ctx: ExecutorContext,
     /// Two jobs for the same target must not interleave their stop/create steps.
-    target_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    target_locks: TargetLocks,
 }
 
 impl std::fmt::Debug for DockerExecutor {
@@ -84,8 +71,7 @@ impl std::fmt::Debug for DockerExecutor {
 impl DockerExecutor {
     /// Connects to the engine (DOCKER_HOST unix socket if set, else /var/run/docker.sock) and pings it.
     pub async fn connect(ctx: ExecutorContext) -> Result<Self, PluginError> {
-        let socket = socket_from_docker_host(std::env::var("DOCKER_HOST").ok().as_deref())?;
-        Self::connect_with_socket(&socket, ctx).await
+        Self::connect_with_socket(&engine::docker_socket()?, ctx).await
     }
 
     /// Connects to the engine listening on `socket` and pings it.
@@ -112,17 +98,8 @@ impl DockerExecutor {
         Ok(Self {
             docker,
             ctx,
-            target_locks: std::sync::Mutex::new(HashMap::new()),
+            target_locks: TargetLocks::default(),
         })
-    }
-
-    fn target_lock(&self, target: &str) -> Arc<tokio::sync::Mutex<()>> {
-        // A poisoned map is still a valid map: the lock only guards insertion.
-        let mut locks = self
-            .target_locks
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        locks.entry(target.to_string()).or_default().clone()
     }
 
     /// Finds the local image `digest` names: either its id (locally built images have no
@@ -156,86 +133,8 @@ impl DockerExecutor {
             .map_err(|e| backend("list images", e))?;
         Ok(images
             .into_iter()
-            .find(|img| {
-                img.repo_digests
-                    .iter()
-                    .any(|rd| repo_digest_matches(rd, repo, digest))
-            })
+            .find(|img| matching_repo_digest(&img.repo_digests, repo, digest).is_some())
             .map(|img| img.id))
-    }
-
-    async fn resolve_image(
-        &self,
-        c: &ComponentSpec,
-        progress: &dyn ProgressSink,
-    ) -> Result<String, PluginError> {
-        let repo = repository_of(&c.image);
-        let wanted = format!("{repo}@{}", short_digest(&c.digest));
-        if let Some(id) = self.find_local_image(repo, &c.digest).await? {
-            progress.progress(&format!(
-                "{}: resolved {wanted} to local image {}",
-                c.name,
-                short_digest(&id)
-            ));
-            return Ok(id);
-        }
-        // A tag that exists locally with other content means the operator built or pulled
-        // something else under that name; pulling would silently paper over the disagreement.
-        if let Some(tagged) = tagged_reference(&c.image) {
-            match self.docker.inspect_image(tagged).await {
-                Ok(img) => {
-                    return Err(PluginError::DigestMismatch {
-                        component: c.name.clone(),
-                        image: c.image.clone(),
-                        expected: c.digest.clone(),
-                        actual: img.id.unwrap_or_else(|| "an image without id".to_string()),
-                    });
-                }
-                Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(backend("inspect image", e)),
-            }
-        }
-        progress.progress(&format!("{}: pulling {wanted}", c.name));
-        info!(component = %c.name, repo, digest = %c.digest, "pulling image by digest");
-        self.pull(repo, &c.digest)
-            .await
-            .map_err(|detail| PluginError::ImageUnavailable {
-                component: c.name.clone(),
-                digest: c.digest.clone(),
-                detail,
-            })?;
-        match self.find_by_repo_digest(repo, &c.digest).await? {
-            Some(id) => {
-                progress.progress(&format!(
-                    "{}: pulled {wanted} as image {}",
-                    c.name,
-                    short_digest(&id)
-                ));
-                Ok(id)
-            }
-            None => Err(PluginError::DigestMismatch {
-                component: c.name.clone(),
-                image: c.image.clone(),
-                expected: c.digest.clone(),
-                actual: "no local image carries that digest after the pull".to_string(),
-            }),
-        }
-    }
-
-    /// Returns the engine's own message on failure: it is what an operator needs to see.
-    async fn pull(&self, repo: &str, digest: &str) -> Result<(), String> {
-        let options = CreateImageOptions {
-            from_image: Some(repo.to_string()),
-            tag: Some(digest.to_string()),
-            ..Default::default()
-        };
-        let mut stream = pin!(self.docker.create_image(Some(options), None, None));
-        while let Some(item) = stream.next().await {
-            if let Err(e) = item {
-                return Err(engine_message(e));
-            }
-        }
-        Ok(())
     }
 
     async fn check_network(&self, network: &str) -> Result<(), PluginError> {
@@ -430,17 +329,10 @@ impl DockerExecutor {
         }
 
         let name = container_name(target, &c.name);
-        let labels = HashMap::from([
-            (LABEL_MANAGED.to_string(), "true".to_string()),
-            (LABEL_TARGET.to_string(), target.to_string()),
-            (LABEL_COMPONENT.to_string(), c.name.clone()),
-            (LABEL_DIGEST.to_string(), c.digest.clone()),
-            (LABEL_RELEASE_ID.to_string(), spec.release_id.clone()),
-            (LABEL_RELEASE_NAME.to_string(), spec.release_name.clone()),
-            (LABEL_DEPLOYMENT_ID.to_string(), spec.deployment_id.clone()),
-            (LABEL_JOB_ID.to_string(), spec.job_id.clone()),
-            (LABEL_IMAGE.to_string(), c.image.clone()),
-        ]);
+        let labels: HashMap<String, String> = labels::container_labels(spec, c)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let body = ContainerCreateBody {
             image: Some(image_id.to_string()),
             labels: Some(labels),
@@ -515,97 +407,19 @@ impl DockerExecutor {
         id: &str,
         component: &str,
         timeout: Duration,
-        mut baseline_restarts: Option<i64>,
+        baseline_restarts: Option<i64>,
     ) -> Result<bool, PluginError> {
-        let deadline = Instant::now() + timeout;
-        let settle = SETTLE.min(timeout / 2);
-        // (StartedAt, when this process first saw that incarnation running)
-        let mut seen_running: Option<(String, Instant)> = None;
-        loop {
-            let Some(info) = self.inspect(id).await? else {
-                return Err(PluginError::Unhealthy {
-                    component: component.to_string(),
-                    detail: format!("container {} disappeared", short_id(id)),
-                    log_tail: String::new(),
-                });
-            };
-            let state = info.state.unwrap_or_default();
-            let status = state.status.unwrap_or(ContainerStateStatusEnum::EMPTY);
-            let health = state
-                .health
-                .as_ref()
-                .and_then(|h| h.status)
-                .filter(|s| !matches!(s, HealthStatusEnum::NONE | HealthStatusEnum::EMPTY));
-            let restarts = info.restart_count.unwrap_or(0);
-            let baseline = *baseline_restarts.get_or_insert(restarts);
-            let exit_code = state.exit_code.unwrap_or(0);
-
-            let failure = match status {
-                ContainerStateStatusEnum::RUNNING if restarts > baseline => Some(format!(
-                    "container restarted {} time(s) (last exit code {exit_code})",
-                    restarts - baseline
-                )),
-                ContainerStateStatusEnum::RUNNING => match health {
-                    Some(HealthStatusEnum::HEALTHY) => return Ok(true),
-                    Some(HealthStatusEnum::UNHEALTHY) => Some(format!(
-                        "health check reports unhealthy{}",
-                        last_health_output(&state)
-                    )),
-                    Some(_) => None,
-                    None => {
-                        let started_at = state.started_at.clone().unwrap_or_default();
-                        let first_seen = match &seen_running {
-                            Some((s, at)) if *s == started_at => *at,
-                            _ => {
-                                let now = Instant::now();
-                                seen_running = Some((started_at.clone(), now));
-                                now
-                            }
-                        };
-                        if first_seen.elapsed() >= settle || engine_uptime(&started_at) >= settle {
-                            return Ok(false);
-                        }
-                        None
-                    }
-                },
-                ContainerStateStatusEnum::CREATED | ContainerStateStatusEnum::EMPTY => None,
-                ContainerStateStatusEnum::RESTARTING => Some(format!(
-                    "container keeps restarting (last exit code {exit_code})"
-                )),
-                ContainerStateStatusEnum::EXITED | ContainerStateStatusEnum::DEAD => {
-                    let mut detail = format!("container exited with code {exit_code}");
-                    if state.oom_killed == Some(true) {
-                        detail.push_str(" (killed: out of memory)");
-                    }
-                    if let Some(err) = state.error.as_deref().filter(|e| !e.is_empty()) {
-                        detail.push_str(&format!(" ({err})"));
-                    }
-                    Some(detail)
-                }
-                other => Some(format!("container is {other}")),
-            };
-            if let Some(detail) = failure {
-                return Err(self.unhealthy(id, component, detail).await);
-            }
-            if Instant::now() >= deadline {
-                let health = health.map_or_else(|| "none".to_string(), |h| h.to_string());
-                let detail = format!(
-                    "not ready within {}s (state {status}, health {health})",
-                    timeout.as_secs()
-                );
-                return Err(self.unhealthy(id, component, detail).await);
-            }
-            tokio::time::sleep(POLL_INTERVAL).await;
-        }
-    }
-
-    async fn unhealthy(&self, id: &str, component: &str, detail: String) -> PluginError {
-        warn!(component, container = id, %detail, "component did not become ready");
-        PluginError::Unhealthy {
-            component: component.to_string(),
-            detail,
-            log_tail: self.log_tail(id).await,
-        }
+        readiness::wait_ready(
+            id,
+            component,
+            WaitOptions::for_timeout(timeout, POLL_INTERVAL, baseline_restarts),
+            || async move { Ok(self.inspect(id).await?.as_ref().map(container_state)) },
+            |detail: &str| {
+                warn!(component, container = id, %detail, "component did not become ready");
+                self.log_tail(id)
+            },
+        )
+        .await
     }
 
     /// Best effort: a failure to fetch logs must not hide the failure being reported.
@@ -636,35 +450,57 @@ impl DockerExecutor {
             debug!(container = id, "log fetch timed out");
         }
         let lines: Vec<&str> = out.lines().collect();
-        lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+        readiness::last_lines(&lines, LOG_TAIL_LINES)
     }
 
-    /// The digest an existing container really runs: the one Stella asked for when its image is
-    /// that digest, otherwise the image id (which then shows the drift).
-    async fn running_digest(
+    /// The `RepoDigests` of image `image_id`; none when it is gone.
+    async fn repo_digests(&self, image_id: &str) -> Result<Vec<String>, PluginError> {
+        match self.docker.inspect_image(image_id).await {
+            Ok(img) => Ok(img.repo_digests.unwrap_or_default()),
+            Err(e) if is_not_found(&e) => Ok(Vec::new()),
+            Err(e) => Err(backend("inspect image", e)),
+        }
+    }
+}
+
+/// The engine's images as the SDK's [`engine::resolve_image`] needs them; private, so that
+/// pulling stays a step of a verified deploy.
+struct Images<'a>(&'a DockerExecutor);
+
+#[async_trait::async_trait]
+impl ImageStore for Images<'_> {
+    async fn find_image(&self, repo: &str, digest: &str) -> Result<Option<String>, PluginError> {
+        self.0.find_local_image(repo, digest).await
+    }
+
+    async fn image_id(&self, reference: &str) -> Result<Option<String>, PluginError> {
+        match self.0.docker.inspect_image(reference).await {
+            Ok(img) => Ok(Some(img.id.unwrap_or_default())),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(backend("inspect image", e)),
+        }
+    }
+
+    /// Fails with the engine's own message: it is what an operator needs to see.
+    async fn pull(
         &self,
-        image_id: &str,
-        label_digest: Option<&str>,
-        repo_digests_cache: &mut HashMap<String, Vec<String>>,
-    ) -> Result<String, PluginError> {
-        let Some(wanted) = label_digest else {
-            return Ok(image_id.to_string());
+        component: &str,
+        repo: &str,
+        digest: &str,
+    ) -> Result<Result<(), String>, PluginError> {
+        info!(component, repo, digest, "pulling image by digest");
+        let options = CreateImageOptions {
+            from_image: Some(repo.to_string()),
+            tag: Some(digest.to_string()),
+            ..Default::default()
         };
-        if wanted == image_id {
-            return Ok(wanted.to_string());
+        let mut stream = pin!(self.0.docker.create_image(Some(options), None, None));
+        while let Some(item) = stream.next().await {
+            if let Err(e) = item {
+                return Ok(Err(engine_message(e)));
+            }
         }
-        if !repo_digests_cache.contains_key(image_id) {
-            let digests = match self.docker.inspect_image(image_id).await {
-                Ok(img) => img.repo_digests.unwrap_or_default(),
-                Err(e) if is_not_found(&e) => Vec::new(),
-                Err(e) => return Err(backend("inspect image", e)),
-            };
-            repo_digests_cache.insert(image_id.to_string(), digests);
-        }
-        let carries = repo_digests_cache
-            .get(image_id)
-            .is_some_and(|ds| ds.iter().any(|rd| repo_digest_has(rd, wanted)));
-        Ok(if carries { wanted } else { image_id }.to_string())
+        Ok(Ok(()))
     }
 }
 
@@ -675,17 +511,7 @@ impl Executor for DockerExecutor {
     }
 
     fn validate_config(&self, target: &TargetRef) -> Result<(), PluginError> {
-        if target.kind != KIND {
-            return Err(PluginError::InvalidConfig(format!(
-                "target {} has kind {:?}, this executor handles {KIND:?}",
-                target.name, target.kind
-            )));
-        }
-        if target.name.is_empty() {
-            return Err(PluginError::InvalidConfig(
-                "target name must not be empty".to_string(),
-            ));
-        }
+        validate::target(target, KIND)?;
         config::parse(&target.config).map(|_| ())
     }
 
@@ -699,8 +525,7 @@ impl Executor for DockerExecutor {
         let cfg = config::parse(&spec.target.config)?;
         validate_components(&spec.components)?;
         let target = spec.target.name.as_str();
-        let lock = self.target_lock(target);
-        let _guard = lock.lock().await;
+        let _guard = self.target_locks.lock(target).await;
         info!(
             target,
             job = %spec.job_id,
@@ -715,7 +540,7 @@ impl Executor for DockerExecutor {
         }
         let mut image_ids = Vec::with_capacity(spec.components.len());
         for c in &spec.components {
-            image_ids.push(self.resolve_image(c, progress).await?);
+            image_ids.push(engine::resolve_image(&Images(self), c, progress).await?);
         }
         for c in &spec.components {
             self.check_name_free(target, &c.name).await?;
@@ -774,7 +599,7 @@ impl Executor for DockerExecutor {
 
     async fn inventory(&self, target: &TargetRef) -> Result<Vec<InventoryItem>, PluginError> {
         let mut items = Vec::new();
-        let mut repo_digests = HashMap::new();
+        let mut digests = RunningDigests::default();
         for summary in self.list_target_containers(&target.name).await? {
             let Some(id) = summary.id.as_deref() else {
                 continue;
@@ -789,11 +614,11 @@ impl Executor for DockerExecutor {
                 .and_then(|c| c.labels.clone())
                 .unwrap_or_default();
             let image_id = info.image.clone().unwrap_or_default();
-            let digest = self
-                .running_digest(
+            let digest = digests
+                .resolve(
                     &image_id,
                     labels.get(LABEL_DIGEST).map(String::as_str),
-                    &mut repo_digests,
+                    || self.repo_digests(&image_id),
                 )
                 .await?;
             let state = info.state.unwrap_or_default();
@@ -813,10 +638,7 @@ impl Executor for DockerExecutor {
                 deployment_id: labels.get(LABEL_DEPLOYMENT_ID).cloned(),
             });
         }
-        items.sort_by(|a, b| {
-            (a.component.as_str(), a.workload_id.as_str())
-                .cmp(&(b.component.as_str(), b.workload_id.as_str()))
-        });
+        sort_inventory(&mut items);
         Ok(items)
     }
 
@@ -825,66 +647,37 @@ impl Executor for DockerExecutor {
         target: &TargetRef,
         sticker: &VersionSticker,
     ) -> Result<(), PluginError> {
-        let path = self.sticker_path(target);
-        sticker::write(path, sticker).await
+        files::write_sticker(self.sticker_path(target), sticker).await
     }
 
     async fn read_sticker(
         &self,
         target: &TargetRef,
     ) -> Result<Option<VersionSticker>, PluginError> {
-        sticker::read(&self.sticker_path(target)).await
+        files::read_sticker(&self.sticker_path(target)).await
     }
 }
 
 impl DockerExecutor {
-    /// Where the sticker of `target` lives on the agent host.
+    /// Where the sticker of `target` lives: on the agent host, since a docker target has no
+    /// filesystem of its own that outlives its containers.
     pub fn sticker_path(&self, target: &TargetRef) -> PathBuf {
-        sticker::sticker_path(&self.ctx.state_dir, &target.name)
+        self.ctx
+            .state_dir
+            .join("targets")
+            .join(path_segment(&target.name))
+            .join(STICKER_FILE_NAME)
     }
 }
 
 fn validate_components(components: &[ComponentSpec]) -> Result<(), PluginError> {
-    let mut seen: HashMap<String, &str> = HashMap::new();
+    let mut names = DistinctNames::default();
     for c in components {
-        if c.name.is_empty() {
-            return Err(PluginError::InvalidConfig(
-                "component names must not be empty".to_string(),
-            ));
-        }
-        if c.image.is_empty() {
-            return Err(PluginError::InvalidConfig(format!(
-                "component {}: image must not be empty",
-                c.name
-            )));
-        }
-        if !is_valid_digest(&c.digest) {
-            return Err(PluginError::InvalidConfig(format!(
-                "component {}: digest {:?} is not sha256:<64 lowercase hex>",
-                c.name, c.digest
-            )));
-        }
+        validate::component(c)?;
         // Two components mapping to one container name would replace each other.
-        if let Some(other) = seen.insert(sanitize(&c.name), &c.name) {
-            return Err(PluginError::InvalidConfig(format!(
-                "components {other:?} and {:?} map to the same container name",
-                c.name
-            )));
-        }
+        names.insert(sanitize(&c.name), &c.name, "container name")?;
     }
     Ok(())
-}
-
-fn socket_from_docker_host(docker_host: Option<&str>) -> Result<PathBuf, PluginError> {
-    match docker_host.map(str::trim).filter(|h| !h.is_empty()) {
-        None => Ok(PathBuf::from(DEFAULT_SOCKET)),
-        Some(host) => match host.strip_prefix("unix://") {
-            Some(path) if !path.is_empty() => Ok(PathBuf::from(path)),
-            _ => Err(PluginError::Backend(format!(
-                "DOCKER_HOST={host} is not supported: only unix:// sockets are"
-            ))),
-        },
-    }
 }
 
 fn summary_label<'a>(s: &'a ContainerSummary, key: &str) -> Option<&'a str> {
@@ -913,60 +706,35 @@ fn backend(what: &str, e: BollardError) -> PluginError {
     PluginError::Backend(format!("{what}: {e}"))
 }
 
-fn short_id(id: &str) -> &str {
-    let hex = id.strip_prefix("sha256:").unwrap_or(id);
-    hex.get(..12).unwrap_or(hex)
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// How long the engine says the container has been running; zero when unknown.
-fn engine_uptime(started_at: &str) -> Duration {
-    time::OffsetDateTime::parse(started_at, &time::format_description::well_known::Rfc3339)
-        .ok()
-        .and_then(|t| (time::OffsetDateTime::now_utc() - t).try_into().ok())
-        .unwrap_or(Duration::ZERO)
-}
-
-fn last_health_output(state: &bollard::models::ContainerState) -> String {
-    let output = state
-        .health
-        .as_ref()
-        .and_then(|h| h.log.as_ref())
-        .and_then(|log| log.last())
-        .and_then(|r| r.output.as_deref())
-        .map(str::trim)
-        .unwrap_or_default();
-    if output.is_empty() {
-        String::new()
-    } else {
-        let cut: String = output.chars().take(200).collect();
-        format!(": {cut}")
+/// A bollard container inspection as the SDK's readiness rules read it.
+fn container_state(info: &ContainerInspectResponse) -> ContainerState {
+    let state = info.state.clone().unwrap_or_default();
+    let health = state.health.as_ref();
+    ContainerState {
+        status: state
+            .status
+            .unwrap_or(ContainerStateStatusEnum::EMPTY)
+            .to_string(),
+        health: health
+            .and_then(|h| h.status)
+            .filter(|s| !matches!(s, HealthStatusEnum::NONE | HealthStatusEnum::EMPTY))
+            .map(|s| s.to_string()),
+        restart_count: info.restart_count.unwrap_or(0),
+        exit_code: state.exit_code.unwrap_or(0),
+        oom_killed: state.oom_killed == Some(true),
+        error: state.error.clone().unwrap_or_default(),
+        started_at: state.started_at.clone().unwrap_or_default(),
+        health_output: health
+            .and_then(|h| h.log.as_ref())
+            .and_then(|log| log.last())
+            .and_then(|r| r.output.clone())
+            .unwrap_or_default(),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn docker_host_parsing() {
-        assert_eq!(
-            socket_from_docker_host(None).unwrap(),
-            PathBuf::from("/var/run/docker.sock")
-        );
-        assert_eq!(
-            socket_from_docker_host(Some("")).unwrap(),
-            PathBuf::from("/var/run/docker.sock")
-        );
-        assert_eq!(
-            socket_from_docker_host(Some("unix:///run/user/1/docker.sock")).unwrap(),
-            PathBuf::from("/run/user/1/docker.sock")
-        );
-        assert!(socket_from_docker_host(Some("tcp://1.2.3.4:2375")).is_err());
-    }
 
     #[test]
     fn components_are_validated() {
@@ -980,11 +748,5 @@ mod tests {
         assert!(validate_components(&[c("web", "latest")]).is_err());
         assert!(validate_components(&[c("", &d)]).is_err());
         assert!(validate_components(&[c("a/b", &d), c("a_b", &d)]).is_err());
-    }
-
-    #[test]
-    fn short_ids() {
-        assert_eq!(short_id("sha256:0123456789abcdef"), "0123456789ab");
-        assert_eq!(short_id("abc"), "abc");
     }
 }

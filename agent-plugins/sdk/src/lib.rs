@@ -5,10 +5,29 @@
 //! signature, audience, expiry and sequence before it calls anything here, so executors deal
 //! only with the target. Executors depend on this crate alone: never on the agent, the
 //! control plane, or each other.
+//!
+//! Besides the contract, the SDK holds the executor-agnostic pieces several executors share, so
+//! that one piece serves where the logic is the same: [`labels`], [`naming`], [`digest`],
+//! [`files`], [`config`], [`validate`], [`readiness`] and [`engine`] (the last two for executors
+//! that drive a Docker Engine, whatever client they use), and [`TargetLocks`].
 
+pub mod config;
+pub mod digest;
+pub mod engine;
+pub mod files;
+pub mod labels;
+pub mod naming;
+pub mod readiness;
+pub mod validate;
+
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+pub use crate::digest::is_valid_digest;
 
 /// File name of the version sticker written on every target after a deployment.
 pub const STICKER_FILE_NAME: &str = "stella.version.json";
@@ -286,29 +305,75 @@ pub trait Executor: Send + Sync {
     }
 }
 
-/// Checks the `sha256:<64 lowercase hex>` shape every digest in Stella has.
-pub fn is_valid_digest(digest: &str) -> bool {
-    match digest.strip_prefix("sha256:") {
-        Some(hex) => {
-            hex.len() == 64
-                && hex
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        }
-        None => false,
+/// Serializes the jobs of one target: two jobs for the same target must not interleave their
+/// steps (stop/create, file writes, `up`s), while jobs for different targets may run at once.
+#[derive(Debug, Default)]
+pub struct TargetLocks {
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl TargetLocks {
+    /// Waits until no other job holds `target`, and holds it until the guard is dropped.
+    pub async fn lock(&self, target: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            // A poisoned map is still a valid map: the lock only guards insertion.
+            let mut locks = self
+                .locks
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            locks.entry(target.to_string()).or_default().clone()
+        };
+        lock.lock_owned().await
     }
+}
+
+/// A duration in whole milliseconds, as outcomes report them (saturating).
+pub fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Puts inventory items in the order every executor reports them: by component, then workload.
+pub fn sort_inventory(items: &mut [InventoryItem]) {
+    items.sort_by(|a, b| {
+        (a.component.as_str(), a.workload_id.as_str())
+            .cmp(&(b.component.as_str(), b.workload_id.as_str()))
+    });
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn one_job_per_target_at_a_time() {
+        let locks = TargetLocks::default();
+        let a = locks.lock("a").await;
+        // Another target is free; the same one is not until the guard goes.
+        let _b = locks.lock("b").await;
+        let pending = tokio::time::timeout(Duration::from_millis(20), locks.lock("a")).await;
+        assert!(pending.is_err());
+        drop(a);
+        let _a = locks.lock("a").await;
+    }
+
     #[test]
-    fn digest_shape() {
-        assert!(is_valid_digest(&format!("sha256:{}", "a".repeat(64))));
-        assert!(!is_valid_digest(&format!("sha256:{}", "A".repeat(64))));
-        assert!(!is_valid_digest(&format!("sha256:{}", "a".repeat(63))));
-        assert!(!is_valid_digest(&format!("sha512:{}", "a".repeat(64))));
-        assert!(!is_valid_digest("latest"));
+    fn helpers() {
+        assert_eq!(millis(Duration::from_micros(2500)), 2);
+        let item = |component: &str, workload_id: &str| InventoryItem {
+            component: component.to_string(),
+            digest: String::new(),
+            state: "running".to_string(),
+            health: None,
+            workload_id: workload_id.to_string(),
+            release_id: None,
+            deployment_id: None,
+        };
+        let mut items = vec![item("web", "2"), item("api", "9"), item("web", "1")];
+        sort_inventory(&mut items);
+        let order: Vec<(&str, &str)> = items
+            .iter()
+            .map(|i| (i.component.as_str(), i.workload_id.as_str()))
+            .collect();
+        assert_eq!(order, vec![("api", "9"), ("web", "1"), ("web", "2")]);
     }
 }

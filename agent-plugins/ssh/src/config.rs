@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use russh::keys::{Algorithm, HashAlg, PublicKey};
 use stella_plugin_sdk::PluginError;
+use stella_plugin_sdk::config::{invalid, object, seconds, unknown_key};
 
 pub const DEFAULT_PORT: u16 = 22;
 pub const DEFAULT_STICKER_PATH: &str = "/var/lib/stella/stella.version.json";
@@ -59,10 +60,6 @@ impl TargetConfig {
     }
 }
 
-fn invalid(msg: impl Into<String>) -> PluginError {
-    PluginError::InvalidConfig(msg.into())
-}
-
 fn string<'a>(key: &str, value: &'a serde_json::Value) -> Result<&'a str, PluginError> {
     let s = value
         .as_str()
@@ -86,14 +83,6 @@ fn token<'a>(key: &str, value: &'a serde_json::Value) -> Result<&'a str, PluginE
         )));
     }
     Ok(s)
-}
-
-fn seconds(key: &str, value: &serde_json::Value, max: u64) -> Result<Duration, PluginError> {
-    value
-        .as_u64()
-        .filter(|s| (1..=max).contains(s))
-        .map(Duration::from_secs)
-        .ok_or_else(|| invalid(format!("{key}: must be an integer between 1 and {max}")))
 }
 
 fn is_env_name(name: &str) -> bool {
@@ -148,9 +137,7 @@ fn host_key(value: &serde_json::Value) -> Result<PublicKey, PluginError> {
 }
 
 pub(crate) fn parse(config: &serde_json::Value) -> Result<TargetConfig, PluginError> {
-    let map = config
-        .as_object()
-        .ok_or_else(|| invalid("target config must be a JSON object"))?;
+    let map = object(config)?;
 
     let mut host = None;
     let mut port = DEFAULT_PORT;
@@ -217,7 +204,7 @@ pub(crate) fn parse(config: &serde_json::Value) -> Result<TargetConfig, PluginEr
             "connect_timeout_secs" => {
                 connect_timeout = seconds(key, value, MAX_CONNECT_TIMEOUT_SECS)?;
             }
-            other => return Err(invalid(format!("unknown key {other:?}"))),
+            other => return Err(unknown_key(other)),
         }
     }
 

@@ -3,36 +3,28 @@
 //! labels the docker executor sets; created from the image *id* a digest resolves to, never from
 //! a tag; every digest resolved before anything on the host changes.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use serde::Deserialize;
+use stella_plugin_sdk::digest::{RunningDigests, matching_repo_digest, short_id};
+use stella_plugin_sdk::engine::{self, ImageStore, RESTART_POLICY};
+use stella_plugin_sdk::labels::{self, COMPONENT, DEPLOYMENT_ID, DIGEST, RELEASE_ID, TARGET};
+use stella_plugin_sdk::naming::container_name;
+use stella_plugin_sdk::readiness::{
+    self, ContainerState, LOG_FETCH_TIMEOUT, LOG_TAIL_LINES, SETTLE, WaitOptions,
+};
 use stella_plugin_sdk::{
     ComponentAction, ComponentOutcome, ComponentSpec, DeployOutcome, DeploySpec, InventoryItem,
-    PluginError, ProgressSink,
+    PluginError, ProgressSink, millis, sort_inventory,
 };
 use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::conn::{Connection, Exit, Output, RunError};
-use crate::naming::{
-    container_name, quote, repo_digest_has, repo_digest_matches, repository_of, short_digest,
-    short_id, tagged_reference,
-};
-use crate::{
-    LABEL_COMPONENT, LABEL_DEPLOYMENT_ID, LABEL_DIGEST, LABEL_IMAGE, LABEL_JOB_ID, LABEL_MANAGED,
-    LABEL_RELEASE_ID, LABEL_RELEASE_NAME, LABEL_TARGET, millis,
-};
+use crate::naming::quote;
 
-/// Stella is the only thing that should stop a deployed workload; a host reboot or a crash must
-/// not leave the target silently running nothing (the docker executor's default too).
-const RESTART_POLICY: &str = "unless-stopped";
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
-/// A container without a health check counts as up once it has stayed running this long, so
-/// that one crashing right after start is reported instead of being declared a success.
-const SETTLE: Duration = Duration::from_secs(2);
-const LOG_TAIL_LINES: usize = 50;
-const LOG_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
@@ -123,11 +115,29 @@ impl ContainerJson {
 
     /// `healthy` / `unhealthy` / `starting`, or None without a health check.
     fn health(&self) -> Option<&str> {
-        self.state
+        readiness::health_status(self.state.health.as_ref()?.status.as_str())
+    }
+
+    /// This inspection as the SDK's readiness rules read it.
+    fn readiness_state(&self) -> ContainerState {
+        let health_output = self
+            .state
             .health
             .as_ref()
-            .map(|h| h.status.as_str())
-            .filter(|s| !s.is_empty() && *s != "none")
+            .and_then(|h| h.log.as_ref())
+            .and_then(|log| log.last())
+            .map(|r| r.output.clone())
+            .unwrap_or_default();
+        ContainerState {
+            status: self.state.status.clone(),
+            health: self.health().map(str::to_string),
+            restart_count: self.restart_count,
+            exit_code: self.state.exit_code,
+            oom_killed: self.state.oom_killed,
+            error: self.state.error.clone(),
+            started_at: self.state.started_at.clone(),
+            health_output,
+        }
     }
 }
 
@@ -255,74 +265,10 @@ impl<'a> RemoteDocker<'a> {
         let by_repo = self.inspect_image(&format!("{repo}@{digest}")).await?;
         Ok(by_repo
             .filter(|img| {
-                img.repo_digests
-                    .iter()
-                    .flatten()
-                    .any(|rd| repo_digest_matches(rd, repo, digest))
+                let rds = img.repo_digests.as_deref().unwrap_or_default();
+                matching_repo_digest(rds, repo, digest).is_some()
             })
             .map(|img| img.id))
-    }
-
-    async fn resolve_image(
-        &self,
-        c: &ComponentSpec,
-        progress: &dyn ProgressSink,
-    ) -> Result<String, PluginError> {
-        let repo = repository_of(&c.image);
-        let wanted = format!("{repo}@{}", short_digest(&c.digest));
-        if let Some(id) = self.find_local_image(repo, &c.digest).await? {
-            progress.progress(&format!(
-                "{}: resolved {wanted} to local image {}",
-                c.name,
-                short_digest(&id)
-            ));
-            return Ok(id);
-        }
-        // A tag that exists with other content means the operator built or pulled something
-        // else under that name; pulling would silently paper over the disagreement.
-        if let Some(tagged) = tagged_reference(&c.image)
-            && let Some(img) = self.inspect_image(tagged).await?
-        {
-            return Err(PluginError::DigestMismatch {
-                component: c.name.clone(),
-                image: c.image.clone(),
-                expected: c.digest.clone(),
-                actual: if img.id.is_empty() {
-                    "an image without id".to_string()
-                } else {
-                    img.id
-                },
-            });
-        }
-        progress.progress(&format!("{}: pulling {wanted}", c.name));
-        info!(component = %c.name, repo, digest = %c.digest, "pulling image by digest on the remote host");
-        let reference = format!("{repo}@{}", c.digest);
-        let out = self
-            .exec("pull image", &["pull", "--quiet", &reference])
-            .await?;
-        if !out.success() {
-            return Err(PluginError::ImageUnavailable {
-                component: c.name.clone(),
-                digest: c.digest.clone(),
-                detail: out.tail_text().trim().to_string(),
-            });
-        }
-        match self.find_local_image(repo, &c.digest).await? {
-            Some(id) => {
-                progress.progress(&format!(
-                    "{}: pulled {wanted} as image {}",
-                    c.name,
-                    short_digest(&id)
-                ));
-                Ok(id)
-            }
-            None => Err(PluginError::DigestMismatch {
-                component: c.name.clone(),
-                image: c.image.clone(),
-                expected: c.digest.clone(),
-                actual: "no local image carries that digest after the pull".to_string(),
-            }),
-        }
     }
 
     /// A container name held by something that is not this target's component would make the
@@ -332,8 +278,8 @@ impl<'a> RemoteDocker<'a> {
         match self.inspect_container(&name).await? {
             None => Ok(()),
             Some(info)
-                if info.label(LABEL_TARGET) == Some(target)
-                    && info.label(LABEL_COMPONENT) == Some(component) =>
+                if info.label(TARGET) == Some(target)
+                    && info.label(COMPONENT) == Some(component) =>
             {
                 Ok(())
             }
@@ -348,7 +294,7 @@ impl<'a> RemoteDocker<'a> {
         &self,
         target: &str,
     ) -> Result<Vec<ContainerJson>, PluginError> {
-        let filter = format!("label={LABEL_TARGET}={target}");
+        let filter = format!("label={TARGET}={target}");
         let stdout = self
             .ok(
                 "list containers",
@@ -377,7 +323,7 @@ impl<'a> RemoteDocker<'a> {
             };
             // The CLI's label filter is authoritative, but an odd engine must not make Stella
             // touch containers of another target.
-            if info.label(LABEL_TARGET) == Some(target) {
+            if info.label(TARGET) == Some(target) {
                 out.push(info);
             }
         }
@@ -396,8 +342,8 @@ impl<'a> RemoteDocker<'a> {
             && info.health() != Some("unhealthy")
             && info.image == image_id
             && info.name == expected_name
-            && info.label(LABEL_RELEASE_ID) == Some(spec.release_id.as_str())
-            && info.label(LABEL_DIGEST) == Some(c.digest.as_str())
+            && info.label(RELEASE_ID) == Some(spec.release_id.as_str())
+            && info.label(DIGEST) == Some(c.digest.as_str())
             && info
                 .host_config
                 .restart_policy
@@ -470,18 +416,7 @@ impl<'a> RemoteDocker<'a> {
         }
 
         let name = container_name(target, &c.name);
-        let labels = [
-            (LABEL_MANAGED, "true"),
-            (LABEL_TARGET, target),
-            (LABEL_COMPONENT, c.name.as_str()),
-            (LABEL_DIGEST, c.digest.as_str()),
-            (LABEL_RELEASE_ID, spec.release_id.as_str()),
-            (LABEL_RELEASE_NAME, spec.release_name.as_str()),
-            (LABEL_DEPLOYMENT_ID, spec.deployment_id.as_str()),
-            (LABEL_JOB_ID, spec.job_id.as_str()),
-            (LABEL_IMAGE, c.image.as_str()),
-        ]
-        .map(|(k, v)| format!("{k}={v}"));
+        let labels = labels::container_labels(spec, c).map(|(k, v)| format!("{k}={v}"));
         let mut args = vec![
             "run",
             "--detach",
@@ -536,89 +471,35 @@ impl<'a> RemoteDocker<'a> {
         &self,
         id: &str,
         component: &str,
-        mut baseline_restarts: Option<i64>,
+        baseline_restarts: Option<i64>,
     ) -> Result<bool, PluginError> {
-        let mut seen_running: Option<(String, Instant)> = None;
-        loop {
-            let Some(info) = self.inspect_container(id).await? else {
-                return Err(PluginError::Unhealthy {
-                    component: component.to_string(),
-                    detail: format!("container {} disappeared", short_id(id)),
-                    log_tail: String::new(),
-                });
-            };
-            let state = &info.state;
-            let restarts = info.restart_count;
-            let baseline = *baseline_restarts.get_or_insert(restarts);
-            let exit_code = state.exit_code;
-            let failure = match state.status.as_str() {
-                "running" if restarts > baseline => Some(format!(
-                    "container restarted {} time(s) (last exit code {exit_code})",
-                    restarts - baseline
-                )),
-                "running" => match info.health() {
-                    Some("healthy") => return Ok(true),
-                    Some("unhealthy") => Some(format!(
-                        "health check reports unhealthy{}",
-                        last_health_output(&info)
-                    )),
-                    Some(_) => None,
-                    None => {
-                        let first_seen = match &seen_running {
-                            Some((s, at)) if *s == state.started_at => *at,
-                            _ => {
-                                let now = Instant::now();
-                                seen_running = Some((state.started_at.clone(), now));
-                                now
-                            }
-                        };
-                        if first_seen.elapsed() >= SETTLE
-                            || engine_uptime(&state.started_at) >= SETTLE
-                        {
-                            return Ok(false);
-                        }
-                        None
-                    }
-                },
-                "created" | "" => None,
-                "restarting" => Some(format!(
-                    "container keeps restarting (last exit code {exit_code})"
-                )),
-                "exited" | "dead" => {
-                    let mut detail = format!("container exited with code {exit_code}");
-                    if state.oom_killed {
-                        detail.push_str(" (killed: out of memory)");
-                    }
-                    if !state.error.is_empty() {
-                        detail.push_str(&format!(" ({})", state.error));
-                    }
-                    Some(detail)
-                }
-                other => Some(format!("container is {other}")),
-            };
-            if let Some(detail) = failure {
-                return Err(self.unhealthy(id, component, detail).await);
-            }
-            if Instant::now() + POLL_INTERVAL >= self.deadline {
-                let detail = format!(
-                    "not ready within the deploy timeout of {}s (state {}, health {})",
-                    self.timeout_secs,
-                    state.status,
-                    info.health().unwrap_or("none")
-                );
-                return Err(self.unhealthy(id, component, detail).await);
-            }
-            tokio::time::sleep(POLL_INTERVAL).await;
-        }
-    }
-
-    async fn unhealthy(&self, id: &str, component: &str, detail: String) -> PluginError {
-        warn!(component, container = id, %detail, "component did not become ready");
-        PluginError::Unhealthy {
-            component: component.to_string(),
-            detail,
-            log_tail: self.log_tail(id).await,
-        }
+        let options = WaitOptions {
+            baseline_restarts,
+            settle: SETTLE,
+            poll_interval: POLL_INTERVAL,
+            // Another poll would end past the job's deadline.
+            give_up_at: self
+                .deadline
+                .checked_sub(POLL_INTERVAL)
+                .unwrap_or_else(Instant::now),
+            within: format!("within the deploy timeout of {}s", self.timeout_secs),
+        };
+        readiness::wait_ready(
+            id,
+            component,
+            options,
+            || async move {
+                Ok(self
+                    .inspect_container(id)
+                    .await?
+                    .map(|info| info.readiness_state()))
+            },
+            |detail: &str| {
+                warn!(component, container = id, %detail, "component did not become ready");
+                self.log_tail(id)
+            },
+        )
+        .await
     }
 
     /// Best effort, with its own short deadline (the job's may be spent already): a failure to
@@ -627,10 +508,7 @@ impl<'a> RemoteDocker<'a> {
         let command = format!("docker logs --tail {LOG_TAIL_LINES} {} 2>&1", quote(id));
         let deadline = Instant::now() + LOG_FETCH_TIMEOUT;
         match self.conn.run(&command, deadline, None, false).await {
-            Ok(out) => {
-                let tail = out.tail;
-                tail[tail.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
-            }
+            Ok(out) => readiness::last_lines(&out.tail, LOG_TAIL_LINES),
             Err(e) => {
                 warn!(container = id, error = ?e, "could not fetch the log tail");
                 String::new()
@@ -638,32 +516,13 @@ impl<'a> RemoteDocker<'a> {
         }
     }
 
-    /// The digest an existing container really runs: the one Stella asked for when its image is
-    /// that digest, otherwise the image id (which then shows the drift).
-    async fn running_digest(
-        &self,
-        image_id: &str,
-        label_digest: Option<&str>,
-        cache: &mut HashMap<String, Vec<String>>,
-    ) -> Result<String, PluginError> {
-        let Some(wanted) = label_digest else {
-            return Ok(image_id.to_string());
-        };
-        if wanted == image_id {
-            return Ok(wanted.to_string());
-        }
-        if !cache.contains_key(image_id) {
-            let digests = self
-                .inspect_image(image_id)
-                .await?
-                .and_then(|img| img.repo_digests)
-                .unwrap_or_default();
-            cache.insert(image_id.to_string(), digests);
-        }
-        let carries = cache
-            .get(image_id)
-            .is_some_and(|ds| ds.iter().any(|rd| repo_digest_has(rd, wanted)));
-        Ok(if carries { wanted } else { image_id }.to_string())
+    /// The `RepoDigests` of image `image_id`; none when it is gone.
+    async fn repo_digests(&self, image_id: &str) -> Result<Vec<String>, PluginError> {
+        Ok(self
+            .inspect_image(image_id)
+            .await?
+            .and_then(|img| img.repo_digests)
+            .unwrap_or_default())
     }
 
     pub(crate) async fn deploy(
@@ -677,7 +536,7 @@ impl<'a> RemoteDocker<'a> {
         // Everything that can refuse the job runs before the first container is touched.
         let mut image_ids = Vec::with_capacity(spec.components.len());
         for c in &spec.components {
-            image_ids.push(self.resolve_image(c, progress).await?);
+            image_ids.push(engine::resolve_image(self, c, progress).await?);
         }
         for c in &spec.components {
             self.check_name_free(target, &c.name).await?;
@@ -689,7 +548,7 @@ impl<'a> RemoteDocker<'a> {
             let t0 = Instant::now();
             let previous: Vec<&ContainerJson> = existing
                 .iter()
-                .filter(|info| info.label(LABEL_COMPONENT) == Some(c.name.as_str()))
+                .filter(|info| info.label(COMPONENT) == Some(c.name.as_str()))
                 .collect();
             let (workload_id, action) = self
                 .ensure_component(spec, c, image_id, &previous, progress)
@@ -707,7 +566,7 @@ impl<'a> RemoteDocker<'a> {
         // that a failed deploy never removes more than it replaced.
         let wanted: HashSet<&str> = spec.components.iter().map(|c| c.name.as_str()).collect();
         for info in &existing {
-            let component = info.label(LABEL_COMPONENT);
+            let component = info.label(COMPONENT);
             if component.is_some_and(|c| wanted.contains(c)) {
                 continue;
             }
@@ -728,13 +587,15 @@ impl<'a> RemoteDocker<'a> {
 
     pub(crate) async fn inventory(&self, target: &str) -> Result<Vec<InventoryItem>, PluginError> {
         let mut items = Vec::new();
-        let mut repo_digests = HashMap::new();
+        let mut digests = RunningDigests::default();
         for info in self.list_target_containers(target).await? {
-            let digest = self
-                .running_digest(&info.image, info.label(LABEL_DIGEST), &mut repo_digests)
+            let digest = digests
+                .resolve(&info.image, info.label(DIGEST), || {
+                    self.repo_digests(&info.image)
+                })
                 .await?;
             items.push(InventoryItem {
-                component: info.label(LABEL_COMPONENT).unwrap_or_default().to_string(),
+                component: info.label(COMPONENT).unwrap_or_default().to_string(),
                 digest,
                 state: if info.state.status.is_empty() {
                     "unknown".to_string()
@@ -743,42 +604,44 @@ impl<'a> RemoteDocker<'a> {
                 },
                 health: info.health().map(str::to_string),
                 workload_id: info.id.clone(),
-                release_id: info.label(LABEL_RELEASE_ID).map(str::to_string),
-                deployment_id: info.label(LABEL_DEPLOYMENT_ID).map(str::to_string),
+                release_id: info.label(RELEASE_ID).map(str::to_string),
+                deployment_id: info.label(DEPLOYMENT_ID).map(str::to_string),
             });
         }
-        items.sort_by(|a, b| {
-            (a.component.as_str(), a.workload_id.as_str())
-                .cmp(&(b.component.as_str(), b.workload_id.as_str()))
-        });
+        sort_inventory(&mut items);
         Ok(items)
     }
 }
 
-/// How long the engine says the container has been running; zero when unknown.
-fn engine_uptime(started_at: &str) -> Duration {
-    // The remote clock is not ours: a skewed host only makes this estimate wrong, and the local
-    // settle timer still bounds the wait.
-    time::OffsetDateTime::parse(started_at, &time::format_description::well_known::Rfc3339)
-        .ok()
-        .and_then(|t| (time::OffsetDateTime::now_utc() - t).try_into().ok())
-        .unwrap_or(Duration::ZERO)
-}
+#[async_trait::async_trait]
+impl ImageStore for RemoteDocker<'_> {
+    async fn find_image(&self, repo: &str, digest: &str) -> Result<Option<String>, PluginError> {
+        self.find_local_image(repo, digest).await
+    }
 
-fn last_health_output(info: &ContainerJson) -> String {
-    let output = info
-        .state
-        .health
-        .as_ref()
-        .and_then(|h| h.log.as_ref())
-        .and_then(|log| log.last())
-        .map(|r| r.output.trim())
-        .unwrap_or_default();
-    if output.is_empty() {
-        String::new()
-    } else {
-        let cut: String = output.chars().take(200).collect();
-        format!(": {cut}")
+    async fn image_id(&self, reference: &str) -> Result<Option<String>, PluginError> {
+        Ok(self.inspect_image(reference).await?.map(|img| img.id))
+    }
+
+    async fn pull(
+        &self,
+        component: &str,
+        repo: &str,
+        digest: &str,
+    ) -> Result<Result<(), String>, PluginError> {
+        info!(
+            component,
+            repo, digest, "pulling image by digest on the remote host"
+        );
+        let reference = format!("{repo}@{digest}");
+        let out = self
+            .exec("pull image", &["pull", "--quiet", &reference])
+            .await?;
+        Ok(if out.success() {
+            Ok(())
+        } else {
+            Err(out.tail_text().trim().to_string())
+        })
     }
 }
 
@@ -795,15 +658,19 @@ mod tests {
                      "Health":{"Status":"unhealthy","Log":[{"Output":"probe failed\n"}]}},
             "HostConfig":{"RestartPolicy":{"Name":"unless-stopped","MaximumRetryCount":0}}}"#;
         let c: ContainerJson = serde_json::from_str(raw).unwrap();
-        assert_eq!(c.label(LABEL_COMPONENT), Some("web"));
+        assert_eq!(c.label(COMPONENT), Some("web"));
         assert_eq!(c.health(), Some("unhealthy"));
         assert_eq!(c.restart_count, 2);
-        assert_eq!(last_health_output(&c), ": probe failed");
-        assert!(engine_uptime(&c.state.started_at) > Duration::from_secs(60));
+        let state = c.readiness_state();
+        assert_eq!(state.status, "running");
+        assert_eq!(state.restart_count, 2);
+        assert_eq!(state.health_output, "probe failed\n");
+        assert_eq!(state.started_at, "2025-01-01T00:00:00.123456789Z");
         let bare: ContainerJson =
             serde_json::from_str(r#"{"Id":"x","Config":{"Labels":null},"State":{}}"#).unwrap();
-        assert_eq!(bare.label(LABEL_COMPONENT), None);
+        assert_eq!(bare.label(COMPONENT), None);
         assert_eq!(bare.health(), None);
+        assert_eq!(bare.readiness_state(), ContainerState::default());
         let img: ImageJson =
             serde_json::from_str(r#"{"Id":"sha256:1","RepoDigests":null}"#).unwrap();
         assert!(img.repo_digests.is_none());

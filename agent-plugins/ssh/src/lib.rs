@@ -28,14 +28,13 @@ mod docker;
 mod naming;
 mod sticker;
 
-use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Duration;
-
+use stella_plugin_sdk::digest::repository_of;
+use stella_plugin_sdk::naming::{container_name, sanitize};
+use stella_plugin_sdk::validate::{self, DistinctNames};
 use stella_plugin_sdk::{
     ComponentAction, ComponentOutcome, ComponentSpec, DeployOutcome, DeploySpec, Executor,
-    ExecutorContext, InventoryItem, PluginError, ProgressSink, TargetRef, VersionSticker,
-    is_valid_digest,
+    ExecutorContext, InventoryItem, PluginError, ProgressSink, TargetLocks, TargetRef,
+    VersionSticker, millis, sort_inventory,
 };
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -43,7 +42,7 @@ use tracing::{info, warn};
 use crate::config::{Mode, TargetConfig};
 use crate::conn::{Connection, RunError};
 use crate::docker::RemoteDocker;
-use crate::naming::{container_name, image_env_name, quote, repository_of, sanitize};
+use crate::naming::{image_env_name, quote};
 
 pub use crate::config::{
     DEFAULT_CONNECT_TIMEOUT_SECS, DEFAULT_PORT, DEFAULT_STICKER_PATH, DEFAULT_TIMEOUT_SECS,
@@ -52,24 +51,19 @@ pub use crate::config::{
 /// The executor kind this crate implements.
 pub const KIND: &str = "ssh";
 
-/// Labels of containers created in mode `docker`; the same as the docker executor's.
-pub const LABEL_MANAGED: &str = "stella.managed";
-pub const LABEL_TARGET: &str = "stella.target";
-pub const LABEL_COMPONENT: &str = "stella.component";
-/// The digest the job asked for (what the container runs is its `Image` field).
-pub const LABEL_DIGEST: &str = "stella.digest";
-pub const LABEL_RELEASE_ID: &str = "stella.release.id";
-pub const LABEL_RELEASE_NAME: &str = "stella.release.name";
-pub const LABEL_DEPLOYMENT_ID: &str = "stella.deployment.id";
-pub const LABEL_JOB_ID: &str = "stella.job.id";
-/// The image reference as the job spelled it; informational only.
-pub const LABEL_IMAGE: &str = "stella.image";
+/// Labels of containers created in mode `docker`; the same as the docker executor's (the SDK's
+/// [`stella_plugin_sdk::labels`]).
+pub use stella_plugin_sdk::labels::{
+    COMPONENT as LABEL_COMPONENT, DEPLOYMENT_ID as LABEL_DEPLOYMENT_ID, DIGEST as LABEL_DIGEST,
+    IMAGE as LABEL_IMAGE, JOB_ID as LABEL_JOB_ID, MANAGED as LABEL_MANAGED,
+    RELEASE_ID as LABEL_RELEASE_ID, RELEASE_NAME as LABEL_RELEASE_NAME, TARGET as LABEL_TARGET,
+};
 
 /// Runs releases on hosts reached over SSH.
 pub struct SshExecutor {
     ctx: ExecutorContext,
     /// Two jobs for the same target must not interleave their steps.
-    target_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    target_locks: TargetLocks,
 }
 
 impl std::fmt::Debug for SshExecutor {
@@ -99,31 +93,12 @@ impl SshExecutor {
     pub fn new(ctx: ExecutorContext) -> Self {
         Self {
             ctx,
-            target_locks: std::sync::Mutex::new(HashMap::new()),
+            target_locks: TargetLocks::default(),
         }
-    }
-
-    fn target_lock(&self, target: &str) -> Arc<tokio::sync::Mutex<()>> {
-        // A poisoned map is still a valid map: the lock only guards insertion.
-        let mut locks = self
-            .target_locks
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        locks.entry(target.to_string()).or_default().clone()
     }
 
     fn parse(&self, target: &TargetRef) -> Result<TargetConfig, PluginError> {
-        if target.kind != KIND {
-            return Err(PluginError::InvalidConfig(format!(
-                "target {} has kind {:?}, this executor handles {KIND:?}",
-                target.name, target.kind
-            )));
-        }
-        if target.name.is_empty() {
-            return Err(PluginError::InvalidConfig(
-                "target name must not be empty".to_string(),
-            ));
-        }
+        validate::target(target, KIND)?;
         config::parse(&target.config)
     }
 
@@ -314,10 +289,7 @@ impl SshExecutor {
                 deployment_id: deployed.map(|s| s.deployment_id.clone()),
             });
         }
-        items.sort_by(|a, b| {
-            (a.component.as_str(), a.workload_id.as_str())
-                .cmp(&(b.component.as_str(), b.workload_id.as_str()))
-        });
+        sort_inventory(&mut items);
         Ok(items)
     }
 }
@@ -368,49 +340,25 @@ fn script_command(spec: &DeploySpec, script: &str) -> Result<String, PluginError
 }
 
 fn validate_components(components: &[ComponentSpec], mode: &Mode) -> Result<(), PluginError> {
-    let mut seen: HashMap<String, &str> = HashMap::new();
+    let mut names = DistinctNames::default();
     for c in components {
-        if c.name.is_empty() {
-            return Err(PluginError::InvalidConfig(
-                "component names must not be empty".to_string(),
-            ));
-        }
-        if c.name.contains('\0') || c.image.contains('\0') {
+        // A command line cannot carry NUL. (An empty name is reported as such first.)
+        if !c.name.is_empty() && (c.name.contains('\0') || c.image.contains('\0')) {
             return Err(PluginError::InvalidConfig(format!(
                 "component {:?}: name and image must not contain NUL",
                 c.name
             )));
         }
-        if c.image.is_empty() {
-            return Err(PluginError::InvalidConfig(format!(
-                "component {}: image must not be empty",
-                c.name
-            )));
-        }
-        if !is_valid_digest(&c.digest) {
-            return Err(PluginError::InvalidConfig(format!(
-                "component {}: digest {:?} is not sha256:<64 lowercase hex>",
-                c.name, c.digest
-            )));
-        }
+        validate::component(c)?;
         // Two components mapping to one container (docker) or one variable (script) would
         // overwrite each other.
         let (key, what) = match mode {
             Mode::Docker => (sanitize(&c.name), "container name"),
             Mode::Script { .. } => (image_env_name(&c.name), "environment variable"),
         };
-        if let Some(other) = seen.insert(key, &c.name) {
-            return Err(PluginError::InvalidConfig(format!(
-                "components {other:?} and {:?} map to the same {what}",
-                c.name
-            )));
-        }
+        names.insert(key, &c.name, what)?;
     }
     Ok(())
-}
-
-pub(crate) fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[async_trait::async_trait]
@@ -431,8 +379,7 @@ impl Executor for SshExecutor {
         let cfg = self.parse(&spec.target)?;
         validate_components(&spec.components, &cfg.mode)?;
         let target = spec.target.name.as_str();
-        let lock = self.target_lock(target);
-        let _guard = lock.lock().await;
+        let _guard = self.target_locks.lock(target).await;
         info!(
             target,
             job = %spec.job_id,

@@ -4,7 +4,8 @@ use russh::ChannelMsg;
 use russh_sftp::client::RawSftpSession;
 use russh_sftp::client::error::Error as SftpError;
 use russh_sftp::protocol::{FileAttributes, OpenFlags, Packet, StatusCode};
-use stella_plugin_sdk::{PluginError, STICKER_FILE_NAME, STICKER_SCHEMA, VersionSticker};
+use stella_plugin_sdk::files::{STICKER_MODE, decode_sticker, encode_sticker};
+use stella_plugin_sdk::{PluginError, STICKER_FILE_NAME, VersionSticker};
 use tracing::{debug, info};
 
 use crate::conn::Connection;
@@ -120,7 +121,7 @@ impl Sftp {
 
     async fn write_file(&self, path: &str, bytes: &[u8]) -> Result<(), PluginError> {
         let attrs = FileAttributes {
-            permissions: Some(0o644),
+            permissions: Some(STICKER_MODE),
             ..FileAttributes::empty()
         };
         let handle = self
@@ -145,7 +146,7 @@ impl Sftp {
             // The umask may have narrowed the mode given at creation; the sticker is meant to
             // be world-readable so that operators can inspect it.
             let mode = FileAttributes {
-                permissions: Some(0o644),
+                permissions: Some(STICKER_MODE),
                 ..FileAttributes::empty()
             };
             self.session
@@ -254,9 +255,7 @@ pub(crate) async fn write(
     sticker: &VersionSticker,
     timeout_secs: u64,
 ) -> Result<(), PluginError> {
-    let mut bytes = serde_json::to_vec_pretty(sticker)
-        .map_err(|e| PluginError::Sticker(format!("cannot encode sticker: {e}")))?;
-    bytes.push(b'\n');
+    let bytes = encode_sticker(sticker)?;
     let sftp = open(conn, timeout_secs).await?;
     if let Some(dir) = parent_of(path) {
         sftp.create_dirs(dir).await?;
@@ -298,15 +297,7 @@ pub(crate) async fn read(
     let Some(bytes) = bytes? else {
         return Ok(None);
     };
-    let sticker: VersionSticker = serde_json::from_slice(&bytes)
-        .map_err(|e| PluginError::Sticker(format!("{path} is not a valid sticker: {e}")))?;
-    if sticker.schema != STICKER_SCHEMA {
-        return Err(PluginError::Sticker(format!(
-            "{path} has schema {:?}, expected {STICKER_SCHEMA:?}",
-            sticker.schema
-        )));
-    }
-    Ok(Some(sticker))
+    decode_sticker(&bytes, path).map(Some)
 }
 
 /// Distinct per agent process and call, so that two agents (or two jobs) never share a temp

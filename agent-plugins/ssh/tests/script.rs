@@ -7,12 +7,13 @@ use std::net::TcpListener;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Recorder, Sshd, executor, fingerprint, free_port, keygen, spec};
-use serde_json::{Value, json};
+use common::{SshTargets, executor};
+use serde_json::json;
 use stella_plugin_sdk::{
-    ComponentAction, ComponentSpec, Executor, NoProgress, PluginError, STICKER_SCHEMA,
-    VersionSticker,
+    ComponentAction, ComponentSpec, Executor, NoProgress, PluginError, VersionSticker,
 };
+use stella_plugin_testkit::sshd::{Sshd, fingerprint, keygen};
+use stella_plugin_testkit::{Recorder, deploy_fails, expect, free_port, spec};
 
 fn digest(c: char) -> String {
     format!("sha256:{}", c.to_string().repeat(64))
@@ -145,10 +146,7 @@ async fn a_failing_script_reports_its_exit_status_and_output_tail() {
         .await
         .unwrap_err();
 
-    let msg = match &err {
-        PluginError::Backend(m) => m.clone(),
-        other => panic!("expected Backend, got {other:?}"),
-    };
+    let msg = expect::backend(&err);
     assert!(msg.contains("exit status 3"), "{msg}");
     assert!(msg.contains("fatal: boom"), "{msg}");
     assert!(msg.lines().any(|l| l == "line 80"), "{msg}");
@@ -211,49 +209,8 @@ async fn stickers_roundtrip_over_sftp() {
     let sshd = Sshd::start();
     let target = sshd.target("app-1", json!({"deploy_script": "true"}));
     let exec = executor(&sshd);
-    assert_eq!(exec.read_sticker(&target).await.unwrap(), None);
-
-    let s = spec(&target, "r1", vec![component("web", 'c')]);
-    let sticker = VersionSticker::for_deploy(&s, "2025-01-01T00:00:00Z".to_string());
-    exec.write_sticker(&target, &sticker).await.unwrap();
-    assert_eq!(
-        exec.read_sticker(&target).await.unwrap(),
-        Some(sticker.clone())
-    );
-
     let path = std::path::PathBuf::from(sshd.sticker_path());
-    let on_disk: VersionSticker = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    assert_eq!(on_disk, sticker);
-    use std::os::unix::fs::PermissionsExt;
-    assert_eq!(
-        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-        0o644
-    );
-
-    // Overwrite replaces the file whole; no temp files are left behind.
-    let mut next = sticker.clone();
-    next.release_id = "r2".to_string();
-    exec.write_sticker(&target, &next).await.unwrap();
-    assert_eq!(exec.read_sticker(&target).await.unwrap(), Some(next));
-    let entries: Vec<String> = std::fs::read_dir(path.parent().unwrap())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-        .collect();
-    assert_eq!(entries, vec!["stella.version.json".to_string()]);
-
-    let mut foreign: Value = serde_json::to_value(&sticker).unwrap();
-    foreign["schema"] = json!("stella.version/v999");
-    std::fs::write(&path, serde_json::to_vec(&foreign).unwrap()).unwrap();
-    assert!(matches!(
-        exec.read_sticker(&target).await,
-        Err(PluginError::Sticker(_))
-    ));
-    std::fs::write(&path, b"{not json").unwrap();
-    assert!(matches!(
-        exec.read_sticker(&target).await,
-        Err(PluginError::Sticker(_))
-    ));
-    assert_eq!(STICKER_SCHEMA, sticker.schema);
+    expect::sticker_roundtrip(&exec, &target, &path).await;
 }
 
 #[tokio::test]
@@ -311,10 +268,8 @@ async fn script_inventory_comes_from_the_sticker_or_the_inventory_script() {
         "app-1",
         json!({"deploy_script": "true", "inventory_script": "echo not-json"}),
     );
-    match exec.inventory(&broken).await {
-        Err(PluginError::Backend(m)) => assert!(m.contains("line 1"), "{m}"),
-        other => panic!("expected Backend, got {other:?}"),
-    }
+    let m = expect::backend(&expect::failure(exec.inventory(&broken).await));
+    assert!(m.contains("line 1"), "{m}");
 }
 
 #[tokio::test]
@@ -330,18 +285,9 @@ async fn a_server_with_another_host_key_is_refused() {
     );
     let exec = executor(&sshd);
 
-    let err = exec
-        .deploy(
-            &spec(&target, "r1", vec![component("web", 'a')]),
-            &NoProgress,
-        )
-        .await
-        .unwrap_err();
+    let err = deploy_fails(&exec, &target, "r1", vec![component("web", 'a')]).await;
 
-    let msg = match &err {
-        PluginError::Backend(m) => m.clone(),
-        other => panic!("expected Backend, got {other:?}"),
-    };
+    let msg = expect::backend(&err);
     let expected = fingerprint(&sshd.path("other_host_key.pub"));
     let got = fingerprint(&sshd.path("host_key.pub"));
     assert!(
@@ -368,24 +314,14 @@ async fn a_key_the_server_does_not_know_is_a_clear_auth_error() {
     );
     let exec = executor(&sshd);
 
-    let err = exec
-        .deploy(
-            &spec(&target, "r1", vec![component("web", 'a')]),
-            &NoProgress,
-        )
-        .await
-        .unwrap_err();
+    let err = deploy_fails(&exec, &target, "r1", vec![component("web", 'a')]).await;
 
-    match &err {
-        PluginError::Backend(m) => {
-            assert!(m.contains("authentication as root failed"), "{m}");
-            assert!(
-                m.contains(&fingerprint(&sshd.path("stranger_key.pub"))),
-                "{m}"
-            );
-        }
-        other => panic!("expected Backend, got {other:?}"),
-    }
+    let m = expect::backend(&err);
+    assert!(m.contains("authentication as root failed"), "{m}");
+    assert!(
+        m.contains(&fingerprint(&sshd.path("stranger_key.pub"))),
+        "{m}"
+    );
 }
 
 #[tokio::test]
@@ -397,28 +333,20 @@ async fn credentials_come_from_a_file_or_the_agent_environment() {
         "app-1",
         json!({"private_key_file": "/nonexistent/id_ed25519", "deploy_script": "true"}),
     );
-    match exec.read_sticker(&missing).await {
-        Err(PluginError::Backend(m)) => {
-            assert!(
-                m.contains("private_key_file /nonexistent/id_ed25519"),
-                "{m}"
-            )
-        }
-        other => panic!("expected Backend, got {other:?}"),
-    }
+    let m = expect::backend(&expect::failure(exec.read_sticker(&missing).await));
+    assert!(
+        m.contains("private_key_file /nonexistent/id_ed25519"),
+        "{m}"
+    );
 
     let var = format!("STELLA_TEST_SSH_KEY_{}", std::process::id());
     let unset = sshd.target(
         "app-1",
         json!({"private_key_file": null, "private_key_env": var, "deploy_script": "true"}),
     );
-    match exec.read_sticker(&unset).await {
-        Err(PluginError::Backend(m)) => {
-            assert!(m.contains(&var), "{m}");
-            assert!(m.contains("not set"), "{m}");
-        }
-        other => panic!("expected Backend, got {other:?}"),
-    }
+    let m = expect::backend(&expect::failure(exec.read_sticker(&unset).await));
+    assert!(m.contains(&var), "{m}");
+    assert!(m.contains("not set"), "{m}");
 
     let key = std::fs::read_to_string(&sshd.client_key).unwrap();
     // SAFETY: the variable is unique to this test and read only by the executor below.
@@ -444,13 +372,9 @@ async fn credentials_come_from_a_file_or_the_agent_environment() {
             "-----BEGIN OPENSSH PRIVATE KEY-----\nc2VjcmV0LXN0dWZm\n-----END OPENSSH PRIVATE KEY-----\n",
         )
     };
-    match exec.read_sticker(&unset).await {
-        Err(PluginError::Backend(m)) => {
-            assert!(m.contains(&var), "{m}");
-            assert!(!m.contains("c2VjcmV0LXN0dWZm"), "{m}");
-        }
-        other => panic!("expected Backend, got {other:?}"),
-    }
+    let m = expect::backend(&expect::failure(exec.read_sticker(&unset).await));
+    assert!(m.contains(&var), "{m}");
+    assert!(!m.contains("c2VjcmV0LXN0dWZm"), "{m}");
 }
 
 #[tokio::test]
@@ -463,10 +387,8 @@ async fn an_unreachable_port_fails_fast_and_a_silent_one_within_the_connect_time
         json!({"port": free_port(), "deploy_script": "true"}),
     );
     let started = Instant::now();
-    match exec.read_sticker(&closed).await {
-        Err(PluginError::Backend(m)) => assert!(m.contains("cannot connect to 127.0.0.1:"), "{m}"),
-        other => panic!("expected Backend, got {other:?}"),
-    }
+    let m = expect::backend(&expect::failure(exec.read_sticker(&closed).await));
+    assert!(m.contains("cannot connect to 127.0.0.1:"), "{m}");
     assert!(started.elapsed() < Duration::from_secs(5));
 
     // Accepts TCP but never speaks SSH: must not hang.
@@ -477,13 +399,7 @@ async fn an_unreachable_port_fails_fast_and_a_silent_one_within_the_connect_time
         json!({"port": port, "connect_timeout_secs": 1, "deploy_script": "true"}),
     );
     let started = Instant::now();
-    let err = exec
-        .deploy(
-            &spec(&target, "r1", vec![component("web", 'a')]),
-            &NoProgress,
-        )
-        .await
-        .unwrap_err();
+    let err = deploy_fails(&exec, &target, "r1", vec![component("web", 'a')]).await;
     match &err {
         PluginError::Timeout { seconds, what } => {
             assert_eq!(*seconds, 1);
@@ -529,12 +445,8 @@ async fn invalid_config_is_refused_naming_the_key() {
     ];
     for (extra, key) in cases {
         let target = sshd.target("app-1", extra.clone());
-        match exec.validate_config(&target) {
-            Err(PluginError::InvalidConfig(m)) => {
-                assert!(m.contains(key), "{extra}: {m:?} does not name {key}")
-            }
-            other => panic!("{extra}: expected InvalidConfig, got {other:?}"),
-        }
+        let m = expect::invalid_config(&expect::failure(exec.validate_config(&target)));
+        assert!(m.contains(key), "{extra}: {m:?} does not name {key}");
     }
 
     let mut wrong_kind = sshd.target("app-1", json!({"deploy_script": "true"}));
@@ -546,10 +458,7 @@ async fn invalid_config_is_refused_naming_the_key() {
 
     // A deploy with a bad config refuses before connecting.
     let bad = sshd.target("app-1", json!({"deploy_script": "true", "timeout": 5}));
-    let err = exec
-        .deploy(&spec(&bad, "r1", vec![component("web", 'a')]), &NoProgress)
-        .await
-        .unwrap_err();
+    let err = deploy_fails(&exec, &bad, "r1", vec![component("web", 'a')]).await;
     assert_eq!(err.reason_code(), "invalid_target_config");
     assert!(!sshd.log().contains("Accepted publickey"), "{}", sshd.log());
 }
