@@ -272,6 +272,8 @@ impl Drop for Plane {
 pub struct Agent {
     pub dir: PathBuf,
     pub id: String,
+    /// Executors the agent is started without (`stella-agent run --disable KIND`).
+    pub disabled: Vec<String>,
     child: Option<Child>,
 }
 
@@ -326,6 +328,7 @@ impl Agent {
         Agent {
             dir: dir.to_path_buf(),
             id: config["agent_id"].as_str().expect("agent id").to_string(),
+            disabled: Vec::new(),
             child: None,
         }
     }
@@ -336,6 +339,7 @@ impl Agent {
             .arg("run")
             .arg("--data-dir")
             .arg(&self.dir)
+            .args(self.disabled.iter().flat_map(|d| ["--disable", d.as_str()]))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()

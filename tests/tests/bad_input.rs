@@ -74,17 +74,25 @@ fn cli_and_api_refuse_bad_input_without_partial_state() {
     let err = p.fails(&["deployments", "show", "dep_ghost"]);
     assert!(err.contains("not found"), "{err}");
 
-    // A target whose agent lacks the capability.
+    // A target whose agent lacks the capability (an agent started without its ecs executor).
+    let mut narrow = stella_e2e::Agent::enroll(p, &stack.tmp.path().join("narrow"), "narrow");
+    narrow.disabled = vec!["ecs".to_string()];
+    narrow.start();
+    stella_e2e::wait_until(
+        std::time::Duration::from_secs(30),
+        "the narrow agent's capabilities",
+        || {
+            let a = p.json(&["agents", "show", &narrow.id]);
+            let has_ecs = a["capabilities"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c == "ecs");
+            (a["status"] == "connected" && !has_ecs).then_some(())
+        },
+    );
     let err = p.fails(&[
-        "target",
-        "create",
-        "t3",
-        "--env",
-        "dev",
-        "--kind",
-        "ecs",
-        "--agent",
-        &stack.agent.id,
+        "target", "create", "t3", "--env", "dev", "--kind", "ecs", "--agent", &narrow.id,
     ]);
     assert!(
         err.contains("lacks the \"ecs\" capability") && err.contains("HTTP 422"),
