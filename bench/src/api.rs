@@ -1,0 +1,89 @@
+//! A small client of the plane's REST API (HTTPS, CA pinned, admin bearer token).
+
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use serde::de::DeserializeOwned;
+
+pub struct Api {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(base: &str, ca_pem: &str, token: &str) -> anyhow::Result<Self> {
+        stella_pki::install_crypto_provider();
+        let tls = stella_pki::client_config_ca(ca_pem).context("building the API TLS config")?;
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .timeout(Duration::from_secs(300))
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("stella-bench/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .context("building the API client")?;
+        Ok(Self {
+            base: base.trim_end_matches('/').to_string(),
+            token: token.trim().to_string(),
+            http,
+        })
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    pub async fn healthy(&self) -> bool {
+        match self.http.get(format!("{}/healthz", self.base)).send().await {
+            Ok(r) => r.status().is_success(),
+            Err(_) => false,
+        }
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let req = self.http.get(format!("{}{path}", self.base));
+        self.send(req, "GET", path).await
+    }
+
+    pub async fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<T> {
+        let req = self.http.post(format!("{}{path}", self.base)).json(body);
+        self.send(req, "POST", path).await
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+        method: &str,
+        path: &str,
+    ) -> anyhow::Result<T> {
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("{method} {}{path}", self.base))?;
+        let status = resp.status();
+        let body = resp
+            .bytes()
+            .await
+            .with_context(|| format!("reading the answer to {method} {path}"))?;
+        if !status.is_success() {
+            let message = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| {
+                    v.pointer("/error/message")
+                        .and_then(|m| m.as_str())
+                        .map(str::to_string)
+                })
+                .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+            return Err(anyhow!(
+                "{method} {path}: HTTP {}: {message}",
+                status.as_u16()
+            ));
+        }
+        serde_json::from_slice(&body).with_context(|| format!("{method} {path}: unexpected answer"))
+    }
+}
