@@ -443,6 +443,18 @@ async fn settle_deployment(
     deployment_id: &str,
     now: i64,
 ) -> Result<(), sqlx::Error> {
+    // Counting the unfinished jobs first keeps each result O(1) for large deployments; the
+    // outcome rows are read only once, when the last job of the deployment finishes.
+    let (unfinished,): (i64,) = sqlx::query_as(
+        "SELECT COUNT(*) FROM jobs WHERE deployment_id = ?
+         AND status NOT IN ('succeeded', 'failed', 'refused', 'cancelled')",
+    )
+    .bind(deployment_id)
+    .fetch_one(&mut **tx)
+    .await?;
+    if unfinished > 0 {
+        return Ok(());
+    }
     let jobs: Vec<(String, String, String, String)> = sqlx::query_as(
         "SELECT t.name, j.status, j.reason_code, j.message FROM jobs j JOIN targets t ON t.id = j.target_id
          WHERE j.deployment_id = ? ORDER BY t.name",
@@ -450,12 +462,6 @@ async fn settle_deployment(
     .bind(deployment_id)
     .fetch_all(&mut **tx)
     .await?;
-    if jobs
-        .iter()
-        .any(|(_, s, _, _)| !TERMINAL_JOB_STATUSES.contains(&s.as_str()))
-    {
-        return Ok(());
-    }
     let failures: Vec<String> = jobs
         .iter()
         .filter(|(_, s, _, _)| s != "succeeded")
