@@ -7,7 +7,8 @@
 #
 # Environment: SALT_HOME (default /tmp/stella-salt: venv, download, master and minion dirs),
 # RUNS (default 5: each measurement is the median of RUNS), STELLA_BENCH (default
-# target/release/stella-bench), KEEP=1 keeps the master/minion directories.
+# target/release/stella-bench), STELLA_BIN (the plane binary; default: `stella` next to
+# stella-bench), KEEP=1 keeps the master/minion directories.
 # Salt is installed in a venv exactly as /work/shared/design/PEERS.md ("Salt") says: salt 3006.30
 # (LTS) with certifi relaxed, since every release pins a certifi the registry does not have.
 set -euo pipefail

@@ -325,10 +325,15 @@ impl Fleet {
         ));
     }
 
+    /// Tells every agent to stop and waits for them, 30 s at most in all.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         for task in self.tasks.drain(..) {
-            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+            let abort = task.abort_handle();
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
+                abort.abort();
+            }
         }
     }
 }

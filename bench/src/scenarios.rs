@@ -297,6 +297,8 @@ struct Outcomes {
     lost: usize,
     /// Jobs the executor ran more than once.
     duplicated: usize,
+    /// Jobs with no outcome stored at all when the wait ended (part of `lost`).
+    unfinished: usize,
 }
 
 fn check(jobs: &[JobRow], executions: &HashMap<String, Execution>) -> Outcomes {
@@ -311,6 +313,9 @@ fn check(jobs: &[JobRow], executions: &HashMap<String, Execution>) -> Outcomes {
         }
         if j.status != "succeeded" || ran == 0 {
             o.lost += 1;
+        }
+        if !terminal(&j.status) {
+            o.unfinished += 1;
         }
         if ran > 1 {
             o.duplicated += 1;
@@ -334,6 +339,11 @@ fn add_outcomes(r: &mut Report, o: &Outcomes) {
         "duplicated_jobs",
         o.duplicated,
         "jobs the executor ran more than once (must be 0)",
+    );
+    r.add(
+        "unfinished_jobs",
+        o.unfinished,
+        "of the lost: no outcome stored yet when the wait ended (--settle-timeout)",
     );
 }
 
