@@ -140,7 +140,7 @@ pub struct Common {
 
 fn init_tracing() {
     let fmt_filter = EnvFilter::try_from_env("STELLA_BENCH_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("warn,stella_bench=info,stella_agent=error"));
+        .unwrap_or_else(|_| EnvFilter::new("warn,stella_bench=info,stella_agent=error,sqlx=error"));
     let session_filter = tracing_subscriber::filter::filter_fn(|m| {
         (m.target().starts_with("stella_agent::runtime") && *m.level() <= tracing::Level::INFO)
             || (m.is_span() && m.name() == track::AGENT_SPAN)

@@ -780,8 +780,13 @@ pub async fn storm(c: &Common, kill_at: f64) -> anyhow::Result<()> {
         stop.store(true, Ordering::Relaxed);
         let peak = sampler.await.unwrap_or(0);
         let failed_attempts = TRACKER.ended().saturating_sub(ended_before);
-        eprintln!("fleet back; waiting for every job of the interrupted fan-out to settle");
-        let settled = b.wait_deployment(&id).await?;
+        let settled = if reconnect_s.is_some() {
+            eprintln!("fleet back; waiting for every job of the interrupted fan-out to settle");
+            b.wait_deployment(&id).await?
+        } else {
+            eprintln!("the fleet did not come back within {:?}", b.timeout);
+            false
+        };
         let settle_s = killed_at.elapsed().as_secs_f64();
         tokio::time::sleep(Duration::from_millis(500)).await;
         let jobs = b.store.jobs(&id).await?;
