@@ -1,0 +1,1 @@
+//! Drift findings: desired vs observed state, ignore rules, remediation policy.

@@ -1,0 +1,1 @@
+//! Signed, hash-chained evidence packets (in-toto Statement v1 in DSSE) and offline verification.

@@ -1,0 +1,1 @@
+//! Workflow templates (YAML DAGs) and the run state machine.
