@@ -6,6 +6,7 @@
 
 mod bundle;
 mod ca;
+mod canonical;
 mod dsse;
 mod error;
 mod files;
@@ -20,6 +21,7 @@ pub use bundle::{
     BundleError, TRUST_BUNDLE_PAYLOAD_TYPE, TrustBundleDocument, sign_bundle, verify_bundle,
 };
 pub use ca::{CertificateAuthority, DEFAULT_TRUST_DOMAIN, IssuedCert, IssuedKeyPair};
+pub use canonical::{canonical_digest, canonical_json, sha256_digest};
 pub use dsse::{
     DsseError, ED25519, Envelope, PublicKeyRecord, Signature, SigningKey, TrustedKeys,
     decode_payload, pae,
