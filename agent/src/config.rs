@@ -159,12 +159,12 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
     write_atomic(path, &bytes)
 }
 
-/// The message of a plane's JSON error body (`{"error":{"message":…}}`), or the body itself.
+/// The message of a plane's JSON error body (`{"code":…,"message":…}`), or the body itself.
 pub fn api_error_message(body: &[u8]) -> String {
     serde_json::from_slice::<serde_json::Value>(body)
         .ok()
         .and_then(|v| {
-            v.pointer("/error/message")
+            v.pointer("/message")
                 .and_then(|m| m.as_str())
                 .map(str::to_string)
         })

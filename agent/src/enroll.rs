@@ -126,7 +126,7 @@ pub async fn enroll(dir: &DataDir, opts: EnrollOptions) -> Result<AgentConfig, E
             detail: e.to_string(),
         })?;
     let host = hostname();
-    let url = format!("{server}/v1/enroll");
+    let url = format!("{server}/api/v1/enroll");
     let resp = http
         .post(&url)
         .json(&EnrollRequest {

@@ -137,7 +137,7 @@ pub async fn renew_offline(
         .timeout(std::time::Duration::from_secs(30))
         .build()?;
     let resp = http
-        .post(format!("{}/v1/renew", api_url.trim_end_matches('/')))
+        .post(format!("{}/api/v1/renew", api_url.trim_end_matches('/')))
         .json(&OfflineRenewRequest {
             agent_id,
             cert_pem: &current.cert_pem,

@@ -40,9 +40,30 @@ impl Api {
         }
     }
 
-    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let req = self.http.get(format!("{}{path}", self.base));
-        self.send(req, "GET", path).await
+    /// Every item of a paginated list, following the `Link: <…>; rel="next"` headers.
+    pub async fn list<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<Vec<T>> {
+        let mut next = Some(format!("{path}?limit=1000"));
+        let mut items = Vec::new();
+        while let Some(path) = next.take() {
+            let resp = self
+                .http
+                .get(format!("{}{path}", self.base))
+                .bearer_auth(&self.token)
+                .send()
+                .await
+                .with_context(|| format!("GET {}{path}", self.base))?;
+            next = stella_control_plane::client::next_page(resp.headers());
+            let status = resp.status();
+            let body = resp.bytes().await?;
+            if !status.is_success() {
+                anyhow::bail!(
+                    "GET {path}: HTTP {status}: {}",
+                    String::from_utf8_lossy(&body)
+                );
+            }
+            items.extend(serde_json::from_slice::<Vec<T>>(&body)?);
+        }
+        Ok(items)
     }
 
     pub async fn post<T: DeserializeOwned>(
@@ -74,7 +95,7 @@ impl Api {
             let message = serde_json::from_slice::<serde_json::Value>(&body)
                 .ok()
                 .and_then(|v| {
-                    v.pointer("/error/message")
+                    v.pointer("/message")
                         .and_then(|m| m.as_str())
                         .map(str::to_string)
                 })

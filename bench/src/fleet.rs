@@ -82,7 +82,7 @@ pub fn target_name(idx: usize) -> String {
     format!("bench-t{idx:05}")
 }
 
-/// Enrolls `n` agents: one join token each (`POST /v1/tokens`), then `stella_agent::enroll`
+/// Enrolls `n` agents: one join token each (`POST /api/v1/tokens`), then `stella_agent::enroll`
 /// (key and CSR generated here, CA pinned by fingerprint).
 pub async fn enroll(
     api: &Arc<Api>,
@@ -97,7 +97,7 @@ pub async fn enroll(
         let dir = root.join(agent_name(idx));
         async move {
             let created: TokenCreated = api
-                .post("/v1/tokens", &json!({"ttl_secs": 3600, "max_uses": 1}))
+                .post("/api/v1/tokens", &json!({"ttl_secs": 3600, "max_uses": 1}))
                 .await
                 .context("creating a join token")?;
             let opts = EnrollOptions {
@@ -192,7 +192,7 @@ pub async fn create_targets(
     concurrency: usize,
 ) -> anyhow::Result<()> {
     let _: serde_json::Value = api
-        .post("/v1/environments", &json!({ "name": env }))
+        .post("/api/v1/environments", &json!({ "name": env }))
         .await
         .context("creating the environment")?;
     let progress = Progress::new("creating targets", agents.len());
@@ -205,7 +205,7 @@ pub async fn create_targets(
         async move {
             let _: serde_json::Value = api
                 .post(
-                    "/v1/targets",
+                    "/api/v1/targets",
                     &json!({
                         "name": target_name(idx),
                         "env": env,
@@ -226,7 +226,7 @@ pub async fn create_release(api: &Api, name: &str) -> anyhow::Result<()> {
     let digest = format!("sha256:{}", "0123456789abcdef".repeat(4));
     let _: serde_json::Value = api
         .post(
-            "/v1/releases",
+            "/api/v1/releases",
             &json!({
                 "name": name,
                 "components": [{"name": "app", "image": "bench/noop:1", "digest": digest}],

@@ -84,7 +84,7 @@ enum Scenario {
         rounds: usize,
     },
     /// Reconnect storm: SIGKILL the plane with a fan-out in flight, restart it on the same ports
-    /// and data directory, time until every agent is back (GET /v1/agents), peak concurrent
+    /// and data directory, time until every agent is back (GET /api/v1/agents), peak concurrent
     /// handshakes, and check every job ends with exactly one outcome (lost = duplicated = 0).
     Storm {
         #[command(flatten)]

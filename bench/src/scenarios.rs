@@ -163,13 +163,13 @@ impl Bench {
             .await
     }
 
-    /// Agents the plane itself reports as connected (GET /v1/agents).
+    /// Agents the plane itself reports as connected (GET /api/v1/agents).
     async fn plane_connected(&self) -> anyhow::Result<usize> {
         #[derive(Deserialize)]
         struct AgentView {
             status: String,
         }
-        let agents: Vec<AgentView> = self.api.get("/v1/agents").await?;
+        let agents: Vec<AgentView> = self.api.list("/api/v1/agents").await?;
         Ok(agents.iter().filter(|a| a.status == "connected").count())
     }
 
@@ -257,7 +257,10 @@ async fn deploy(api: &Api) -> anyhow::Result<String> {
         id: String,
     }
     let created: Created = api
-        .post("/v1/deployments", &json!({"release": RELEASE, "env": ENV}))
+        .post(
+            "/api/v1/deployments",
+            &json!({"release": RELEASE, "env": ENV}),
+        )
         .await?;
     Ok(created.id)
 }
@@ -424,7 +427,7 @@ pub async fn hold(c: &Common, idle_seconds: u64) -> anyhow::Result<()> {
         r.add(
             "plane_sessions",
             plane_sessions_end,
-            "agents the plane reports connected (GET /v1/agents)",
+            "agents the plane reports connected (GET /api/v1/agents)",
         );
         r.add(
             "connect_s",
@@ -544,7 +547,7 @@ pub async fn fanout(c: &Common, n_rounds: usize) -> anyhow::Result<()> {
         r.add(
             "create_ms",
             median(&rs.iter().map(|r| r.post_ms).collect::<Vec<_>>()),
-            "POST /v1/deployments round trip (signs and stores all jobs), median",
+            "POST /api/v1/deployments round trip (signs and stores all jobs), median",
         );
         r.add(
             "plane_cpu_s_per_round",
@@ -806,7 +809,7 @@ pub async fn storm(c: &Common, kill_at: f64) -> anyhow::Result<()> {
         r.add(
             "reconnect_s",
             reconnect_s.map(round2),
-            "restart until GET /v1/agents shows every agent connected (polled every 250 ms)",
+            "restart until GET /api/v1/agents shows every agent connected (polled every 250 ms)",
         );
         r.add(
             "reconnect_fleet_s",

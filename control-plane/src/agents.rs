@@ -11,7 +11,7 @@ use crate::state::AppState;
 use crate::store::{new_id, now_ms, rfc3339};
 use crate::tokens::validate_labels;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct EnrollRequest {
     pub token: String,
     pub csr_pem: String,
@@ -27,14 +27,16 @@ pub struct EnrollRequest {
 }
 
 /// What an agent pins at enrollment: the CA for mTLS and the keys that sign its jobs.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TrustBundle {
     pub ca_pem: String,
+    /// Ed25519 public keys: `{key_id, algorithm, public_key}`.
+    #[schema(value_type = Vec<Object>)]
     pub job_signing_keys: Vec<PublicKeyRecord>,
     pub trust_domain: String,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EnrollResponse {
     pub agent_id: String,
     pub trust_bundle_version: u64,
@@ -211,7 +213,7 @@ pub async fn enroll(state: &AppState, req: EnrollRequest) -> ApiResult<EnrollRes
     })
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AgentView {
     pub id: String,
     pub name: String,
@@ -376,7 +378,7 @@ pub async fn record_heartbeat(state: &AppState, agent_id: &str) -> ApiResult<()>
     Ok(())
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 pub struct RevokeAgent {
     #[serde(default)]
     pub reason: String,
@@ -517,7 +519,7 @@ pub async fn retire_previous_certificate(state: &AppState, agent_id: &str) -> Ap
     Ok(())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct OfflineRenewRequest {
     pub agent_id: String,
     /// The agent's last certificate (expired or not).
@@ -528,7 +530,7 @@ pub struct OfflineRenewRequest {
     pub proof: String,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OfflineRenewResponse {
     pub cert_pem: String,
 }

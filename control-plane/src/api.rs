@@ -1,48 +1,182 @@
-//! The REST API (HTTPS). Every CLI command is one of these calls, so anything the CLI does can
-//! be done over HTTP. All routes but enrollment, health and metrics need an admin bearer token.
+//! The REST API (HTTPS) under `/api/v1`. Every CLI command is one of these calls, so anything
+//! the CLI does can be done over HTTP. The OpenAPI document (`/api/v1/openapi.json`) is
+//! generated from these handlers' annotations: a route exists only if it is registered through
+//! `routes!`, which also documents it, so the document cannot miss a route.
+//!
+//! Authentication and audit happen in one middleware: it turns the bearer token into an
+//! [`Actor`] for the handlers, and records every mutating request (who, what, when, from where,
+//! and its status) after the handler answered. Handlers check the actor's role.
 
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use std::sync::Arc;
+
+use axum::extract::{FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{IntoParams, Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::state::SharedState;
-use crate::{agents, deployments, environments, metrics, releases, targets, tokens};
+use crate::users::{Actor, Permission};
+use crate::{agents, audit, deployments, environments, metrics, releases, targets, tokens, users};
+
+pub const API_PREFIX: &str = "/api/v1";
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Stella control plane API",
+        description = "Releases, environments, targets, deployments and the agent fleet. \
+Authenticate with `Authorization: Bearer TOKEN` (an API token; its role decides what it may do). \
+Errors are `{code, message, details}` with a 4xx/5xx status. Lists take `limit` and `after` \
+(the last id of the previous page) and announce the next page in a `Link: <…>; rel=\"next\"` header."
+    ),
+    modifiers(&BearerAuth),
+    components(schemas(ErrorBody))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The routes of `/api/v1` and their OpenAPI document.
+pub fn api_routes() -> OpenApiRouter<SharedState> {
+    let v1 = OpenApiRouter::new()
+        .routes(routes!(openapi_document))
+        .routes(routes!(enroll))
+        .routes(routes!(renew))
+        .routes(routes!(create_token, list_tokens))
+        .routes(routes!(revoke_token))
+        .routes(routes!(create_api_token, list_api_tokens))
+        .routes(routes!(revoke_api_token))
+        .routes(routes!(list_audit))
+        .routes(routes!(list_agents))
+        .routes(routes!(show_agent))
+        .routes(routes!(revoke_agent))
+        .routes(routes!(trust_status))
+        .routes(routes!(rotate_job_key))
+        .routes(routes!(rotate_ca))
+        .routes(routes!(create_env, list_envs))
+        .routes(routes!(show_env))
+        .routes(routes!(create_target, list_targets))
+        .routes(routes!(show_target))
+        .routes(routes!(create_release, list_releases))
+        .routes(routes!(show_release))
+        .routes(routes!(create_deployment, list_deployments))
+        .routes(routes!(show_deployment));
+    OpenApiRouter::with_openapi(ApiDoc::openapi()).nest(API_PREFIX, v1)
+}
+
+/// The generated OpenAPI document, as served.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api_routes().into_openapi()
+}
 
 pub fn router(state: SharedState) -> Router {
+    let (api, _) = api_routes().split_for_parts();
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/metrics", get(get_metrics))
-        .route("/v1/enroll", post(enroll))
-        .route("/v1/renew", post(renew))
-        .route("/v1/tokens", post(create_token).get(list_tokens))
-        .route("/v1/tokens/{id}/revoke", post(revoke_token))
-        .route("/v1/agents", get(list_agents))
-        .route("/v1/agents/{id}", get(show_agent))
-        .route("/v1/agents/{id}/revoke", post(revoke_agent))
-        .route("/v1/trust", get(trust_status))
-        .route("/v1/trust/job-key/rotate", post(rotate_job_key))
-        .route("/v1/trust/ca/rotate", post(rotate_ca))
-        .route("/v1/environments", post(create_env).get(list_envs))
-        .route("/v1/environments/{name}", get(show_env))
-        .route("/v1/targets", post(create_target).get(list_targets))
-        .route("/v1/targets/{name}", get(show_target))
-        .route("/v1/releases", post(create_release).get(list_releases))
-        .route("/v1/releases/{name}", get(show_release))
-        .route(
-            "/v1/deployments",
-            post(create_deployment).get(list_deployments),
-        )
-        .route("/v1/deployments/{id}", get(show_deployment))
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route("/metrics", axum::routing::get(get_metrics))
+        .merge(api)
         .fallback(|| async { ApiError::NotFound("no such API route".to_string()) })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authenticate_and_audit,
+        ))
         .with_state(state)
 }
 
+/// The TCP peer of an API connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub std::net::IpAddr);
+
+/// What the middleware learned from the `Authorization` header.
+#[derive(Clone)]
+enum Authentication {
+    Missing,
+    Refused(String),
+    Actor(Actor),
+}
+
+async fn authenticate_and_audit(
+    State(state): State<SharedState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let authentication = match req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")))
+    {
+        None => Authentication::Missing,
+        Some(None) => Authentication::Refused("Authorization must be `Bearer TOKEN`".to_string()),
+        Some(Some(token)) => match users::authenticate(&state.db, token.trim()).await {
+            Ok(actor) => Authentication::Actor(actor),
+            Err(ApiError::Unauthorized(message)) => Authentication::Refused(message),
+            Err(e) => return e.into_response(),
+        },
+    };
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let client_ip = req
+        .extensions()
+        .get::<ClientAddr>()
+        .map(|c| c.0.to_string())
+        .unwrap_or_else(|| "-".to_string());
+    req.extensions_mut().insert(authentication.clone());
+    let response = next.run(req).await;
+    let mutating = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
+    if mutating && path.starts_with(API_PREFIX) {
+        let (actor, role) = match &authentication {
+            Authentication::Actor(a) => (a.user.as_str(), a.role.as_str()),
+            _ => ("-", "-"),
+        };
+        let entry = audit::AuditRecord {
+            actor,
+            role,
+            method: method.as_str(),
+            path: &path,
+            status: response.status().as_u16(),
+            client_ip: &client_ip,
+        };
+        if let Err(e) = audit::record(&state.db, entry).await {
+            tracing::error!(error = %e, %path, "could not write the audit log");
+        }
+    }
+    response
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Actor {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        match parts.extensions.get::<Authentication>() {
+            Some(Authentication::Actor(actor)) => Ok(actor.clone()),
+            Some(Authentication::Refused(message)) => Err(ApiError::Unauthorized(message.clone())),
+            _ => Err(ApiError::Unauthorized(
+                "missing bearer token (Authorization header)".to_string(),
+            )),
+        }
+    }
+}
+
 /// Bodies are parsed here so that a malformed one gets the same JSON error shape as any other.
-struct Body<T>(T);
+pub struct Body<T>(pub T);
 
 impl<T, S> axum::extract::FromRequest<S> for Body<T>
 where
@@ -51,7 +185,7 @@ where
 {
     type Rejection = ApiError;
 
-    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(Body(v)),
             Err(rejection) => Err(ApiError::BadRequest(format!(
@@ -62,17 +196,69 @@ where
     }
 }
 
-async fn authorize(state: &SharedState, headers: &HeaderMap) -> ApiResult<String> {
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| {
-            ApiError::Unauthorized("missing bearer token (Authorization header)".to_string())
-        })?;
-    let token = value.strip_prefix("Bearer ").ok_or_else(|| {
-        ApiError::Unauthorized("Authorization must be `Bearer TOKEN`".to_string())
-    })?;
-    tokens::authenticate(&state.db, token.trim()).await
+/// Pagination of list endpoints: `limit` items after the one whose id is `after`.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PageQuery {
+    /// At most this many items (1–1000, default 100).
+    pub limit: Option<u32>,
+    /// The `id` of the last item of the previous page.
+    pub after: Option<String>,
+}
+
+pub const DEFAULT_PAGE: u32 = 100;
+pub const MAX_PAGE: u32 = 1000;
+
+/// Answers one page of `items` (in their listed order), with a `Link` header to the next page.
+pub fn page<T: Serialize>(items: Vec<T>, query: &PageQuery, path: &str) -> ApiResult<Response> {
+    let limit = query.limit.unwrap_or(DEFAULT_PAGE);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be between 1 and {MAX_PAGE}"
+        )));
+    }
+    let values: Vec<serde_json::Value> = items
+        .into_iter()
+        .map(serde_json::to_value)
+        .collect::<Result<_, _>>()
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let start = match &query.after {
+        None => 0,
+        Some(after) => values
+            .iter()
+            .position(|v| v.get("id").and_then(|id| id.as_str()) == Some(after.as_str()))
+            .map(|i| i + 1)
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!("`after`: no item with id {after:?} in this list"))
+            })?,
+    };
+    let end = (start + limit as usize).min(values.len());
+    let next = (end < values.len())
+        .then(|| values[end - 1].get("id").and_then(|id| id.as_str()))
+        .flatten()
+        .map(str::to_string);
+    let mut response = Json(&values[start..end]).into_response();
+    if let Some(next) = next
+        && let Ok(link) = HeaderValue::from_str(&format!(
+            "<{path}?limit={limit}&after={}>; rel=\"next\"",
+            url_escape(&next)
+        ))
+    {
+        response.headers_mut().insert(header::LINK, link);
+    }
+    Ok(response)
+}
+
+fn url_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 async fn get_metrics(State(state): State<SharedState>) -> ApiResult<impl IntoResponse> {
@@ -80,10 +266,19 @@ async fn get_metrics(State(state): State<SharedState>) -> ApiResult<impl IntoRes
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body))
 }
 
-/// The TCP peer of an API connection.
-#[derive(Debug, Clone, Copy)]
-pub struct ClientAddr(pub std::net::IpAddr);
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "meta",
+    responses((status = 200, description = "The OpenAPI 3.1 document of this API")))]
+async fn openapi_document() -> Json<Arc<utoipa::openapi::OpenApi>> {
+    static DOC: std::sync::OnceLock<Arc<utoipa::openapi::OpenApi>> = std::sync::OnceLock::new();
+    Json(DOC.get_or_init(|| Arc::new(openapi())).clone())
+}
 
+/// Enroll an agent: a CSR and a join token in, a certificate and the trust bundle out.
+#[utoipa::path(post, path = "/enroll", tag = "agents", request_body = agents::EnrollRequest,
+    responses((status = 201, body = agents::EnrollResponse),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 429, body = ErrorBody)))]
 async fn enroll(
     State(state): State<SharedState>,
     client: Option<axum::Extension<ClientAddr>>,
@@ -113,6 +308,12 @@ async fn enroll(
     }
 }
 
+/// Renew the certificate of an agent that was offline past its expiry, by proving possession
+/// of its previous key.
+#[utoipa::path(post, path = "/renew", tag = "agents", request_body = agents::OfflineRenewRequest,
+    responses((status = 200, body = agents::OfflineRenewResponse),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody)))]
 async fn renew(
     State(state): State<SharedState>,
     Body(req): Body<agents::OfflineRenewRequest>,
@@ -120,206 +321,387 @@ async fn renew(
     Ok(Json(agents::renew_offline(&state, req).await?))
 }
 
+/// Create a join token for enrolling agents (shown once).
+#[utoipa::path(post, path = "/tokens", tag = "tokens", request_body = tokens::CreateJoinToken,
+    security(("bearer" = [])),
+    responses((status = 201, body = tokens::JoinTokenCreated), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 async fn create_token(
     State(state): State<SharedState>,
-    headers: HeaderMap,
+    actor: Actor,
     Body(req): Body<tokens::CreateJoinToken>,
 ) -> ApiResult<impl IntoResponse> {
-    authorize(&state, &headers).await?;
+    actor.require(Permission::Administer)?;
     Ok((
         StatusCode::CREATED,
         Json(tokens::create_join_token(&state, req).await?),
     ))
 }
 
-async fn trust_status(
-    State(state): State<SharedState>,
-    headers: HeaderMap,
-) -> ApiResult<impl IntoResponse> {
-    authorize(&state, &headers).await?;
-    Ok(Json(crate::trust::status(&state).await?))
-}
-
-async fn rotate_job_key(
-    State(state): State<SharedState>,
-    headers: HeaderMap,
-    Body(req): Body<crate::trust::RotateRequest>,
-) -> ApiResult<impl IntoResponse> {
-    authorize(&state, &headers).await?;
-    Ok(Json(crate::trust::rotate(&state, req).await?))
-}
-
-async fn rotate_ca(
-    State(state): State<SharedState>,
-    headers: HeaderMap,
-    Body(req): Body<crate::trust::RotateRequest>,
-) -> ApiResult<impl IntoResponse> {
-    authorize(&state, &headers).await?;
-    Ok(Json(crate::trust::rotate_ca(&state, req).await?))
-}
-
+/// List join tokens (never their secrets).
+#[utoipa::path(get, path = "/tokens", tag = "tokens", security(("bearer" = [])), params(PageQuery),
+    responses((status = 200, body = Vec<tokens::JoinTokenView>), (status = 401, body = ErrorBody)))]
 async fn list_tokens(
     State(state): State<SharedState>,
-    headers: HeaderMap,
-) -> ApiResult<impl IntoResponse> {
-    authorize(&state, &headers).await?;
-    Ok(Json(tokens::list_join_tokens(&state).await?))
+    actor: Actor,
+    Query(q): Query<PageQuery>,
+) -> ApiResult<Response> {
+    actor.require(Permission::Administer)?;
+    page(
+        tokens::list_join_tokens(&state).await?,
+        &q,
+        "/api/v1/tokens",
+    )
 }
 
+/// Revoke a join token (idempotent).
+#[utoipa::path(post, path = "/tokens/{id}/revoke", tag = "tokens", security(("bearer" = [])),
+    params(("id" = String, Path, description = "join token id")),
+    responses((status = 200, body = tokens::JoinTokenView), (status = 404, body = ErrorBody)))]
 async fn revoke_token(
     State(state): State<SharedState>,
-    headers: HeaderMap,
+    actor: Actor,
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    authorize(&state, &headers).await?;
+    actor.require(Permission::Administer)?;
     Ok(Json(tokens::revoke_join_token(&state, &id).await?))
 }
 
-async fn revoke_agent(
+/// Create an API token for a user with a role (shown once).
+#[utoipa::path(post, path = "/api-tokens", tag = "tokens", request_body = users::CreateApiToken,
+    security(("bearer" = [])),
+    responses((status = 201, body = users::ApiTokenCreated), (status = 400, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn create_api_token(
     State(state): State<SharedState>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    Body(req): Body<agents::RevokeAgent>,
+    actor: Actor,
+    Body(req): Body<users::CreateApiToken>,
 ) -> ApiResult<impl IntoResponse> {
-    authorize(&state, &headers).await?;
-    Ok(Json(agents::revoke(&state, &id, req).await?))
+    actor.require(Permission::Administer)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(users::create_api_token(&state, req).await?),
+    ))
 }
 
+/// List API tokens (never their secrets).
+#[utoipa::path(get, path = "/api-tokens", tag = "tokens", security(("bearer" = [])),
+    params(PageQuery),
+    responses((status = 200, body = Vec<users::ApiTokenView>), (status = 403, body = ErrorBody)))]
+async fn list_api_tokens(
+    State(state): State<SharedState>,
+    actor: Actor,
+    Query(q): Query<PageQuery>,
+) -> ApiResult<Response> {
+    actor.require(Permission::Administer)?;
+    page(
+        users::list_api_tokens(&state).await?,
+        &q,
+        "/api/v1/api-tokens",
+    )
+}
+
+/// Revoke an API token by id or name (idempotent).
+#[utoipa::path(post, path = "/api-tokens/{id}/revoke", tag = "tokens", security(("bearer" = [])),
+    params(("id" = String, Path, description = "API token id or name")),
+    responses((status = 200, body = users::ApiTokenView), (status = 404, body = ErrorBody)))]
+async fn revoke_api_token(
+    State(state): State<SharedState>,
+    actor: Actor,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    actor.require(Permission::Administer)?;
+    Ok(Json(users::revoke_api_token(&state, &id).await?))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct AuditQuery {
+    /// Newest entries first; at most this many (default 100, at most 1000).
+    limit: Option<u32>,
+}
+
+/// The audit log: every mutation through the API, newest first.
+#[utoipa::path(get, path = "/audit", tag = "audit", security(("bearer" = [])), params(AuditQuery),
+    responses((status = 200, body = Vec<audit::AuditEntry>), (status = 403, body = ErrorBody)))]
+async fn list_audit(
+    State(state): State<SharedState>,
+    actor: Actor,
+    Query(q): Query<AuditQuery>,
+) -> ApiResult<impl IntoResponse> {
+    actor.require(Permission::Administer)?;
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be between 1 and {MAX_PAGE}"
+        )));
+    }
+    Ok(Json(audit::list(&state, limit).await?))
+}
+
+/// The trust state: job-signing keys, CAs, bundle versions and which agents acknowledged them.
+#[utoipa::path(get, path = "/trust", tag = "trust", security(("bearer" = [])),
+    responses((status = 200, body = crate::trust::TrustStatus), (status = 403, body = ErrorBody)))]
+async fn trust_status(
+    State(state): State<SharedState>,
+    actor: Actor,
+) -> ApiResult<impl IntoResponse> {
+    actor.require(Permission::Administer)?;
+    Ok(Json(crate::trust::status(&state).await?))
+}
+
+/// Rotate the job-signing key in phases (`start`, then `finish`).
+#[utoipa::path(post, path = "/trust/job-key/rotate", tag = "trust", security(("bearer" = [])),
+    request_body = crate::trust::RotateRequest,
+    responses((status = 200, body = crate::trust::TrustStatus), (status = 409, body = ErrorBody)))]
+async fn rotate_job_key(
+    State(state): State<SharedState>,
+    actor: Actor,
+    Body(req): Body<crate::trust::RotateRequest>,
+) -> ApiResult<impl IntoResponse> {
+    actor.require(Permission::Administer)?;
+    Ok(Json(crate::trust::rotate(&state, req).await?))
+}
+
+/// Rotate the certificate authority in phases (`start`, then `finish`).
+#[utoipa::path(post, path = "/trust/ca/rotate", tag = "trust", security(("bearer" = [])),
+    request_body = crate::trust::RotateRequest,
+    responses((status = 200, body = crate::trust::TrustStatus), (status = 409, body = ErrorBody)))]
+async fn rotate_ca(
+    State(state): State<SharedState>,
+    actor: Actor,
+    Body(req): Body<crate::trust::RotateRequest>,
+) -> ApiResult<impl IntoResponse> {
+    actor.require(Permission::Administer)?;
+    Ok(Json(crate::trust::rotate_ca(&state, req).await?))
+}
+
+/// List agents.
+#[utoipa::path(get, path = "/agents", tag = "agents", security(("bearer" = [])), params(PageQuery),
+    responses((status = 200, body = Vec<agents::AgentView>), (status = 401, body = ErrorBody)))]
 async fn list_agents(
     State(state): State<SharedState>,
-    headers: HeaderMap,
-) -> ApiResult<impl IntoResponse> {
-    authorize(&state, &headers).await?;
-    Ok(Json(agents::list(&state).await?))
+    actor: Actor,
+    Query(q): Query<PageQuery>,
+) -> ApiResult<Response> {
+    actor.require(Permission::Read)?;
+    page(agents::list(&state).await?, &q, "/api/v1/agents")
 }
 
+/// One agent, by id or name.
+#[utoipa::path(get, path = "/agents/{id}", tag = "agents", security(("bearer" = [])),
+    params(("id" = String, Path, description = "agent id or name")),
+    responses((status = 200, body = agents::AgentView), (status = 404, body = ErrorBody)))]
 async fn show_agent(
     State(state): State<SharedState>,
-    headers: HeaderMap,
+    actor: Actor,
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    authorize(&state, &headers).await?;
+    actor.require(Permission::Read)?;
     Ok(Json(agents::view(&state, &id).await?))
 }
 
+/// Revoke an agent: its session is cut, its certificates refused, its unfinished jobs cancelled.
+#[utoipa::path(post, path = "/agents/{id}/revoke", tag = "agents", security(("bearer" = [])),
+    params(("id" = String, Path, description = "agent id or name")),
+    request_body = agents::RevokeAgent,
+    responses((status = 200, body = agents::AgentView), (status = 404, body = ErrorBody)))]
+async fn revoke_agent(
+    State(state): State<SharedState>,
+    actor: Actor,
+    Path(id): Path<String>,
+    Body(req): Body<agents::RevokeAgent>,
+) -> ApiResult<impl IntoResponse> {
+    actor.require(Permission::Administer)?;
+    Ok(Json(agents::revoke(&state, &id, req).await?))
+}
+
+/// Create an environment.
+#[utoipa::path(post, path = "/environments", tag = "environments", security(("bearer" = [])),
+    request_body = environments::CreateEnvironment,
+    responses((status = 201, body = environments::Environment), (status = 400, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
 async fn create_env(
     State(state): State<SharedState>,
-    headers: HeaderMap,
+    actor: Actor,
     Body(req): Body<environments::CreateEnvironment>,
 ) -> ApiResult<impl IntoResponse> {
-    authorize(&state, &headers).await?;
+    actor.require(Permission::Administer)?;
     Ok((
         StatusCode::CREATED,
         Json(environments::create(&state, req).await?),
     ))
 }
 
+/// List environments, in promotion order.
+#[utoipa::path(get, path = "/environments", tag = "environments", security(("bearer" = [])),
+    params(PageQuery),
+    responses((status = 200, body = Vec<environments::Environment>)))]
 async fn list_envs(
     State(state): State<SharedState>,
-    headers: HeaderMap,
-) -> ApiResult<impl IntoResponse> {
-    authorize(&state, &headers).await?;
-    Ok(Json(environments::list(&state).await?))
+    actor: Actor,
+    Query(q): Query<PageQuery>,
+) -> ApiResult<Response> {
+    actor.require(Permission::Read)?;
+    page(
+        environments::list(&state).await?,
+        &q,
+        "/api/v1/environments",
+    )
 }
 
+/// One environment, by id or name.
+#[utoipa::path(get, path = "/environments/{name}", tag = "environments", security(("bearer" = [])),
+    params(("name" = String, Path, description = "environment id or name")),
+    responses((status = 200, body = environments::Environment), (status = 404, body = ErrorBody)))]
 async fn show_env(
     State(state): State<SharedState>,
-    headers: HeaderMap,
+    actor: Actor,
     Path(name): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    authorize(&state, &headers).await?;
+    actor.require(Permission::Read)?;
     Ok(Json(environments::find(&state, &name).await?))
 }
 
+/// Create a target served by an agent with the matching capability.
+#[utoipa::path(post, path = "/targets", tag = "targets", security(("bearer" = [])),
+    request_body = targets::CreateTarget,
+    responses((status = 201, body = targets::Target), (status = 400, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn create_target(
     State(state): State<SharedState>,
-    headers: HeaderMap,
+    actor: Actor,
     Body(req): Body<targets::CreateTarget>,
 ) -> ApiResult<impl IntoResponse> {
-    authorize(&state, &headers).await?;
+    actor.require(Permission::Administer)?;
     Ok((
         StatusCode::CREATED,
         Json(targets::create(&state, req).await?),
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct TargetFilter {
+    /// Only the targets of this environment.
     env: Option<String>,
+    limit: Option<u32>,
+    after: Option<String>,
 }
 
+/// List targets.
+#[utoipa::path(get, path = "/targets", tag = "targets", security(("bearer" = [])),
+    params(TargetFilter), responses((status = 200, body = Vec<targets::Target>)))]
 async fn list_targets(
     State(state): State<SharedState>,
-    headers: HeaderMap,
+    actor: Actor,
     Query(filter): Query<TargetFilter>,
-) -> ApiResult<impl IntoResponse> {
-    authorize(&state, &headers).await?;
-    Ok(Json(targets::list(&state, filter.env.as_deref()).await?))
+) -> ApiResult<Response> {
+    actor.require(Permission::Read)?;
+    let q = PageQuery {
+        limit: filter.limit,
+        after: filter.after,
+    };
+    page(
+        targets::list(&state, filter.env.as_deref()).await?,
+        &q,
+        "/api/v1/targets",
+    )
 }
 
+/// One target with its desired and observed state.
+#[utoipa::path(get, path = "/targets/{name}", tag = "targets", security(("bearer" = [])),
+    params(("name" = String, Path, description = "target id or name")),
+    responses((status = 200, body = targets::TargetDetail), (status = 404, body = ErrorBody)))]
 async fn show_target(
     State(state): State<SharedState>,
-    headers: HeaderMap,
+    actor: Actor,
     Path(name): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    authorize(&state, &headers).await?;
+    actor.require(Permission::Read)?;
     Ok(Json(targets::detail(&state, &name).await?))
 }
 
+/// Create a release: an immutable set of component@digest.
+#[utoipa::path(post, path = "/releases", tag = "releases", security(("bearer" = [])),
+    request_body = releases::CreateRelease,
+    responses((status = 201, body = releases::Release), (status = 400, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
 async fn create_release(
     State(state): State<SharedState>,
-    headers: HeaderMap,
+    actor: Actor,
     Body(req): Body<releases::CreateRelease>,
 ) -> ApiResult<impl IntoResponse> {
-    authorize(&state, &headers).await?;
+    actor.require(Permission::Release)?;
     Ok((
         StatusCode::CREATED,
         Json(releases::create(&state, req).await?),
     ))
 }
 
+/// List releases.
+#[utoipa::path(get, path = "/releases", tag = "releases", security(("bearer" = [])),
+    params(PageQuery), responses((status = 200, body = Vec<releases::Release>)))]
 async fn list_releases(
     State(state): State<SharedState>,
-    headers: HeaderMap,
-) -> ApiResult<impl IntoResponse> {
-    authorize(&state, &headers).await?;
-    Ok(Json(releases::list(&state).await?))
+    actor: Actor,
+    Query(q): Query<PageQuery>,
+) -> ApiResult<Response> {
+    actor.require(Permission::Read)?;
+    page(releases::list(&state).await?, &q, "/api/v1/releases")
 }
 
+/// One release, by id or name.
+#[utoipa::path(get, path = "/releases/{name}", tag = "releases", security(("bearer" = [])),
+    params(("name" = String, Path, description = "release id or name")),
+    responses((status = 200, body = releases::Release), (status = 404, body = ErrorBody)))]
 async fn show_release(
     State(state): State<SharedState>,
-    headers: HeaderMap,
+    actor: Actor,
     Path(name): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    authorize(&state, &headers).await?;
+    actor.require(Permission::Read)?;
     Ok(Json(releases::find(&state, &name).await?))
 }
 
+/// Deploy a release to every target of an environment: one signed job per target.
+#[utoipa::path(post, path = "/deployments", tag = "deployments", security(("bearer" = [])),
+    request_body = deployments::CreateDeployment,
+    responses((status = 201, body = deployments::Deployment), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn create_deployment(
     State(state): State<SharedState>,
-    headers: HeaderMap,
+    actor: Actor,
     Body(req): Body<deployments::CreateDeployment>,
 ) -> ApiResult<impl IntoResponse> {
-    authorize(&state, &headers).await?;
+    actor.require(Permission::Release)?;
     Ok((
         StatusCode::CREATED,
         Json(deployments::create(&state, req).await?),
     ))
 }
 
+/// List deployments.
+#[utoipa::path(get, path = "/deployments", tag = "deployments", security(("bearer" = [])),
+    params(PageQuery), responses((status = 200, body = Vec<deployments::Deployment>)))]
 async fn list_deployments(
     State(state): State<SharedState>,
-    headers: HeaderMap,
-) -> ApiResult<impl IntoResponse> {
-    authorize(&state, &headers).await?;
-    Ok(Json(deployments::list(&state).await?))
+    actor: Actor,
+    Query(q): Query<PageQuery>,
+) -> ApiResult<Response> {
+    actor.require(Permission::Read)?;
+    page(deployments::list(&state).await?, &q, "/api/v1/deployments")
 }
 
+/// One deployment with its jobs and their events.
+#[utoipa::path(get, path = "/deployments/{id}", tag = "deployments", security(("bearer" = [])),
+    params(("id" = String, Path, description = "deployment id")),
+    responses((status = 200, body = deployments::Deployment), (status = 404, body = ErrorBody)))]
 async fn show_deployment(
     State(state): State<SharedState>,
-    headers: HeaderMap,
+    actor: Actor,
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    authorize(&state, &headers).await?;
+    actor.require(Permission::Read)?;
     Ok(Json(deployments::get(&state, &id).await?))
 }

@@ -361,7 +361,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve(cli.data_dir, args).await,
         Command::Token(TokenCommand::List) => {
             let client = ApiClient::connect(&conn)?;
-            let tokens: Vec<JoinTokenView> = client.get("/v1/tokens").await?;
+            let tokens: Vec<JoinTokenView> = client.list("/api/v1/tokens").await?;
             render(out, &tokens, |ts| {
                 table(
                     &["ID", "STATUS", "USES", "EXPIRES", "LABELS"],
@@ -386,7 +386,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token(TokenCommand::Revoke { id }) => {
             let client = ApiClient::connect(&conn)?;
             let token: JoinTokenView = client
-                .post(&format!("/v1/tokens/{}/revoke", path_seg(&id)), &json!({}))
+                .post(
+                    &format!("/api/v1/tokens/{}/revoke", path_seg(&id)),
+                    &json!({}),
+                )
                 .await?;
             render(out, &token, |t| {
                 println!("join token {} is {}", t.id, t.status)
@@ -401,7 +404,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let labels: BTreeMap<String, String> = labels.into_iter().collect();
             let created: JoinTokenCreated = client
                 .post(
-                    "/v1/tokens",
+                    "/api/v1/tokens",
                     &json!({"ttl_secs": ttl.as_secs(), "labels": labels, "max_uses": max_uses}),
                 )
                 .await?;
@@ -423,19 +426,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let client = ApiClient::connect(&conn)?;
             match command.unwrap_or(AgentsCommand::List) {
                 AgentsCommand::List => {
-                    let agents: Vec<AgentView> = client.get("/v1/agents").await?;
+                    let agents: Vec<AgentView> = client.list("/api/v1/agents").await?;
                     render(out, &agents, |a| print_agents(a))
                 }
                 AgentsCommand::Show { agent } => {
                     let agent: AgentView = client
-                        .get(&format!("/v1/agents/{}", path_seg(&agent)))
+                        .get(&format!("/api/v1/agents/{}", path_seg(&agent)))
                         .await?;
                     render(out, &agent, |a| print_agents(std::slice::from_ref(a)))
                 }
                 AgentsCommand::Revoke { agent, reason } => {
                     let agent: AgentView = client
                         .post(
-                            &format!("/v1/agents/{}/revoke", path_seg(&agent)),
+                            &format!("/api/v1/agents/{}/revoke", path_seg(&agent)),
                             &json!({"reason": reason}),
                         )
                         .await?;
@@ -445,21 +448,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Keys(cmd) => rotation(&conn, out, "/v1/trust/job-key/rotate", cmd).await,
-        Command::Ca(cmd) => rotation(&conn, out, "/v1/trust/ca/rotate", cmd).await,
+        Command::Keys(cmd) => rotation(&conn, out, "/api/v1/trust/job-key/rotate", cmd).await,
+        Command::Ca(cmd) => rotation(&conn, out, "/api/v1/trust/ca/rotate", cmd).await,
         Command::Env { command } => {
             let client = ApiClient::connect(&conn)?;
             match command.unwrap_or(EnvCommand::List) {
                 EnvCommand::Create { name } => {
                     let env: Environment = client
-                        .post("/v1/environments", &json!({"name": name}))
+                        .post("/api/v1/environments", &json!({"name": name}))
                         .await?;
                     render(out, &env, |e| {
                         println!("created environment {} ({})", e.name, e.id)
                     })
                 }
                 EnvCommand::List => {
-                    let envs: Vec<Environment> = client.get("/v1/environments").await?;
+                    let envs: Vec<Environment> = client.list("/api/v1/environments").await?;
                     render(out, &envs, |envs| {
                         table(
                             &["NAME", "ID", "CREATED"],
@@ -471,7 +474,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 EnvCommand::Show { name } => {
                     let env: Environment = client
-                        .get(&format!("/v1/environments/{}", path_seg(&name)))
+                        .get(&format!("/api/v1/environments/{}", path_seg(&name)))
                         .await?;
                     render(out, &env, |e| {
                         println!("{} ({}) created {}", e.name, e.id, e.created_at)
@@ -496,7 +499,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         None => None,
                     };
                     let target: Target = client
-                        .post("/v1/targets", &json!({"name": name, "env": env, "kind": kind, "agent": agent, "config": config}))
+                        .post("/api/v1/targets", &json!({"name": name, "env": env, "kind": kind, "agent": agent, "config": config}))
                         .await?;
                     render(out, &target, |t| {
                         println!(
@@ -507,10 +510,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 TargetCommand::List { env } => {
                     let path = match env {
-                        Some(e) => format!("/v1/targets?env={}", path_seg(&e)),
-                        None => "/v1/targets".to_string(),
+                        Some(e) => format!("/api/v1/targets?env={}", path_seg(&e)),
+                        None => "/api/v1/targets".to_string(),
                     };
-                    let targets: Vec<Target> = client.get(&path).await?;
+                    let targets: Vec<Target> = client.list(&path).await?;
                     render(out, &targets, |ts| {
                         table(
                             &["NAME", "ENV", "KIND", "AGENT"],
@@ -529,7 +532,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 TargetCommand::Show { name } => {
                     let detail: TargetDetail = client
-                        .get(&format!("/v1/targets/{}", path_seg(&name)))
+                        .get(&format!("/api/v1/targets/{}", path_seg(&name)))
                         .await?;
                     render(out, &detail, print_target_detail)
                 }
@@ -546,7 +549,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .map_err(anyhow::Error::msg)?;
                     let release: Release = client
                         .post(
-                            "/v1/releases",
+                            "/api/v1/releases",
                             &json!({"name": name, "components": components}),
                         )
                         .await?;
@@ -556,7 +559,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     })
                 }
                 ReleaseCommand::List => {
-                    let releases: Vec<Release> = client.get("/v1/releases").await?;
+                    let releases: Vec<Release> = client.list("/api/v1/releases").await?;
                     render(out, &releases, |rs| {
                         table(
                             &["NAME", "ID", "COMPONENTS", "CREATED"],
@@ -579,7 +582,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 ReleaseCommand::Show { name } => {
                     let release: Release = client
-                        .get(&format!("/v1/releases/{}", path_seg(&name)))
+                        .get(&format!("/api/v1/releases/{}", path_seg(&name)))
                         .await?;
                     render(out, &release, |r| {
                         println!("{} ({}) created {}", r.name, r.id, r.created_at);
@@ -596,7 +599,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let client = ApiClient::connect(&conn)?;
             match command.unwrap_or(DeploymentsCommand::List) {
                 DeploymentsCommand::List => {
-                    let deps: Vec<Deployment> = client.get("/v1/deployments").await?;
+                    let deps: Vec<Deployment> = client.list("/api/v1/deployments").await?;
                     render(out, &deps, |ds| {
                         table(
                             &["ID", "RELEASE", "ENV", "STATUS", "CREATED"],
@@ -616,7 +619,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 DeploymentsCommand::Show { id } => {
                     let dep: Deployment = client
-                        .get(&format!("/v1/deployments/{}", path_seg(&id)))
+                        .get(&format!("/api/v1/deployments/{}", path_seg(&id)))
                         .await?;
                     render(out, &dep, print_deployment)
                 }
@@ -641,7 +644,7 @@ async fn serve(data_dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
 async fn deploy(client: &ApiClient, out: Output, args: DeployArgs) -> anyhow::Result<()> {
     let created: Deployment = client
         .post(
-            "/v1/deployments",
+            "/api/v1/deployments",
             &json!({"release": args.release, "env": args.env}),
         )
         .await?;
@@ -663,7 +666,7 @@ async fn deploy(client: &ApiClient, out: Output, args: DeployArgs) -> anyhow::Re
     let deadline = tokio::time::Instant::now() + args.timeout;
     let mut printed: BTreeMap<String, usize> = BTreeMap::new();
     let mut statuses: BTreeMap<String, String> = BTreeMap::new();
-    let path = format!("/v1/deployments/{}", path_seg(&created.id));
+    let path = format!("/api/v1/deployments/{}", path_seg(&created.id));
     loop {
         let dep: Deployment = client.get(&path).await?;
         if out == Output::Text {
@@ -912,7 +915,7 @@ async fn rotation(
 ) -> anyhow::Result<()> {
     let client = ApiClient::connect(conn)?;
     let status: TrustStatus = match cmd {
-        KeysCommand::Status => client.get("/v1/trust").await?,
+        KeysCommand::Status => client.get("/api/v1/trust").await?,
         KeysCommand::Rotate(RotatePhase::Start) => {
             client.post(path, &json!({"phase": "start"})).await?
         }

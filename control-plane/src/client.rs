@@ -100,6 +100,24 @@ impl ApiClient {
         decode(resp).await
     }
 
+    /// Every item of a paginated list, following the `Link: <…>; rel="next"` headers.
+    pub async fn list<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<Vec<T>> {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let mut next = Some(format!("{path}{sep}limit={}", crate::api::MAX_PAGE));
+        let mut items = Vec::new();
+        while let Some(path) = next.take() {
+            let resp = self
+                .request(reqwest::Method::GET, &path)?
+                .send()
+                .await
+                .with_context(|| format!("cannot reach the control plane at {}", self.base))?;
+            next = next_page(resp.headers());
+            let page: Vec<T> = decode(resp).await?;
+            items.extend(page);
+        }
+        Ok(items)
+    }
+
     pub async fn post<B: Serialize, T: DeserializeOwned>(
         &self,
         path: &str,
@@ -115,6 +133,24 @@ impl ApiClient {
     }
 }
 
+/// The path of the next page announced by a list answer's `Link` header, if any.
+pub fn next_page(headers: &reqwest::header::HeaderMap) -> Option<String> {
+    let link = headers.get(reqwest::header::LINK)?.to_str().ok()?;
+    link.split(',').find_map(|part| {
+        let (target, params) = part.trim().split_once(';')?;
+        params
+            .split(';')
+            .any(|p| p.trim() == "rel=\"next\"")
+            .then(|| {
+                target
+                    .trim()
+                    .trim_start_matches('<')
+                    .trim_end_matches('>')
+                    .to_string()
+            })
+    })
+}
+
 async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> anyhow::Result<T> {
     let status = resp.status();
     let bytes = resp.bytes().await?;
@@ -125,7 +161,7 @@ async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> anyhow::Result<
     let parsed: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
     let message = parsed
         .as_ref()
-        .and_then(|v| v.pointer("/error/message"))
+        .and_then(|v| v.pointer("/message"))
         .and_then(|v| v.as_str())
         .map(str::to_string)
         .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());

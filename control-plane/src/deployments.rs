@@ -18,19 +18,19 @@ use crate::targets;
 
 pub const TERMINAL_JOB_STATUSES: &[&str] = &["succeeded", "failed", "refused", "cancelled"];
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct CreateDeployment {
     pub release: String,
     pub env: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobEvent {
     pub at: String,
     pub message: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobView {
     pub id: String,
     pub target: String,
@@ -47,7 +47,7 @@ pub struct JobView {
     pub finished_at: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Deployment {
     pub id: String,
     pub release: String,

@@ -7,12 +7,12 @@ use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 use crate::store::{new_id, now_ms, rfc3339};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct CreateEnvironment {
     pub name: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Environment {
     pub id: String,
     pub name: String,

@@ -25,6 +25,9 @@ pub enum ApiError {
     TooManyRequests(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// Any of the above with structured details for the caller (e.g. line-numbered errors).
+    #[error("{0}")]
+    Detailed(Box<ApiError>, serde_json::Value),
 }
 
 impl ApiError {
@@ -38,6 +41,7 @@ impl ApiError {
             ApiError::Unprocessable(_) => "unprocessable",
             ApiError::TooManyRequests(_) => "too_many_requests",
             ApiError::Internal(_) => "internal",
+            ApiError::Detailed(inner, _) => inner.code(),
         }
     }
 
@@ -51,6 +55,7 @@ impl ApiError {
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Detailed(inner, _) => inner.status(),
         }
     }
 }
@@ -69,15 +74,16 @@ impl From<stella_pki::PkiError> for ApiError {
     }
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: ErrorDetail<'a>,
-}
-
-#[derive(Serialize)]
-struct ErrorDetail<'a> {
-    code: &'a str,
-    message: String,
+/// The body of every error answer.
+#[derive(Debug, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// Stable machine-readable code: bad_request, unauthorized, forbidden, not_found, conflict,
+    /// unprocessable, too_many_requests, internal.
+    pub code: String,
+    /// What is wrong, for a person.
+    pub message: String,
+    /// Structured details where there are any (e.g. every error of a document with its line).
+    pub details: Option<serde_json::Value>,
 }
 
 impl IntoResponse for ApiError {
@@ -85,13 +91,21 @@ impl IntoResponse for ApiError {
         if !matches!(self, ApiError::Internal(_)) {
             tracing::info!(code = self.code(), message = %self, "request refused");
         }
-        let body = ErrorBody {
-            error: ErrorDetail {
-                code: self.code(),
-                message: self.to_string(),
-            },
+        let status = self.status();
+        let code = self.code().to_string();
+        let (message, details) = match self {
+            ApiError::Detailed(inner, details) => (inner.to_string(), Some(details)),
+            other => (other.to_string(), None),
         };
-        (self.status(), Json(body)).into_response()
+        (
+            status,
+            Json(ErrorBody {
+                code,
+                message,
+                details,
+            }),
+        )
+            .into_response()
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod agents;
 pub mod api;
+pub mod audit;
 pub mod client;
 pub mod deployments;
 pub mod duration;
@@ -23,3 +24,4 @@ pub mod store;
 pub mod targets;
 pub mod tokens;
 pub mod trust;
+pub mod users;

@@ -8,7 +8,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 use crate::store::{new_id, now_ms, rfc3339};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReleaseComponent {
     pub name: String,
     pub image: String,
@@ -69,13 +69,13 @@ fn is_sha256_digest(digest: &str) -> bool {
     })
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct CreateRelease {
     pub name: String,
     pub components: Vec<ReleaseComponent>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Release {
     pub id: String,
     pub name: String,

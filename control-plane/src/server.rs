@@ -69,7 +69,7 @@ async fn ensure_admin_token_file(db: &store::Db, path: &Path) -> anyhow::Result<
     if path.exists() {
         let token =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        if tokens::authenticate(db, token.trim()).await.is_ok() {
+        if crate::users::authenticate(db, token.trim()).await.is_ok() {
             return Ok(());
         }
     }

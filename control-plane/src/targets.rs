@@ -13,7 +13,7 @@ use crate::store::{new_id, now_ms, rfc3339};
 
 pub const KNOWN_KINDS: &[&str] = &["docker", "compose", "ssh", "winrm", "ecs", "nomad"];
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct CreateTarget {
     pub name: String,
     pub env: String,
@@ -23,7 +23,7 @@ pub struct CreateTarget {
     pub config: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Target {
     pub id: String,
     pub name: String,
@@ -167,7 +167,7 @@ pub async fn find(state: &AppState, id_or_name: &str) -> ApiResult<Target> {
         .ok_or_else(|| ApiError::NotFound(format!("target {id_or_name:?} not found")))
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ObservedWorkload {
     pub component: String,
     pub digest: String,
@@ -179,7 +179,7 @@ pub struct ObservedWorkload {
     pub reported_at: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DesiredState {
     pub release_id: String,
     pub release_name: String,
@@ -188,7 +188,7 @@ pub struct DesiredState {
 }
 
 /// A component whose observed state differs from the desired one.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Difference {
     pub component: String,
     pub desired_digest: Option<String>,
@@ -196,7 +196,7 @@ pub struct Difference {
     pub observed_state: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TargetDetail {
     #[serde(flatten)]
     pub target: Target,

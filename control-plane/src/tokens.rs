@@ -10,7 +10,7 @@ use crate::store::{Db, new_id, now_ms, rfc3339};
 
 pub const MAX_JOIN_TOKEN_TTL_SECS: u64 = 30 * 24 * 3600;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct CreateJoinToken {
     pub ttl_secs: u64,
     #[serde(default)]
@@ -26,7 +26,7 @@ fn one() -> u32 {
 
 pub const MAX_JOIN_TOKEN_USES: u32 = 10_000;
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JoinTokenCreated {
     pub id: String,
     /// Shown once; only its hash is stored.
@@ -38,7 +38,7 @@ pub struct JoinTokenCreated {
 }
 
 /// A join token as listed: never its secret, which exists only as a hash.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JoinTokenView {
     pub id: String,
     pub labels: BTreeMap<String, String>,
@@ -205,18 +205,4 @@ pub async fn rotate_admin_token(db: &Db, name: &str) -> Result<String, sqlx::Err
         .execute(db)
         .await?;
     insert_admin_token(db, name).await
-}
-
-/// Checks a bearer token against the stored hashes (constant-time comparison of the hash).
-pub async fn authenticate(db: &Db, token: &str) -> ApiResult<String> {
-    let hash = stella_pki::hash_token(token);
-    let row: Option<(String, String)> =
-        sqlx::query_as("SELECT name, token_hash FROM api_tokens WHERE token_hash = ?")
-            .bind(&hash)
-            .fetch_optional(db)
-            .await?;
-    match row {
-        Some((name, stored)) if stella_pki::token_matches(token, &stored) => Ok(name),
-        _ => Err(ApiError::Unauthorized("invalid API token".to_string())),
-    }
 }

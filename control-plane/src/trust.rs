@@ -92,7 +92,7 @@ pub async fn ensure_initial_bundle(state: &AppState) -> ApiResult<()> {
     Ok(())
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AgentTrust {
     pub id: String,
     pub name: String,
@@ -102,7 +102,7 @@ pub struct AgentTrust {
     pub on_newest_ca: bool,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TrustStatus {
     pub bundle_version: u64,
     pub ca_fingerprint: String,
@@ -263,7 +263,7 @@ pub async fn record_ack(state: &AppState, agent_id: &str, version: u64) -> ApiRe
     Ok(())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct RotateRequest {
     /// `start` or `finish`.
     pub phase: String,

@@ -162,7 +162,7 @@ fn cli_and_api_refuse_bad_input_without_partial_state() {
         .unwrap();
     let ca = std::fs::read_to_string(p.dir.join("pki/ca.pem")).unwrap();
     let token = p.admin_token();
-    let url = format!("{}/v1/releases", p.api_url());
+    let url = format!("{}/api/v1/releases", p.api_url());
     let (status, body) = rt.block_on(async {
         stella_pki::install_crypto_provider();
         let client = reqwest::Client::builder()
@@ -181,9 +181,9 @@ fn cli_and_api_refuse_bad_input_without_partial_state() {
     });
     assert_eq!(status, 400);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["error"]["code"], "bad_request");
+    assert_eq!(v["code"], "bad_request");
     assert!(
-        v["error"]["message"]
+        v["message"]
             .as_str()
             .unwrap()
             .contains("invalid request body")

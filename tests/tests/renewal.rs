@@ -161,7 +161,7 @@ fn offline_renew(plane: &Plane, agent: &Agent, key_pem: &str) -> (u16, String) {
         "proof": base64::engine::general_purpose::STANDARD.encode(proof),
     });
     let ca = std::fs::read_to_string(plane.dir.join("pki/ca.pem")).unwrap();
-    let url = format!("{}/v1/renew", plane.api_url());
+    let url = format!("{}/api/v1/renew", plane.api_url());
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
