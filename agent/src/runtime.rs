@@ -60,7 +60,9 @@ struct Shared {
     work: mpsc::UnboundedSender<WorkItem>,
     /// Held while a job executes, so shutdown can wait for the current step to finish.
     busy: tokio::sync::Mutex<()>,
-    running: Mutex<HashSet<String>>,
+    /// Jobs handed to the worker and not finished yet (queued or running): a job is scheduled
+    /// at most once, and a re-offer of an accepted job that is not here schedules it again.
+    scheduled: Mutex<HashSet<String>>,
     /// Swapped when the certificate is renewed.
     receipts: Mutex<ReceiptSigner>,
 }
@@ -170,7 +172,7 @@ pub async fn run_with_executors(
         uplink: uplink_tx,
         work: work_tx,
         busy: tokio::sync::Mutex::new(()),
-        running: Mutex::new(HashSet::new()),
+        scheduled: Mutex::new(HashSet::new()),
         receipts: Mutex::new(ReceiptSigner {
             agent_id: receipt_agent_id,
             key_pem: ident.key_pem.clone(),
@@ -183,17 +185,10 @@ pub async fn run_with_executors(
     // Jobs accepted before a restart and not finished: run them again (every step is an ensure).
     let resumed = lock(&shared.journal).in_flight();
     for entry in resumed {
-        match serde_json::from_str::<stella_pki::Envelope>(&entry.envelope)
-            .ok()
-            .and_then(|env| stella_pki::decode_payload(&env).ok())
-            .and_then(|bytes| serde_json::from_slice::<JobPayload>(&bytes).ok())
-        {
-            Some(payload) => {
+        match work_item(&entry) {
+            Some(item) => {
                 tracing::info!(job_id = %entry.job_id, "resuming a job interrupted by a restart");
-                let _ = shared.work.send(WorkItem {
-                    payload,
-                    envelope_digest: entry.envelope_digest.clone(),
-                });
+                schedule(&shared, item)?;
             }
             None => {
                 tracing::error!(job_id = %entry.job_id, "journal entry unreadable; job cannot resume")
@@ -565,13 +560,26 @@ async fn handle_offer(
             );
             return send_refusal(shared, r, out).await;
         }
-        match (entry.status, entry.result) {
+        match (&entry.status, &entry.result) {
             (JournalStatus::Finished, Some(result)) => {
                 // Idempotency: a re-offer of a finished job gets its stored result, not a re-run.
                 tracing::info!(job_id = %offer.job_id, "re-offered job already ran; returning its stored result");
-                out.send(result_message(&result)).await?;
+                out.send(result_message(result)).await?;
             }
             _ => {
+                // Accepted earlier but not scheduled (the worker never got it, e.g. the session
+                // that accepted it closed in between): schedule it now, or it never runs.
+                if !lock(&shared.scheduled).contains(&offer.job_id) {
+                    match work_item(&entry) {
+                        Some(item) => {
+                            tracing::info!(job_id = %offer.job_id, "re-offered job was accepted but never scheduled; scheduling it");
+                            schedule(shared, item)?;
+                        }
+                        None => {
+                            tracing::error!(job_id = %offer.job_id, "journal entry unreadable; job cannot run")
+                        }
+                    }
+                }
                 out.send(msg(AgentBody::Accepted(JobAccepted {
                     job_id: offer.job_id.clone(),
                 })))
@@ -621,18 +629,41 @@ async fn handle_offer(
         .accept(entry)
         .context("journaling an accepted job")?;
     tracing::info!(job_id = %payload.job_id, sequence = payload.sequence, target = %payload.target.name, "job verified and accepted");
-    out.send(msg(AgentBody::Accepted(JobAccepted {
-        job_id: payload.job_id.clone(),
-    })))
-    .await?;
-    shared
-        .work
-        .send(WorkItem {
+    let job_id = payload.job_id.clone();
+    // Scheduled before the plane is told: if telling it fails (the session is closing), the
+    // journaled job still runs and its result is spooled for the next session.
+    schedule(
+        shared,
+        WorkItem {
             payload,
             envelope_digest: digest,
-        })
-        .map_err(|_| anyhow::anyhow!("job worker stopped"))?;
+        },
+    )?;
+    out.send(msg(AgentBody::Accepted(JobAccepted { job_id })))
+        .await?;
     Ok(())
+}
+
+/// Hands a job to the worker unless it is already queued or running.
+fn schedule(shared: &Shared, item: WorkItem) -> anyhow::Result<()> {
+    if !lock(&shared.scheduled).insert(item.payload.job_id.clone()) {
+        return Ok(());
+    }
+    shared
+        .work
+        .send(item)
+        .map_err(|_| anyhow::anyhow!("job worker stopped"))
+}
+
+/// Rebuilds the work item of a journaled job from its verified envelope.
+fn work_item(entry: &JournalEntry) -> Option<WorkItem> {
+    let envelope = serde_json::from_str::<stella_pki::Envelope>(&entry.envelope).ok()?;
+    let bytes = stella_pki::decode_payload(&envelope).ok()?;
+    let payload = serde_json::from_slice::<JobPayload>(&bytes).ok()?;
+    Some(WorkItem {
+        payload,
+        envelope_digest: entry.envelope_digest.clone(),
+    })
 }
 
 fn refusal(job_id: &str, digest: &str, reason: &str, message: String) -> StoredResult {
@@ -685,20 +716,18 @@ impl ProgressSink for UplinkProgress {
 async fn worker(shared: Arc<Shared>, mut work: mpsc::UnboundedReceiver<WorkItem>) {
     while let Some(item) = work.recv().await {
         let job_id = item.payload.job_id.clone();
-        if !lock(&shared.running).insert(job_id.clone()) {
-            continue;
-        }
         let mut result = {
             let _busy = shared.busy.lock().await;
             execute(&shared, &item).await
         };
         lock(&shared.receipts).sign(&mut result);
-        lock(&shared.running).remove(&job_id);
         if let Err(e) = lock(&shared.journal).finish(result.clone()) {
             // The result still goes out; only its durability across a crash is lost, and a
             // re-offer then re-runs an ensure operation.
             tracing::error!(job_id = %job_id, error = %e, "cannot journal a job result");
         }
+        // Only after the journal says finished: a re-offer in between must not schedule it again.
+        lock(&shared.scheduled).remove(&job_id);
         tracing::info!(job_id = %job_id, status = %result.status, reason = %result.reason_code, "job finished");
         let _ = shared.uplink.send(result_message(&result));
         let target = item.payload.target.name.clone();
@@ -840,6 +869,148 @@ async fn inventory_message(shared: &Shared, only: Option<&str>) -> AgentMessage 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const AGENT_ID: &str = "agt_test";
+
+    /// An agent's shared state over a temporary data directory, trusting `key`, with no
+    /// executors (nothing runs: the tests read what was handed to the worker).
+    fn test_shared(
+        root: &std::path::Path,
+        key: &stella_pki::SigningKey,
+    ) -> (Arc<Shared>, mpsc::UnboundedReceiver<WorkItem>) {
+        let dir = DataDir::new(root);
+        let (uplink, _) = mpsc::unbounded_channel();
+        let (work, work_rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            config: AgentConfig {
+                agent_id: AGENT_ID.to_string(),
+                name: "test".to_string(),
+                api_url: String::new(),
+                agent_endpoint: String::new(),
+                trust_domain: String::new(),
+                labels: BTreeMap::new(),
+                ca_fingerprint: String::new(),
+                enrolled_at: String::new(),
+            },
+            verifier: Mutex::new(JobVerifier {
+                agent_id: AGENT_ID.to_string(),
+                trusted: stella_pki::TrustedKeys {
+                    keys: vec![key.public_key()],
+                },
+                capabilities: vec!["docker".to_string()],
+            }),
+            trust_version: Mutex::new(0),
+            renew_now: std::sync::atomic::AtomicBool::new(false),
+            executors: Executors::new(),
+            journal: Mutex::new(
+                Journal::open(dir.journal_dir(), dir.spool_dir()).expect("journal"),
+            ),
+            targets: Mutex::new(BTreeMap::new()),
+            dir,
+            uplink,
+            work,
+            busy: tokio::sync::Mutex::new(()),
+            scheduled: Mutex::new(HashSet::new()),
+            receipts: Mutex::new(ReceiptSigner {
+                agent_id: AGENT_ID.to_string(),
+                key_pem: String::new(),
+                cert_der: Vec::new(),
+            }),
+        });
+        (shared, work_rx)
+    }
+
+    fn signed_offer(key: &stella_pki::SigningKey, job_id: &str, sequence: u64) -> JobOffer {
+        let issued_at = time::OffsetDateTime::now_utc();
+        let payload = JobPayload {
+            job_id: job_id.to_string(),
+            agent_id: AGENT_ID.to_string(),
+            target: stella_pki::JobTarget {
+                name: "web".to_string(),
+                kind: "docker".to_string(),
+                config: serde_json::Value::Null,
+            },
+            kind: stella_pki::JobKind::Deploy,
+            deployment_id: "dep_test".to_string(),
+            release_id: "rel_test".to_string(),
+            release_name: "r1".to_string(),
+            components: vec![stella_pki::JobComponent {
+                name: "app".to_string(),
+                image: "demo/app:1".to_string(),
+                digest: format!("sha256:{}", "ab".repeat(32)),
+            }],
+            issued_at,
+            not_after: issued_at + Duration::from_secs(3600),
+            sequence,
+            idempotency_key: format!("dep_test/{job_id}"),
+        };
+        let envelope = stella_pki::sign_job(key, &payload).expect("sign");
+        JobOffer {
+            job_id: job_id.to_string(),
+            envelope: serde_json::to_vec(&envelope).expect("json"),
+        }
+    }
+
+    /// Invariant 5: the session that delivered an offer closes while the agent accepts it. The
+    /// job is journaled as accepted, so the next hello lists it in flight and the plane never
+    /// offers it again: it must run anyway.
+    #[tokio::test]
+    async fn a_job_accepted_while_its_session_closes_still_runs() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let key = stella_pki::SigningKey::generate();
+        let (shared, mut work_rx) = test_shared(tmp.path(), &key);
+        let (out, out_rx) = mpsc::channel(4);
+        drop(out_rx);
+
+        let answered = handle_offer(&shared, signed_offer(&key, "job_1", 1), &out).await;
+
+        assert!(answered.is_err(), "the closed session cannot be told");
+        let entry = lock(&shared.journal)
+            .get("job_1")
+            .cloned()
+            .expect("journaled");
+        assert_eq!(entry.status, JournalStatus::Accepted);
+        let item = work_rx
+            .try_recv()
+            .expect("the accepted job reached the worker");
+        assert_eq!(item.payload.job_id, "job_1");
+    }
+
+    /// A re-offer of a job the journal holds as accepted but that is neither queued nor running
+    /// schedules it (once), and answers `Accepted`.
+    #[tokio::test]
+    async fn a_reoffered_job_accepted_but_never_scheduled_is_scheduled_once() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let key = stella_pki::SigningKey::generate();
+        let (shared, mut work_rx) = test_shared(tmp.path(), &key);
+        let offer = signed_offer(&key, "job_2", 1);
+        lock(&shared.journal)
+            .accept(JournalEntry {
+                job_id: "job_2".to_string(),
+                sequence: 1,
+                envelope_digest: stella_pki::envelope_digest(&offer.envelope),
+                status: JournalStatus::Accepted,
+                result: None,
+                envelope: String::from_utf8_lossy(&offer.envelope).into_owned(),
+            })
+            .expect("journal");
+        let (out, mut out_rx) = mpsc::channel(4);
+
+        handle_offer(&shared, offer.clone(), &out)
+            .await
+            .expect("re-offer");
+        handle_offer(&shared, offer, &out)
+            .await
+            .expect("second re-offer");
+
+        let item = work_rx.try_recv().expect("scheduled");
+        assert_eq!(item.payload.job_id, "job_2");
+        assert!(work_rx.try_recv().is_err(), "scheduled twice");
+        for _ in 0..2 {
+            let answer = out_rx.try_recv().expect("an answer per offer");
+            assert!(matches!(answer.body, Some(AgentBody::Accepted(a)) if a.job_id == "job_2"));
+        }
+    }
 
     #[test]
     fn backoff_is_capped_and_jittered() {
