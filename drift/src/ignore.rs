@@ -112,7 +112,8 @@ pub enum Condition {
     /// nor labels.
     Workload(String),
     /// `label:<key>=<value>`: a label of the workloads concerned. Findings about nothing
-    /// observed (missing, sticker_*) carry no labels and never match.
+    /// observed (a component with no workload reported at all, sticker_*) carry no labels and
+    /// never match.
     Label { key: String, value: String },
 }
 
