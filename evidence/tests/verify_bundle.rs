@@ -123,6 +123,22 @@ fn flipping_a_byte_of_any_packet_in_the_file_is_detected_and_located() {
         }
     }
     assert_eq!(cases, 6 * 6 * 4);
+
+    // The stored sequence beside each envelope is checked against the signed one.
+    for index in 0..6 {
+        let needle = "\"sequence\": ";
+        let at = text.match_indices(needle).nth(index).unwrap().0 + needle.len();
+        let mut damaged = text.clone();
+        flip_char(&mut damaged, at);
+        let bundle = Bundle::from_json(&damaged).unwrap();
+        let report = verify_bundle(&bundle);
+        assert_eq!(
+            assert_broken_at(&report, index),
+            Check::RecordedDigest,
+            "{report}"
+        );
+        assert_eq!(report.problems.len(), 1, "{report}");
+    }
 }
 
 #[test]
@@ -300,6 +316,32 @@ fn a_receipt_by_another_agents_certificate_is_detected() {
             .detail
             .contains("belongs to agent \"agt_b\"")
     );
+}
+
+#[test]
+fn a_receipt_made_outside_its_certificates_validity_is_detected() {
+    let world = World::new();
+    let mut contents = world.contents();
+    let job = &mut contents[3].execution.as_mut().unwrap().jobs[1];
+    let mut payload = receipt_payload(&job.job_id, &world.agent_b.id, "succeeded");
+    payload.finished_at_unix_ms = 1_000;
+    job.receipt = sign_receipt(&world.agent_b.key_pem, &world.agent_b.cert_der, &payload).unwrap();
+    let mut chain = EvidenceChain::new();
+    let packets: Vec<_> = contents
+        .into_iter()
+        .map(|c| chain.append(c, &world.key).unwrap())
+        .collect();
+    let report = verify(&world.bundle(packets));
+    assert_eq!(
+        assert_broken_at(&report, 3),
+        Check::AgentCertificate,
+        "{report}"
+    );
+    assert!(
+        report.problems[0].detail.contains("outside certificate"),
+        "{report}"
+    );
+    assert_eq!(report.problems.len(), 1, "{report}");
 }
 
 #[test]
