@@ -226,14 +226,15 @@ impl RegistryClient {
             let digest = header_text(head.headers(), "docker-content-digest");
             let media_type = content_type(head.headers());
             match (digest, media_type) {
-                (Some(digest), Some(media_type)) if is_sha256_digest(&digest) => {
-                    if MANIFEST_MEDIA_TYPES.contains(&media_type.as_str()) {
-                        return Ok(ResolvedTag {
-                            tag: tag.to_string(),
-                            digest,
-                            media_type,
-                        });
-                    }
+                (Some(digest), Some(media_type))
+                    if is_sha256_digest(&digest)
+                        && MANIFEST_MEDIA_TYPES.contains(&media_type.as_str()) =>
+                {
+                    return Ok(ResolvedTag {
+                        tag: tag.to_string(),
+                        digest,
+                        media_type,
+                    });
                 }
                 (Some(digest), _) if !is_sha256_digest(&digest) => {
                     return Err(RegistryError::BadDigest {

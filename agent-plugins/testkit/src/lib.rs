@@ -6,6 +6,8 @@
 //! - [`expect`]: one-line assertions on the errors every executor reports, and the sticker
 //!   round trip every executor must pass.
 //! - [`sshd`]: a real OpenSSH server per test, with its own host key, client keys and port.
+//! - [`registry`]: a real OCI registry (distribution 2.8) per test, anonymous, htpasswd or
+//!   token auth, http or https, that locally imported images are pushed to.
 //! - Small shared pieces: [`unique`] names, [`free_port`], [`spec`] and the [`Recorder`]
 //!   progress sink.
 //!
@@ -13,6 +15,7 @@
 
 pub mod docker;
 pub mod expect;
+pub mod registry;
 pub mod sshd;
 
 use std::fmt::Display;
