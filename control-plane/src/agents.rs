@@ -331,6 +331,28 @@ pub async fn get_record(state: &AppState, agent_id: &str) -> ApiResult<Option<Ag
     Ok(row.as_ref().map(record_from_row))
 }
 
+/// The agents serving the targets of an environment, by id, in one query (a deployment checks
+/// every one of them).
+pub async fn records_for_environment(
+    state: &AppState,
+    environment_id: &str,
+) -> ApiResult<std::collections::HashMap<String, AgentRecord>> {
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {AGENT_COLUMNS} FROM agents
+         WHERE id IN (SELECT agent_id FROM targets WHERE environment_id = ?)"
+    )))
+    .bind(environment_id)
+    .fetch_all(&state.db)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let record = record_from_row(r);
+            (record.id.clone(), record)
+        })
+        .collect())
+}
+
 /// Records what the agent announced in its hello.
 pub async fn record_hello(
     state: &AppState,
