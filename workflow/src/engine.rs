@@ -155,9 +155,6 @@ pub(crate) fn readiness(template: &WorkflowTemplate, state: &RunState, index: us
     let status_of = |id: &str| state.step(id).unwrap_or(&StepStatus::Pending);
     match step.when {
         When::OnSuccess => {
-            if state.has_failure() {
-                return Readiness::Skip(SkipReason::RunFailed);
-            }
             let mut waiting = false;
             for need in &step.needs {
                 match status_of(need) {
@@ -170,7 +167,9 @@ pub(crate) fn readiness(template: &WorkflowTemplate, state: &RunState, index: us
                     _ => waiting = true,
                 }
             }
-            if waiting {
+            if state.has_failure() {
+                Readiness::Skip(SkipReason::RunFailed)
+            } else if waiting {
                 Readiness::Waiting
             } else {
                 Readiness::Ready
