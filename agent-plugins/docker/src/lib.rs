@@ -489,9 +489,10 @@ impl ImageStore for Images<'_> {
         digest: &str,
     ) -> Result<Result<(), String>, PluginError> {
         info!(component, repo, digest, "pulling image by digest");
+        // `repo@digest` and no tag: the engine fetches exactly that manifest and checks the
+        // content against the digest; a tag could have moved since the release was made.
         let options = CreateImageOptions {
-            from_image: Some(repo.to_string()),
-            tag: Some(digest.to_string()),
+            from_image: Some(format!("{repo}@{digest}")),
             ..Default::default()
         };
         let mut stream = pin!(self.0.docker.create_image(Some(options), None, None));
