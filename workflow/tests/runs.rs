@@ -317,9 +317,10 @@ fn timeouts_are_announced_when_due_and_late_results_are_refused() {
         step_id: "deploy".into(),
         attempt: 1,
     };
-    assert_eq!(plane.actions(), [timeout.clone()]);
+    let first = plane.actions();
+    assert_eq!(first, [timeout]);
     // Level-triggered: asking again says the same until the plane acts.
-    assert_eq!(plane.actions(), [timeout]);
+    assert_eq!(plane.actions(), first);
     plane.ok(Event::StepTimedOut {
         step_id: "deploy".into(),
         attempt: 1,
