@@ -30,4 +30,6 @@ pub use predicate::{
     STATEMENT_TYPE, Statement, Subject, TargetRef, is_sha256_digest, subjects_for,
 };
 pub use render::render_packet;
-pub use verify::{Check, Location, PacketRef, Problem, VerificationReport, verify_bundle};
+pub use verify::{
+    Check, Location, PacketRef, Problem, VerificationReport, verify_bundle, verify_bundle_pinned,
+};

@@ -9,8 +9,9 @@ use std::fmt;
 
 use serde::Serialize;
 use stella_pki::{
-    DsseError, Envelope, TrustedKeys, agent_id_from_cert, cert_der_from_pem, cert_validity,
-    decode_payload, fingerprint_der, is_valid_trust_domain, issued_by, verify_receipt,
+    DsseError, Envelope, PublicKeyRecord, TrustedKeys, agent_id_from_cert, cert_der_from_pem,
+    cert_validity, decode_payload, fingerprint_der, is_valid_trust_domain, issued_by,
+    verify_receipt,
 };
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -39,6 +40,8 @@ pub enum Check {
     RecordedDigest,
     /// Signed only by keys the bundle does not carry.
     UnknownKey,
+    /// Signed by a key the bundle carries but the caller did not pin.
+    UntrustedKey,
     /// The signature does not verify (or the envelope is malformed).
     Signature,
     /// Signed by a key outside the period the bundle gives for it.
@@ -71,6 +74,7 @@ impl Check {
             Self::Manifest => "manifest",
             Self::RecordedDigest => "recorded_digest",
             Self::UnknownKey => "unknown_key",
+            Self::UntrustedKey => "untrusted_key",
             Self::Signature => "signature",
             Self::KeyValidity => "key_validity",
             Self::Statement => "statement",
@@ -201,6 +205,9 @@ pub struct VerificationReport {
     /// Fingerprints of the bundle's CA certificates.
     pub ca_fingerprints: Vec<String>,
     pub receipts_verified: usize,
+    /// Whether the evidence keys were pinned by the caller ([`verify_bundle_pinned`]) rather
+    /// than taken from the bundle.
+    pub keys_pinned: bool,
     /// In the order found: bundle material, then packets in order, then the end of the run.
     pub problems: Vec<Problem>,
 }
@@ -249,10 +256,17 @@ impl fmt::Display for VerificationReport {
             writeln!(f, "  CA:        {ca}")?;
         }
         writeln!(f, "  receipts:  {} verified", self.receipts_verified)?;
-        writeln!(
-            f,
-            "  Keys and CA certificates come from the bundle itself: compare them with the ones the plane publishes."
-        )?;
+        if self.keys_pinned {
+            writeln!(
+                f,
+                "  Evidence keys are pinned; CA certificates come from the bundle itself."
+            )?;
+        } else {
+            writeln!(
+                f,
+                "  Keys and CA certificates come from the bundle itself: compare them with the ones the plane publishes."
+            )?;
+        }
         if self.is_valid() {
             return writeln!(
                 f,
@@ -290,7 +304,18 @@ fn validity_text(key: &EvidenceKey) -> String {
 /// Checks a bundle fully offline. See [`Check`] for what is checked; nothing here touches the
 /// network, the clock or the filesystem, so the verdict depends on the bundle alone.
 pub fn verify_bundle(bundle: &Bundle) -> VerificationReport {
-    let mut verifier = Verifier::new(bundle);
+    run(bundle, None)
+}
+
+/// [`verify_bundle`], trusting only the evidence keys in `pinned` (matched by key id and public
+/// key): whoever can rewrite a bundle can also swap its keys and re-sign everything, so an
+/// auditor who knows the plane's keys should pin them.
+pub fn verify_bundle_pinned(bundle: &Bundle, pinned: &[PublicKeyRecord]) -> VerificationReport {
+    run(bundle, Some(pinned))
+}
+
+fn run(bundle: &Bundle, pinned: Option<&[PublicKeyRecord]>) -> VerificationReport {
+    let mut verifier = Verifier::new(bundle, pinned);
     verifier.check_material();
     let manifest = verifier.check_manifest();
     let tail = verifier.walk_packets(manifest.as_ref());
@@ -304,6 +329,9 @@ struct Verifier<'a> {
     bundle: &'a Bundle,
     /// Key records that decode; unusable ones are reported once and left out.
     usable_keys: Vec<&'a EvidenceKey>,
+    pinned: Option<&'a [PublicKeyRecord]>,
+    /// Whether a bundle CA issued the agent certificate, by fingerprint (asked once).
+    issued_by_bundle_ca: BTreeMap<String, bool>,
     /// Agent certificates by fingerprint.
     agent_certs: BTreeMap<String, Vec<u8>>,
     report: VerificationReport,
@@ -322,10 +350,12 @@ enum Signed<'a> {
 }
 
 impl<'a> Verifier<'a> {
-    fn new(bundle: &'a Bundle) -> Self {
+    fn new(bundle: &'a Bundle, pinned: Option<&'a [PublicKeyRecord]>) -> Self {
         Self {
             bundle,
             usable_keys: Vec::new(),
+            pinned,
+            issued_by_bundle_ca: BTreeMap::new(),
             agent_certs: BTreeMap::new(),
             report: VerificationReport {
                 trust_domain: bundle.trust_domain.clone(),
@@ -338,6 +368,7 @@ impl<'a> Verifier<'a> {
                 evidence_keys: bundle.evidence_keys.iter().map(validity_text).collect(),
                 ca_fingerprints: Vec::new(),
                 receipts_verified: 0,
+                keys_pinned: pinned.is_some(),
                 problems: Vec::new(),
             },
         }
@@ -378,14 +409,39 @@ impl<'a> Verifier<'a> {
             );
         }
         for key in &bundle.evidence_keys {
-            match key.key.verifying_key() {
-                Ok(_) => self.usable_keys.push(key),
-                Err(e) => self.problem(
+            if let Err(e) = key.key.verifying_key() {
+                self.problem(
                     Location::Bundle,
                     Check::EvidenceKey,
                     format!("evidence key {} is unusable: {e}", key.key.key_id),
-                ),
+                );
+                continue;
             }
+            if key.valid_until.is_some_and(|until| until <= key.valid_from) {
+                self.problem(
+                    Location::Bundle,
+                    Check::EvidenceKey,
+                    format!(
+                        "evidence key {} has an empty validity period",
+                        key.key.key_id
+                    ),
+                );
+                continue;
+            }
+            if let Some(pinned) = self.pinned
+                && !pinned.contains(&key.key)
+            {
+                self.problem(
+                    Location::Bundle,
+                    Check::UntrustedKey,
+                    format!(
+                        "evidence key {} is not among the pinned keys",
+                        key.key.key_id
+                    ),
+                );
+                continue;
+            }
+            self.usable_keys.push(key);
         }
         for (i, pem) in bundle.ca_certificates.iter().enumerate() {
             match cert_der_from_pem(pem) {
@@ -452,7 +508,25 @@ impl<'a> Verifier<'a> {
                 }
             }
         }
-        if !known {
+        let untrusted = self.pinned.is_some_and(|pinned| {
+            env.signatures.iter().any(|s| {
+                self.bundle
+                    .evidence_keys
+                    .iter()
+                    .any(|k| k.key.key_id == s.keyid && !pinned.contains(&k.key))
+            })
+        });
+        if untrusted && failures.is_empty() {
+            let signers: Vec<&str> = env.signatures.iter().map(|s| s.keyid.as_str()).collect();
+            self.problem(
+                location.clone(),
+                Check::UntrustedKey,
+                format!(
+                    "signed by key {}, which the bundle carries but is not pinned",
+                    signers.join(", ")
+                ),
+            );
+        } else if !known {
             let signers: Vec<&str> = env.signatures.iter().map(|s| s.keyid.as_str()).collect();
             let carried: Vec<&str> = self
                 .bundle
@@ -734,8 +808,8 @@ impl<'a> Verifier<'a> {
                     {
                         let detail = if sequence > first {
                             format!(
-                                "the signed manifest says the run starts at sequence {first}; packets {first} to {} are missing",
-                                sequence - 1
+                                "the signed manifest says the run starts at sequence {first}; {}",
+                                missing(first, sequence - 1)
                             )
                         } else {
                             format!(
@@ -777,8 +851,8 @@ impl<'a> Verifier<'a> {
                 if sequence != expected {
                     let detail = if sequence > expected {
                         format!(
-                            "sequence {sequence} follows {last}: packets {expected} to {} are missing",
-                            sequence - 1
+                            "sequence {sequence} follows {last}: {}",
+                            missing(expected, sequence - 1)
                         )
                     } else {
                         format!(
@@ -830,12 +904,12 @@ impl<'a> Verifier<'a> {
             return false;
         };
         let mut ok = true;
-        if !self
-            .bundle
-            .ca_certificates
-            .iter()
-            .any(|ca| issued_by(&der, ca))
-        {
+        let bundle = self.bundle;
+        let from_bundle_ca = *self
+            .issued_by_bundle_ca
+            .entry(fingerprint.clone())
+            .or_insert_with(|| bundle.ca_certificates.iter().any(|ca| issued_by(&der, ca)));
+        if !from_bundle_ca {
             self.problem(
                 location.clone(),
                 Check::AgentCertificate,
@@ -909,8 +983,8 @@ impl<'a> Verifier<'a> {
         if manifest.last_sequence != actual_last {
             let detail = match (manifest.last_sequence, actual_last) {
                 (Some(last), Some(actual)) if last > actual => format!(
-                    "the signed manifest says the run ends at sequence {last}; packets {} to {last} are missing",
-                    actual + 1
+                    "the signed manifest says the run ends at sequence {last}; {}",
+                    missing(actual + 1, last)
                 ),
                 (Some(last), None) => format!(
                     "the signed manifest says the run ends at sequence {last}, the bundle holds no packets"
@@ -944,6 +1018,14 @@ impl<'a> Verifier<'a> {
                 ),
             );
         }
+    }
+}
+
+fn missing(from: u64, to: u64) -> String {
+    if from == to {
+        format!("packet {from} is missing")
+    } else {
+        format!("packets {from} to {to} are missing")
     }
 }
 
