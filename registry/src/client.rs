@@ -122,7 +122,7 @@ impl RegistryClient {
             .use_preconfigured_tls(tls)
             .timeout(config.timeout)
             .connect_timeout(config.timeout.min(MAX_CONNECT_TIMEOUT))
-            .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
+            .redirect(redirect_policy(config.allow_insecure_http))
             .user_agent(concat!("stella-registry/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| {
@@ -544,6 +544,21 @@ fn tls_config(extra_ca_pem: Option<&str>) -> Result<ClientConfig, RegistryError>
     Ok(config)
 }
 
+/// Follows at most a few redirects, and none to plain http on another host: a registry must not
+/// be able to move Stella off TLS. (reqwest drops `Authorization` on a change of host itself.)
+fn redirect_policy(allow_insecure_http: bool) -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(move |attempt| {
+        if attempt.previous().len() >= MAX_REDIRECTS {
+            let error = format!("more than {MAX_REDIRECTS} redirects");
+            attempt.error(error)
+        } else if let Err(e) = check_transport(attempt.url(), allow_insecure_http, "redirect") {
+            attempt.error(e.to_string())
+        } else {
+            attempt.follow()
+        }
+    })
+}
+
 fn pull_scope(repository: &str) -> String {
     format!("repository:{repository}:pull")
 }
@@ -633,6 +648,10 @@ fn bad_response(url: &Url, detail: &str) -> RegistryError {
 }
 
 fn transport_error(url: &Url, e: &reqwest::Error) -> RegistryError {
+    if e.is_redirect() {
+        // The registry answered, with a redirect Stella will not follow.
+        return bad_response(url, &error_chain(e));
+    }
     RegistryError::Unreachable {
         url: display_url(url),
         detail: error_chain(e),

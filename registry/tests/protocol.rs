@@ -297,6 +297,18 @@ async fn error_bodies_are_reported_and_oversized_bodies_refused() {
     let fake = FakeRegistry::start(|_, uri, _| {
         if uri.path().contains("/big/") {
             respond(StatusCode::OK, &[], vec![b' '; 17 << 20])
+        } else if uri.path().contains("/gone/") {
+            respond(
+                StatusCode::NOT_FOUND,
+                &[],
+                r#"{"errors":[{"code":"NAME_UNKNOWN","message":"repository name not known"}]}"#,
+            )
+        } else if uri.path().contains("/moved/") {
+            respond(
+                StatusCode::TEMPORARY_REDIRECT,
+                &[("location", "http://registry.example.com/v2/x/manifests/1")],
+                "",
+            )
         } else {
             respond(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -315,6 +327,17 @@ async fn error_bodies_are_reported_and_oversized_bodies_refused() {
             )
         }
         other => panic!("expected BadResponse, got {other:?}"),
+    }
+    assert!(matches!(
+        client.resolve("demo/gone/app", "1.0.0").await,
+        Err(RegistryError::RepositoryNotFound { .. })
+    ));
+    // A redirect may not take the client off TLS to another host.
+    match client.resolve("demo/moved/app", "1.0.0").await {
+        Err(RegistryError::BadResponse { detail, .. }) => {
+            assert!(detail.contains("not loopback"), "{detail}")
+        }
+        other => panic!("expected Unreachable, got {other:?}"),
     }
     match client.list_tags("demo/big/app").await {
         Err(RegistryError::BadResponse { detail, .. }) => {

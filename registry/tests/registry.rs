@@ -220,10 +220,12 @@ async fn unknown_repositories_tags_and_registries_fail_clearly() {
         }
         other => panic!("expected TagNotFound, got {other:?}"),
     }
-    match client.resolve("nobody/here", "1.0.0").await {
-        Err(RegistryError::RepositoryNotFound { .. }) | Err(RegistryError::TagNotFound { .. }) => {}
-        other => panic!("expected a not-found error, got {other:?}"),
-    }
+    // distribution 2.8 answers MANIFEST_UNKNOWN, not NAME_UNKNOWN, for a manifest of an unknown
+    // repository: all the client can say is that the tag is not there.
+    assert!(matches!(
+        client.resolve("nobody/here", "1.0.0").await,
+        Err(RegistryError::TagNotFound { .. })
+    ));
     assert!(matches!(
         client.sync("nobody/here", &VersionRules::semver()).await,
         Err(RegistryError::RepositoryNotFound { .. })
