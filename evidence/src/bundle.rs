@@ -51,7 +51,10 @@ impl EvidenceKey {
 }
 
 /// A self-contained export of a run of consecutive packets.
+///
+/// Unknown fields are refused: a damaged field name must not pass as an absent optional field.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Bundle {
     /// Always [`BUNDLE_FORMAT`].
     pub format: String,
@@ -87,6 +90,16 @@ pub struct BundleManifest {
     pub first_previous: Option<String>,
     /// Digest of the last packet.
     pub head_digest: Option<String>,
+    /// See [`material_digest`]: binds the keys (with their periods) and CA certificates the
+    /// bundle was exported with.
+    pub evidence_keys_digest: String,
+    pub ca_certificates_digest: String,
+}
+
+/// `sha256:` over the canonical JSON of `items`: how the manifest pins the bundle's keys and CA
+/// certificates.
+pub fn material_digest<T: Serialize>(items: &[T]) -> Result<String, EvidenceError> {
+    Ok(stella_pki::canonical_digest(items)?)
 }
 
 /// What the plane hands to [`Bundle::export`].
@@ -221,6 +234,8 @@ impl Bundle {
             last_sequence: packets.last().map(|p| p.sequence),
             first_previous,
             head_digest: digests.last().cloned(),
+            evidence_keys_digest: material_digest(&evidence_keys)?,
+            ca_certificates_digest: material_digest(&ca_certificates)?,
         };
         let manifest = key.sign(
             MANIFEST_PAYLOAD_TYPE,

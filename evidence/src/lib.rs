@@ -20,7 +20,7 @@ mod verify;
 pub use audit::{AUDIT_COLUMNS, AuditRow, audit_csv, audit_json, audit_rows};
 pub use bundle::{
     BUNDLE_FORMAT, BUNDLE_VERSION, Bundle, BundleContents, BundleManifest, EvidenceKey,
-    MANIFEST_PAYLOAD_TYPE, required_agent_certificates,
+    MANIFEST_PAYLOAD_TYPE, material_digest, required_agent_certificates,
 };
 pub use error::EvidenceError;
 pub use packet::{ChainHead, EvidenceChain, SignedPacket, packet_digest, packet_id};

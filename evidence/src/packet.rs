@@ -13,6 +13,7 @@ use crate::predicate::{
 /// and `digest` are derived from it and kept beside it for lookups, and verification recomputes
 /// them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SignedPacket {
     /// `ev_` + the first 24 hex digits of `digest`: content-addressed, so it cannot be moved to
     /// another packet.

@@ -183,6 +183,10 @@ pub struct JobEvidence {
     pub target: String,
     /// The job's final status; must equal the status its receipt attests.
     pub status: String,
+    /// `sha256:` of the signed job envelope as the plane stored and offered it
+    /// (`stella_pki::envelope_digest`). When present, the receipt must answer this very envelope.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_envelope_digest: Option<String>,
     /// The agent's receipt: a DSSE envelope signed with its certificate key.
     pub receipt: Envelope,
     /// `sha256:` digests of the job's logs.
@@ -399,6 +403,9 @@ fn validate_execution(
             }
             Some(_) => {}
         }
+        if let Some(d) = &job.job_envelope_digest {
+            require_digest(&format!("{at}.job_envelope_digest"), d)?;
+        }
         for (j, d) in job.log_digests.iter().enumerate() {
             require_digest(&format!("{at}.log_digests[{j}]"), d)?;
         }
@@ -435,6 +442,14 @@ pub(crate) fn receipt_mismatch(job: &JobEvidence, receipt: &ReceiptPayload) -> O
         return Some(format!(
             "receipt names agent {:?}, not {:?}",
             receipt.agent_id, job.agent_id
+        ));
+    }
+    if let Some(offered) = &job.job_envelope_digest
+        && receipt.envelope_digest != *offered
+    {
+        return Some(format!(
+            "receipt answers job envelope {}, the packet records {offered}",
+            receipt.envelope_digest
         ));
     }
     if receipt.status != job.status {

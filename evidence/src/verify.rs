@@ -18,6 +18,7 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::bundle::{
     BUNDLE_FORMAT, BUNDLE_VERSION, Bundle, BundleManifest, EvidenceKey, MANIFEST_PAYLOAD_TYPE,
+    material_digest,
 };
 use crate::packet::{SignedPacket, packet_digest, packet_id, parse_statement};
 use crate::predicate::{
@@ -606,6 +607,24 @@ impl<'a> Verifier<'a> {
                 Location::Bundle,
                 Check::Manifest,
                 "the bundle's format, version, trust domain or export time differ from its signed manifest",
+            );
+        }
+        let keys_match = material_digest(&bundle.evidence_keys)
+            .is_ok_and(|d| d == manifest.evidence_keys_digest);
+        if !keys_match {
+            self.problem(
+                Location::Bundle,
+                Check::Manifest,
+                "the bundle's evidence keys or their periods differ from those the manifest was signed over",
+            );
+        }
+        let cas_match = material_digest(&bundle.ca_certificates)
+            .is_ok_and(|d| d == manifest.ca_certificates_digest);
+        if !cas_match {
+            self.problem(
+                Location::Bundle,
+                Check::Manifest,
+                "the bundle's CA certificates differ from those the manifest was signed over",
             );
         }
         if !key.covers(manifest.exported_at) {

@@ -97,6 +97,13 @@ fn malformed_content_is_refused_and_the_chain_does_not_advance() {
         "attests status \"succeeded\"",
     );
     let mut c = base();
+    c.execution.as_mut().unwrap().jobs[0].job_envelope_digest = Some(digest('9'));
+    assert_refused(
+        chain.append(c, &world.key),
+        "execution.jobs[0].receipt",
+        "receipt answers job envelope",
+    );
+    let mut c = base();
     c.execution.as_mut().unwrap().jobs[0].log_digests = vec!["md5:00".into()];
     assert_refused(
         chain.append(c, &world.key),

@@ -481,6 +481,17 @@ fn rotated_evidence_keys_verify_within_their_periods_only() {
     early.evidence_keys[0].valid_until = Some(world.at(15));
     let report = verify(&early);
     assert_eq!(assert_broken_at(&report, 2), Check::KeyValidity, "{report}");
+    // Besides the packet, the signed manifest notices that the key periods were edited.
+    assert_eq!(report.problems.len(), 2, "{report}");
+    assert_eq!(report.problems[0].location, Location::Bundle);
+    assert_eq!(report.problems[0].check, Check::Manifest);
+
+    // An exporter whose key period really ended early signs that into the manifest.
+    let mut contents = world.bundle_contents(packets.clone());
+    contents.evidence_keys = early.evidence_keys.clone();
+    let honest = Bundle::export(contents, world.at(60), &next).unwrap();
+    let report = verify(&honest);
+    assert_eq!(assert_broken_at(&report, 2), Check::KeyValidity, "{report}");
     assert_eq!(report.problems.len(), 1, "{report}");
 }
 
@@ -544,6 +555,19 @@ fn validly_signed_but_inconsistent_packets_are_reported() {
         && matches!(&p.location, Location::Job { packet, job_index: 1, .. } if packet.index == 3)),
         "{report}");
 
+    // A genuine receipt answering another job envelope than the one recorded.
+    let changed = resign_from(&world, &packets, 1, |s| {
+        s["predicate"]["execution"]["jobs"][0]["job_envelope_digest"] =
+            serde_json::json!(fixture::digest('9'));
+    });
+    let report = verify(&world.bundle(changed));
+    assert!(
+        report.problems.iter().any(|p| p.check == Check::Receipt
+            && p.detail.contains("receipt answers job envelope")
+            && matches!(&p.location, Location::Job { packet, job_index: 0, .. } if packet.index == 1)),
+        "{report}"
+    );
+
     // Not an in-toto statement.
     let changed = resign_from(&world, &packets, 4, |s| {
         s["_type"] = serde_json::json!("https://in-toto.io/Statement/v0.1");
@@ -564,6 +588,19 @@ fn validly_signed_but_inconsistent_packets_are_reported() {
     });
     let report = verify(&world.bundle(changed));
     assert_eq!(assert_broken_at(&report, 1), Check::Predicate, "{report}");
+}
+
+#[test]
+fn swapped_ca_certificates_are_reported_against_the_manifest() {
+    let world = World::new();
+    let mut bundle = world.bundle(world.chain());
+    let other = CertificateAuthority::generate("other").unwrap();
+    bundle.ca_certificates.push(other.cert_pem().to_string());
+    let report = verify(&bundle);
+    assert!(report.first_broken_link().is_none(), "{report}");
+    assert_eq!(report.problems.len(), 1, "{report}");
+    assert_eq!(report.problems[0].check, Check::Manifest);
+    assert!(report.problems[0].detail.contains("CA certificates differ"));
 }
 
 #[test]
@@ -603,6 +640,15 @@ fn bundle_files_of_other_formats_are_refused_by_name() {
     assert!(err.to_string().contains("something-else"), "{err}");
     let err = Bundle::from_json("{\"format\":").unwrap_err();
     assert!(err.to_string().contains("not JSON"), "{err}");
+
+    let mut json: serde_json::Value = serde_json::from_str(&bundle.to_json().unwrap()).unwrap();
+    json["packets"][2]["sequencf"] = serde_json::json!(3);
+    let err = Bundle::from_json(&json.to_string()).unwrap_err();
+    assert!(err.to_string().contains("packet at position 3"), "{err}");
+    assert!(
+        err.to_string().contains("unknown field `sequencf`"),
+        "{err}"
+    );
 
     let mut json: serde_json::Value = serde_json::from_str(&bundle.to_json().unwrap()).unwrap();
     json["packets"][3]["sequence"] = serde_json::json!("four");
