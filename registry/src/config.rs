@@ -16,7 +16,9 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_TAGS_PAGE_SIZE: u32 = 100;
 
 /// How to authenticate to the registry (and to its token service).
-#[derive(Clone, Default, PartialEq, Eq)]
+/// Deliberately not `PartialEq`: secrets are never compared here (and if they were, it would
+/// have to be in constant time).
+#[derive(Clone, Default)]
 pub enum Credentials {
     /// No credentials; anonymous bearer tokens are still fetched when the registry asks.
     #[default]
