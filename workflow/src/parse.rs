@@ -721,6 +721,10 @@ fn read_wait(node: &MarkedYaml<'_>, scope: &str, errors: &mut Errors) -> Option<
 /// Checks that need every step: unique ids, `needs` that exist, no cycle, and no `on_success`
 /// step that depends on an `on_failure` one (it could never run: a failure stops new
 /// `on_success` work).
+///
+/// An `on_failure` or `always` step without `needs` runs after every `on_success` step; those
+/// implicit edges take part in the cycle check, or an `on_success` step that depends on such
+/// a step would wait for itself.
 fn check_graph(drafts: &[StepDraft], errors: &mut Errors) {
     let mut index_of: HashMap<&str, usize> = HashMap::new();
     for (index, draft) in drafts.iter().enumerate() {
@@ -740,8 +744,7 @@ fn check_graph(drafts: &[StepDraft], errors: &mut Errors) {
         }
     }
     let known_ids: Vec<&str> = index_of.keys().copied().collect();
-    // Edges of the dependency graph that point at known steps: (needed step, position).
-    let mut edges: Vec<Vec<(usize, Pos)>> = vec![Vec::new(); drafts.len()];
+    let mut edges: Vec<Vec<Edge>> = vec![Vec::new(); drafts.len()];
     for (index, draft) in drafts.iter().enumerate() {
         let scope = match &draft.id {
             Some(id) => format!("step {id:?}: "),
@@ -771,8 +774,25 @@ fn check_graph(drafts: &[StepDraft], errors: &mut Errors) {
                                  on_failure)"
                             ),
                         );
+                        // Already reported; the cycle it also closes would say it twice.
+                        continue;
                     }
-                    edges[index].push((target, *pos));
+                    edges[index].push(Edge {
+                        target,
+                        pos: *pos,
+                        implicit: false,
+                    });
+                }
+            }
+        }
+        if draft.needs.is_empty() && matches!(draft.when, Some(When::OnFailure | When::Always)) {
+            for (target, other) in drafts.iter().enumerate() {
+                if target != index && other.when == Some(When::OnSuccess) {
+                    edges[index].push(Edge {
+                        target,
+                        pos: draft.pos,
+                        implicit: true,
+                    });
                 }
             }
         }
@@ -780,7 +800,17 @@ fn check_graph(drafts: &[StepDraft], errors: &mut Errors) {
     report_cycles(drafts, &edges, errors);
 }
 
-fn report_cycles(drafts: &[StepDraft], edges: &[Vec<(usize, Pos)>], errors: &mut Errors) {
+/// "The step this edge starts from waits for `target`."
+#[derive(Clone, Copy)]
+struct Edge {
+    target: usize,
+    /// Where to report a cycle this edge closes.
+    pos: Pos,
+    /// Not written in `needs`: a step without needs waiting for every `on_success` step.
+    implicit: bool,
+}
+
+fn report_cycles(drafts: &[StepDraft], edges: &[Vec<Edge>], errors: &mut Errors) {
     #[derive(Clone, Copy, PartialEq)]
     enum Mark {
         New,
@@ -789,19 +819,22 @@ fn report_cycles(drafts: &[StepDraft], edges: &[Vec<(usize, Pos)>], errors: &mut
     }
     fn visit(
         node: usize,
-        edges: &[Vec<(usize, Pos)>],
+        edges: &[Vec<Edge>],
         marks: &mut [Mark],
         path: &mut Vec<usize>,
         cycles: &mut Vec<(Vec<usize>, Pos)>,
     ) {
         marks[node] = Mark::OnPath;
         path.push(node);
-        for &(next, pos) in &edges[node] {
-            match marks[next] {
-                Mark::New => visit(next, edges, marks, path, cycles),
+        for edge in &edges[node] {
+            match marks[edge.target] {
+                Mark::New => visit(edge.target, edges, marks, path, cycles),
                 Mark::OnPath => {
-                    let start = path.iter().position(|&step| step == next).unwrap_or(0);
-                    cycles.push((path[start..].to_vec(), pos));
+                    let start = path
+                        .iter()
+                        .position(|&step| step == edge.target)
+                        .unwrap_or(0);
+                    cycles.push((path[start..].to_vec(), edge.pos));
                 }
                 Mark::Done => {}
             }
@@ -824,7 +857,21 @@ fn report_cycles(drafts: &[StepDraft], edges: &[Vec<(usize, Pos)>], errors: &mut
         let links: Vec<String> = cycle
             .iter()
             .zip(cycle.iter().skip(1).chain(cycle.first()))
-            .map(|(&from, &to)| format!("{} needs {}", id(from), id(to)))
+            .map(|(&from, &to)| {
+                let implicit = edges[from]
+                    .iter()
+                    .find(|edge| edge.target == to)
+                    .is_some_and(|edge| edge.implicit);
+                match (implicit, drafts[from].when) {
+                    (true, Some(when)) => format!(
+                        "{} (no needs, when: {}) runs after {}",
+                        id(from),
+                        when.as_str(),
+                        id(to)
+                    ),
+                    _ => format!("{} needs {}", id(from), id(to)),
+                }
+            })
             .collect();
         errors.at(
             pos,

@@ -458,3 +458,26 @@ fn oversized_templates_are_refused_before_parsing() {
     );
     assert_single_error(&source, 1, 1, "bytes, more than the maximum");
 }
+
+#[test]
+fn a_step_without_needs_that_runs_after_the_main_flow_cannot_be_needed_by_it() {
+    // `notify` (always, no needs) runs after every on_success step, `deploy` among them, so
+    // `deploy` needing it would wait forever.
+    let source = "\
+name: w
+steps:
+  - id: notify
+    type: notify
+    when: always
+    with: { webhook: \"http://127.0.0.1:9/\" }
+  - id: deploy
+    type: deploy
+    needs: [notify]
+";
+    assert_single_error(
+        source,
+        9,
+        13,
+        "step \"deploy\": needs form a cycle: notify (no needs, when: always) runs after deploy, deploy needs notify",
+    );
+}
