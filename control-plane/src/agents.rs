@@ -259,7 +259,12 @@ fn view_from_row(state: &AppState, row: &sqlx::sqlite::SqliteRow) -> AgentView {
         capabilities: serde_json::from_str(row.get::<&str, _>("capabilities")).unwrap_or_default(),
         labels: serde_json::from_str(row.get::<&str, _>("labels")).unwrap_or_default(),
         version: row.get("version"),
-        last_heartbeat: row.get::<Option<i64>, _>("last_heartbeat").map(rfc3339),
+        // The hub has the latest heartbeat; the database gets it at the next flush.
+        last_heartbeat: state
+            .hub
+            .last_heartbeat(&id)
+            .or_else(|| row.get::<Option<i64>, _>("last_heartbeat"))
+            .map(rfc3339),
         cert_not_after: rfc3339(row.get("cert_not_after")),
         enrolled_at: rfc3339(row.get("enrolled_at")),
         id,
@@ -353,21 +358,22 @@ pub async fn records_for_environment(
         .collect())
 }
 
-/// Records what the agent announced in its hello.
+/// Records what the agent announced in its hello, inside the caller's transaction (the group
+/// commit).
 pub async fn record_hello(
-    state: &AppState,
+    conn: &mut sqlx::SqliteConnection,
     agent_id: &str,
     capabilities: &[String],
     labels: &BTreeMap<String, String>,
     version: &str,
     hostname: &str,
-) -> ApiResult<()> {
+) -> Result<(), sqlx::Error> {
     let now = now_ms();
     // Labels given by the join token stay authoritative: merge the agent's over the stored ones
     // only for keys the agent owns (keys not yet set).
     let stored: Option<(String,)> = sqlx::query_as("SELECT labels FROM agents WHERE id = ?")
         .bind(agent_id)
-        .fetch_optional(&state.db)
+        .fetch_optional(&mut *conn)
         .await?;
     let mut merged: BTreeMap<String, String> = stored
         .and_then(|(l,)| serde_json::from_str(&l).ok())
@@ -375,28 +381,38 @@ pub async fn record_hello(
     for (k, v) in labels {
         merged.entry(k.clone()).or_insert_with(|| v.clone());
     }
+    // Serializing string lists and maps cannot fail; an empty document would only lose labels.
+    let capabilities = serde_json::to_string(capabilities).unwrap_or_else(|_| "[]".to_string());
+    let merged = serde_json::to_string(&merged).unwrap_or_else(|_| "{}".to_string());
     sqlx::query(
         "UPDATE agents SET capabilities = ?, labels = ?, version = ?, hostname = ?,
             last_connected = ?, last_heartbeat = ? WHERE id = ?",
     )
-    .bind(serde_json::to_string(capabilities).map_err(|e| ApiError::Internal(e.to_string()))?)
-    .bind(serde_json::to_string(&merged).map_err(|e| ApiError::Internal(e.to_string()))?)
+    .bind(capabilities)
+    .bind(merged)
     .bind(version)
     .bind(hostname)
     .bind(now)
     .bind(now)
     .bind(agent_id)
-    .execute(&state.db)
+    .execute(&mut *conn)
     .await?;
     Ok(())
 }
 
-pub async fn record_heartbeat(state: &AppState, agent_id: &str) -> ApiResult<()> {
-    sqlx::query("UPDATE agents SET last_heartbeat = ? WHERE id = ?")
-        .bind(now_ms())
-        .bind(agent_id)
-        .execute(&state.db)
-        .await?;
+/// Writes the heartbeat times the hub collected since the last flush (agent id, unix ms).
+pub async fn flush_heartbeats(
+    conn: &mut sqlx::SqliteConnection,
+    heartbeats: &[(String, i64)],
+) -> Result<(), sqlx::Error> {
+    for (agent_id, at) in heartbeats {
+        sqlx::query("UPDATE agents SET last_heartbeat = ? WHERE id = ? AND (last_heartbeat IS NULL OR last_heartbeat < ?)")
+            .bind(at)
+            .bind(agent_id)
+            .bind(at)
+            .execute(&mut *conn)
+            .await?;
+    }
     Ok(())
 }
 

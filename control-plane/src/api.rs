@@ -24,7 +24,10 @@ use utoipa_axum::routes;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::state::SharedState;
 use crate::users::{Actor, Permission};
-use crate::{agents, audit, deployments, environments, metrics, releases, targets, tokens, users};
+use crate::{
+    agents, audit, components, deployments, environments, metrics, promotions, releases, targets,
+    tokens, users,
+};
 
 pub const API_PREFIX: &str = "/api/v1";
 
@@ -72,11 +75,23 @@ pub fn api_routes() -> OpenApiRouter<SharedState> {
         .routes(routes!(rotate_job_key))
         .routes(routes!(rotate_ca))
         .routes(routes!(create_env, list_envs))
-        .routes(routes!(show_env))
+        .routes(routes!(show_env, update_env))
+        .routes(routes!(rollback_env))
         .routes(routes!(create_target, list_targets))
         .routes(routes!(show_target))
         .routes(routes!(create_release, list_releases))
         .routes(routes!(show_release))
+        .routes(routes!(diff_releases))
+        .routes(routes!(create_component, list_components))
+        .routes(routes!(show_component))
+        .routes(routes!(sync_component))
+        .routes(routes!(create_promotion, list_promotions))
+        .routes(routes!(show_promotion))
+        .routes(routes!(approve_promotion))
+        .routes(routes!(reject_promotion))
+        .routes(routes!(cancel_promotion))
+        .routes(routes!(explain_promotion))
+        .routes(routes!(events))
         .routes(routes!(create_deployment, list_deployments))
         .routes(routes!(show_deployment));
     OpenApiRouter::with_openapi(ApiDoc::openapi()).nest(API_PREFIX, v1)
@@ -635,7 +650,7 @@ async fn create_release(
     actor.require(Permission::Release)?;
     Ok((
         StatusCode::CREATED,
-        Json(releases::create(&state, req).await?),
+        Json(releases::create(&state, req, &actor.user).await?),
     ))
 }
 
@@ -704,4 +719,265 @@ async fn show_deployment(
 ) -> ApiResult<impl IntoResponse> {
     actor.require(Permission::Read)?;
     Ok(Json(deployments::get(&state, &id).await?))
+}
+
+/// Change an environment's order, approval rules, windows, variables, secret references,
+/// policies or workflow; only the fields given change.
+#[utoipa::path(patch, path = "/environments/{name}", tag = "environments", security(("bearer" = [])),
+    params(("name" = String, Path, description = "environment id or name")),
+    request_body = environments::UpdateEnvironment,
+    responses((status = 200, body = environments::Environment), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn update_env(
+    State(state): State<SharedState>,
+    actor: Actor,
+    Path(name): Path<String>,
+    Body(req): Body<environments::UpdateEnvironment>,
+) -> ApiResult<impl IntoResponse> {
+    actor.require(Permission::Administer)?;
+    Ok(Json(environments::update(&state, &name, req).await?))
+}
+
+/// How release `name` differs from release `other`, component by component.
+#[utoipa::path(get, path = "/releases/{name}/diff/{other}", tag = "releases",
+    security(("bearer" = [])),
+    params(("name" = String, Path, description = "the release compared from"),
+        ("other" = String, Path, description = "the release compared to")),
+    responses((status = 200, body = releases::ReleaseDiff), (status = 404, body = ErrorBody)))]
+async fn diff_releases(
+    State(state): State<SharedState>,
+    actor: Actor,
+    Path((name, other)): Path<(String, String)>,
+) -> ApiResult<impl IntoResponse> {
+    actor.require(Permission::Read)?;
+    Ok(Json(releases::diff(&state, &name, &other).await?))
+}
+
+/// Register a component: an image repository in an OCI registry.
+#[utoipa::path(post, path = "/components", tag = "components", security(("bearer" = [])),
+    request_body = components::CreateComponent,
+    responses((status = 201, body = components::Component), (status = 400, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+async fn create_component(
+    State(state): State<SharedState>,
+    actor: Actor,
+    Body(req): Body<components::CreateComponent>,
+) -> ApiResult<impl IntoResponse> {
+    actor.require(Permission::Release)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(components::create(&state, req).await?),
+    ))
+}
+
+/// List components with their synced versions.
+#[utoipa::path(get, path = "/components", tag = "components", security(("bearer" = [])),
+    params(PageQuery), responses((status = 200, body = Vec<components::Component>)))]
+async fn list_components(
+    State(state): State<SharedState>,
+    actor: Actor,
+    Query(q): Query<PageQuery>,
+) -> ApiResult<Response> {
+    actor.require(Permission::Read)?;
+    page(components::list(&state).await?, &q, "/api/v1/components")
+}
+
+/// One component with its versions (highest semantic version first).
+#[utoipa::path(get, path = "/components/{name}", tag = "components", security(("bearer" = [])),
+    params(("name" = String, Path, description = "component id or name")),
+    responses((status = 200, body = components::Component), (status = 404, body = ErrorBody)))]
+async fn show_component(
+    State(state): State<SharedState>,
+    actor: Actor,
+    Path(name): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    actor.require(Permission::Read)?;
+    Ok(Json(components::find(&state, &name).await?))
+}
+
+/// List the repository's tags, resolve each to its manifest digest and store the versions.
+#[utoipa::path(post, path = "/components/{name}/sync", tag = "components",
+    security(("bearer" = [])),
+    params(("name" = String, Path, description = "component id or name")),
+    responses((status = 200, body = components::SyncResult), (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody)))]
+async fn sync_component(
+    State(state): State<SharedState>,
+    actor: Actor,
+    Path(name): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    actor.require(Permission::Release)?;
+    Ok(Json(components::sync(&state, &name).await?))
+}
+
+/// Request a promotion of a release into an environment; the gates decide at once.
+#[utoipa::path(post, path = "/promotions", tag = "promotions", security(("bearer" = [])),
+    request_body = promotions::CreatePromotion,
+    responses((status = 201, body = promotions::Promotion), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn create_promotion(
+    State(state): State<SharedState>,
+    actor: Actor,
+    Body(req): Body<promotions::CreatePromotion>,
+) -> ApiResult<impl IntoResponse> {
+    actor.require(Permission::Release)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(promotions::create(&state, &actor, req).await?),
+    ))
+}
+
+/// List promotions, oldest first.
+#[utoipa::path(get, path = "/promotions", tag = "promotions", security(("bearer" = [])),
+    params(PageQuery), responses((status = 200, body = Vec<promotions::Promotion>)))]
+async fn list_promotions(
+    State(state): State<SharedState>,
+    actor: Actor,
+    Query(q): Query<PageQuery>,
+) -> ApiResult<Response> {
+    actor.require(Permission::Read)?;
+    page(promotions::list(&state).await?, &q, "/api/v1/promotions")
+}
+
+/// One promotion with its approvals, latest decision and workflow run.
+#[utoipa::path(get, path = "/promotions/{id}", tag = "promotions", security(("bearer" = [])),
+    params(("id" = String, Path, description = "promotion id")),
+    responses((status = 200, body = promotions::Promotion), (status = 404, body = ErrorBody)))]
+async fn show_promotion(
+    State(state): State<SharedState>,
+    actor: Actor,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    actor.require(Permission::Read)?;
+    Ok(Json(promotions::get(&state, &id).await?))
+}
+
+/// Approve a promotion (role approver; separation of duties applies).
+#[utoipa::path(post, path = "/promotions/{id}/approve", tag = "promotions",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "promotion id")),
+    request_body = promotions::ApproveRequest,
+    responses((status = 200, body = promotions::Promotion), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn approve_promotion(
+    State(state): State<SharedState>,
+    actor: Actor,
+    Path(id): Path<String>,
+    Body(req): Body<promotions::ApproveRequest>,
+) -> ApiResult<impl IntoResponse> {
+    actor.require(Permission::Approve)?;
+    Ok(Json(promotions::approve(&state, &actor, &id, req).await?))
+}
+
+/// Reject a promotion with a reason.
+#[utoipa::path(post, path = "/promotions/{id}/reject", tag = "promotions",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "promotion id")),
+    request_body = promotions::RejectRequest,
+    responses((status = 200, body = promotions::Promotion), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn reject_promotion(
+    State(state): State<SharedState>,
+    actor: Actor,
+    Path(id): Path<String>,
+    Body(req): Body<promotions::RejectRequest>,
+) -> ApiResult<impl IntoResponse> {
+    actor.require(Permission::Approve)?;
+    Ok(Json(promotions::reject(&state, &actor, &id, req).await?))
+}
+
+/// Cancel a promotion that has not started deploying.
+#[utoipa::path(post, path = "/promotions/{id}/cancel", tag = "promotions",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "promotion id")),
+    responses((status = 200, body = promotions::Promotion), (status = 409, body = ErrorBody)))]
+async fn cancel_promotion(
+    State(state): State<SharedState>,
+    actor: Actor,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    actor.require(Permission::Release)?;
+    Ok(Json(promotions::cancel(&state, &actor, &id).await?))
+}
+
+/// Why a promotion was allowed or blocked: each decision with every gate's result.
+#[utoipa::path(get, path = "/promotions/{id}/explain", tag = "promotions",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "promotion id")),
+    responses((status = 200, body = promotions::Explanation), (status = 404, body = ErrorBody)))]
+async fn explain_promotion(
+    State(state): State<SharedState>,
+    actor: Actor,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    actor.require(Permission::Read)?;
+    Ok(Json(promotions::explain(&state, &id).await?))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct EventFilter {
+    /// Only events of this promotion (and its deployments and workflow run).
+    promotion: Option<String>,
+    /// Only events of this deployment.
+    deployment: Option<String>,
+}
+
+/// Live changes as server-sent events (`event: promotion|deployment|workflow_run`, data: JSON
+/// `{kind, id, promotion, at}`); fetch the object for its new state.
+#[utoipa::path(get, path = "/events", tag = "events", security(("bearer" = [])),
+    params(EventFilter),
+    responses((status = 200, description = "text/event-stream of change events")))]
+async fn events(
+    State(state): State<SharedState>,
+    actor: Actor,
+    Query(filter): Query<EventFilter>,
+) -> ApiResult<impl IntoResponse> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use futures_util::StreamExt;
+    actor.require(Permission::Read)?;
+    let rx = state.events.subscribe();
+    let stream = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |item| {
+        let keep = match &item {
+            Ok(e) => {
+                filter
+                    .promotion
+                    .as_ref()
+                    .is_none_or(|p| e.promotion.as_ref() == Some(p))
+                    && filter
+                        .deployment
+                        .as_ref()
+                        .is_none_or(|d| e.kind == "deployment" && &e.id == d)
+            }
+            // A lagging client is told so and can re-read the objects it follows.
+            Err(_) => true,
+        };
+        let event = match item {
+            Ok(e) => Event::default()
+                .event(e.kind)
+                .json_data(&e)
+                .unwrap_or_else(|_| Event::default().comment("unserializable event")),
+            Err(_) => Event::default().event("lagged").data("{}"),
+        };
+        std::future::ready(keep.then_some(Ok::<_, std::convert::Infallible>(event)))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// Put the release deployed before the current one back on every target of the environment.
+#[utoipa::path(post, path = "/environments/{name}/rollback", tag = "environments",
+    security(("bearer" = [])),
+    params(("name" = String, Path, description = "environment id or name")),
+    responses((status = 201, body = deployments::Deployment), (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody)))]
+async fn rollback_env(
+    State(state): State<SharedState>,
+    actor: Actor,
+    Path(name): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    actor.require(Permission::Release)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(crate::runs::rollback_environment(&state, &name).await?),
+    ))
 }

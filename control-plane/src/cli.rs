@@ -25,6 +25,8 @@ use stella_control_plane::{duration, server};
 
 use crate::dev;
 
+mod releasing;
+
 #[derive(Parser)]
 #[command(
     name = "stella",
@@ -113,6 +115,33 @@ enum Command {
         #[command(subcommand)]
         command: Option<DeploymentsCommand>,
     },
+    /// Components: image repositories in an OCI registry, and their versions (tag → digest).
+    #[command(alias = "components")]
+    Component {
+        #[command(subcommand)]
+        command: Option<releasing::ComponentCommand>,
+    },
+    /// Promote a release into an environment: the gates decide, approvers approve, the
+    /// environment's workflow deploys it; follows it until it ends.
+    Promote(releasing::PromoteArgs),
+    /// Approve a promotion (role approver).
+    Approve(releasing::ApproveArgs),
+    /// Reject a promotion with a reason (role approver).
+    Reject(releasing::RejectArgs),
+    /// Promotions: list, show, explain, cancel, watch.
+    #[command(alias = "promotions")]
+    Promotion {
+        #[command(subcommand)]
+        command: Option<releasing::PromotionCommand>,
+    },
+    /// Put the release deployed before the current one back on an environment.
+    Rollback(releasing::RollbackArgs),
+    /// The audit log: every mutation through the API (who, what, when, from where).
+    Audit {
+        /// Newest entries first, at most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -144,6 +173,10 @@ pub struct PlaneListenArgs {
     /// How long after expiry an agent that was offline may still renew with its old key.
     #[arg(long, default_value = "30d", value_parser = duration::parse)]
     pub renewal_grace: Duration,
+    /// Agent session setups handled at once; agents beyond it are told to reconnect after a
+    /// random 1-10 s delay (admission control for reconnect storms).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_session_setups: u32,
 }
 
 impl PlaneListenArgs {
@@ -159,6 +192,7 @@ impl PlaneListenArgs {
             job_ttl: self.job_ttl,
             agent_cert_validity: self.agent_cert_ttl,
             renewal_grace: self.renewal_grace,
+            max_session_setups: self.max_session_setups as usize,
         }
     }
 }
@@ -199,6 +233,9 @@ enum TokenCommand {
     List,
     /// Revoke a join token: no agent can enroll with it any more.
     Revoke { id: String },
+    /// API tokens of users, each with one role (admin, releaser, approver, viewer).
+    #[command(subcommand)]
+    Api(releasing::ApiTokenCommand),
 }
 
 #[derive(Subcommand)]
@@ -240,11 +277,25 @@ enum AgentsCommand {
 #[derive(Subcommand)]
 enum EnvCommand {
     /// Create an environment.
-    Create { name: String },
-    /// List environments.
+    Create {
+        name: String,
+        /// The environment a release must have been deployed to first.
+        #[arg(long)]
+        after: Option<String>,
+        /// Approvals required before a promotion deploys.
+        #[arg(long, default_value_t = 0)]
+        approvals: u32,
+        /// Separation of duties: the requester and the release's creator may not approve.
+        #[arg(long)]
+        separation_of_duties: bool,
+    },
+    /// List environments in promotion order.
     List,
-    /// Show an environment.
+    /// Show an environment with its rules.
     Show { name: String },
+    /// Change an environment: order, approvals, freeze windows, variables, secrets, policies,
+    /// workflow.
+    Set(releasing::EnvSetArgs),
 }
 
 #[derive(Subcommand)]
@@ -278,14 +329,20 @@ enum ReleaseCommand {
     /// Create an immutable release.
     Create {
         name: String,
-        /// NAME=IMAGE@sha256:DIGEST (repeatable). A tag without digest is refused.
+        /// COMPONENT:TAG (a registered component's tag, resolved to its digest now),
+        /// COMPONENT@sha256:DIGEST, or NAME=IMAGE@sha256:DIGEST (repeatable).
         #[arg(long = "component", required = true)]
         components: Vec<String>,
+        /// Label K=V (repeatable); policies can read them.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
     },
     /// List releases.
     List,
     /// Show a release.
     Show { name: String },
+    /// How two releases differ, component by component.
+    Diff { from: String, to: String },
 }
 
 #[derive(Args)]
@@ -295,6 +352,12 @@ struct DeployArgs {
     /// Environment name.
     #[arg(long)]
     env: String,
+    /// Only this target (repeatable; default: every target of the environment).
+    #[arg(long = "target")]
+    targets: Vec<String>,
+    /// Only targets whose agent has label K=V (repeatable).
+    #[arg(long = "selector", value_parser = parse_label)]
+    selector: Vec<(String, String)>,
     /// Return once the deployment is created instead of following it.
     #[arg(long)]
     no_wait: bool,
@@ -453,9 +516,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Env { command } => {
             let client = ApiClient::connect(&conn)?;
             match command.unwrap_or(EnvCommand::List) {
-                EnvCommand::Create { name } => {
+                EnvCommand::Create {
+                    name,
+                    after,
+                    approvals,
+                    separation_of_duties,
+                } => {
                     let env: Environment = client
-                        .post("/api/v1/environments", &json!({"name": name}))
+                        .post(
+                            "/api/v1/environments",
+                            &json!({"name": name, "after": after, "required_approvals": approvals,
+                                "separation_of_duties": separation_of_duties}),
+                        )
                         .await?;
                     render(out, &env, |e| {
                         println!("created environment {} ({})", e.name, e.id)
@@ -465,9 +537,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     let envs: Vec<Environment> = client.list("/api/v1/environments").await?;
                     render(out, &envs, |envs| {
                         table(
-                            &["NAME", "ID", "CREATED"],
+                            &["NAME", "AFTER", "APPROVALS", "SOD", "FREEZES", "ID"],
                             envs.iter()
-                                .map(|e| vec![e.name.clone(), e.id.clone(), e.created_at.clone()])
+                                .map(|e| {
+                                    vec![
+                                        e.name.clone(),
+                                        e.after.clone().unwrap_or_else(|| "-".into()),
+                                        e.required_approvals.to_string(),
+                                        if e.separation_of_duties { "yes" } else { "no" }.into(),
+                                        e.settings.freeze_windows.len().to_string(),
+                                        e.id.clone(),
+                                    ]
+                                })
                                 .collect(),
                         )
                     })
@@ -476,10 +557,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     let env: Environment = client
                         .get(&format!("/api/v1/environments/{}", path_seg(&name)))
                         .await?;
-                    render(out, &env, |e| {
-                        println!("{} ({}) created {}", e.name, e.id, e.created_at)
-                    })
+                    render(out, &env, print_environment)
                 }
+                EnvCommand::Set(args) => releasing::env_set(&client, out, args).await,
             }
         }
         Command::Target { command } => {
@@ -541,16 +621,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Release { command } => {
             let client = ApiClient::connect(&conn)?;
             match command.unwrap_or(ReleaseCommand::List) {
-                ReleaseCommand::Create { name, components } => {
-                    let components = components
-                        .iter()
+                ReleaseCommand::Create {
+                    name,
+                    components,
+                    labels,
+                } => {
+                    // NAME=IMAGE@DIGEST is explicit; anything else names a registered component.
+                    let (explicit, refs): (Vec<&String>, Vec<&String>) =
+                        components.iter().partition(|c| c.contains('='));
+                    let explicit = explicit
+                        .into_iter()
                         .map(|c| ReleaseComponent::parse(c))
                         .collect::<Result<Vec<_>, _>>()
                         .map_err(anyhow::Error::msg)?;
+                    let labels: BTreeMap<String, String> = labels.into_iter().collect();
                     let release: Release = client
                         .post(
                             "/api/v1/releases",
-                            &json!({"name": name, "components": components}),
+                            &json!({"name": name, "components": explicit, "refs": refs,
+                                "labels": labels}),
                         )
                         .await?;
                     render(out, &release, |r| {
@@ -580,12 +669,51 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         )
                     })
                 }
+                ReleaseCommand::Diff { from, to } => {
+                    let diff: stella_control_plane::releases::ReleaseDiff = client
+                        .get(&format!(
+                            "/api/v1/releases/{}/diff/{}",
+                            path_seg(&from),
+                            path_seg(&to)
+                        ))
+                        .await?;
+                    render(out, &diff, |d| {
+                        println!("{} → {}", d.from, d.to);
+                        for c in &d.changes {
+                            let show = |rc: &Option<ReleaseComponent>| {
+                                rc.as_ref()
+                                    .map(|c| format!("{}@{}", c.image, c.digest))
+                                    .unwrap_or_else(|| "-".into())
+                            };
+                            println!(
+                                "  {:<9} {}: {} → {}",
+                                c.change,
+                                c.component,
+                                show(&c.from),
+                                show(&c.to)
+                            );
+                        }
+                    })
+                }
                 ReleaseCommand::Show { name } => {
                     let release: Release = client
                         .get(&format!("/api/v1/releases/{}", path_seg(&name)))
                         .await?;
                     render(out, &release, |r| {
-                        println!("{} ({}) created {}", r.name, r.id, r.created_at);
+                        println!(
+                            "{} ({}) created {} by {}",
+                            r.name,
+                            r.id,
+                            r.created_at,
+                            if r.created_by.is_empty() {
+                                "-"
+                            } else {
+                                &r.created_by
+                            }
+                        );
+                        for (k, v) in &r.labels {
+                            println!("  label {k}={v}");
+                        }
                         print_components(&r.components);
                     })
                 }
@@ -625,6 +753,48 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Token(TokenCommand::Api(cmd)) => {
+            let client = ApiClient::connect(&conn)?;
+            releasing::api_token(&client, out, cmd).await
+        }
+        Command::Component { command } => {
+            let client = ApiClient::connect(&conn)?;
+            releasing::component(
+                &client,
+                out,
+                command.unwrap_or(releasing::ComponentCommand::List),
+            )
+            .await
+        }
+        Command::Promote(args) => {
+            let client = ApiClient::connect(&conn)?;
+            releasing::promote(&client, out, args).await
+        }
+        Command::Approve(args) => {
+            let client = ApiClient::connect(&conn)?;
+            releasing::approve(&client, out, args).await
+        }
+        Command::Reject(args) => {
+            let client = ApiClient::connect(&conn)?;
+            releasing::reject(&client, out, args).await
+        }
+        Command::Promotion { command } => {
+            let client = ApiClient::connect(&conn)?;
+            releasing::promotion(
+                &client,
+                out,
+                command.unwrap_or(releasing::PromotionCommand::List),
+            )
+            .await
+        }
+        Command::Rollback(args) => {
+            let client = ApiClient::connect(&conn)?;
+            releasing::rollback(&client, out, args).await
+        }
+        Command::Audit { limit } => {
+            let client = ApiClient::connect(&conn)?;
+            releasing::audit(&client, out, limit).await
+        }
     }
 }
 
@@ -642,10 +812,12 @@ async fn serve(data_dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn deploy(client: &ApiClient, out: Output, args: DeployArgs) -> anyhow::Result<()> {
+    let selector: BTreeMap<String, String> = args.selector.into_iter().collect();
     let created: Deployment = client
         .post(
             "/api/v1/deployments",
-            &json!({"release": args.release, "env": args.env}),
+            &json!({"release": args.release, "env": args.env, "targets": args.targets,
+                "selector": selector}),
         )
         .await?;
     if args.no_wait {
@@ -663,7 +835,18 @@ async fn deploy(client: &ApiClient, out: Output, args: DeployArgs) -> anyhow::Re
             if created.jobs.len() == 1 { "" } else { "s" }
         );
     }
-    let deadline = tokio::time::Instant::now() + args.timeout;
+    follow_deployment(client, out, &created, args.timeout).await
+}
+
+/// Follows a deployment until it ends, printing each target's progress; errs unless it
+/// succeeded.
+async fn follow_deployment(
+    client: &ApiClient,
+    out: Output,
+    created: &Deployment,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut printed: BTreeMap<String, usize> = BTreeMap::new();
     let mut statuses: BTreeMap<String, String> = BTreeMap::new();
     let path = format!("/api/v1/deployments/{}", path_seg(&created.id));
@@ -714,7 +897,7 @@ async fn deploy(client: &ApiClient, out: Output, args: DeployArgs) -> anyhow::Re
             bail!(
                 "gave up following deployment {} after {:?}; it is still running (see `stella deployments show {}`)",
                 dep.id,
-                args.timeout,
+                timeout,
                 dep.id
             );
         }
@@ -805,6 +988,49 @@ fn print_agents(agents: &[AgentView]) {
                 ]
             })
             .collect(),
+    );
+}
+
+fn print_environment(e: &Environment) {
+    println!("{} ({}) created {}", e.name, e.id, e.created_at);
+    println!(
+        "after: {}; approvals required: {}; separation of duties: {}",
+        e.after.as_deref().unwrap_or("-"),
+        e.required_approvals,
+        if e.separation_of_duties { "on" } else { "off" }
+    );
+    for w in &e.settings.freeze_windows {
+        println!(
+            "freeze {} .. {}: {} (override: {})",
+            w.start,
+            w.end,
+            w.reason,
+            if w.override_users.is_empty() {
+                "nobody".to_string()
+            } else {
+                w.override_users.join(",")
+            }
+        );
+    }
+    for w in &e.settings.schedule_windows {
+        println!("schedule {} {}–{} UTC", w.days.join(","), w.start, w.end);
+    }
+    for (k, v) in &e.settings.variables {
+        println!("var {k}={v}");
+    }
+    for (k, v) in &e.settings.secret_refs {
+        println!("secret {k} → {v}");
+    }
+    for name in e.settings.policies.keys() {
+        println!("policy {name}");
+    }
+    println!(
+        "workflow: {}",
+        if e.settings.workflow.is_some() {
+            "custom"
+        } else {
+            "default"
+        }
     );
 }
 

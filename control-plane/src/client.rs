@@ -100,6 +100,44 @@ impl ApiClient {
         decode(resp).await
     }
 
+    pub async fn patch<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        let resp = self
+            .request(reqwest::Method::PATCH, path)?
+            .json(body)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the control plane at {}", self.base))?;
+        decode(resp).await
+    }
+
+    /// Subscribes to `/api/v1/events` (server-sent events) with the given query.
+    pub async fn events(
+        &self,
+        query: &str,
+        for_at_most: std::time::Duration,
+    ) -> anyhow::Result<EventStream> {
+        let resp = self
+            .request(reqwest::Method::GET, &format!("/api/v1/events?{query}"))?
+            .timeout(for_at_most)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the control plane at {}", self.base))?;
+        if !resp.status().is_success() {
+            return Err(decode::<serde_json::Value>(resp)
+                .await
+                .err()
+                .unwrap_or_else(|| anyhow!("event stream refused")));
+        }
+        Ok(EventStream {
+            resp,
+            buf: Vec::new(),
+        })
+    }
+
     /// Every item of a paginated list, following the `Link: <…>; rel="next"` headers.
     pub async fn list<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<Vec<T>> {
         let sep = if path.contains('?') { '&' } else { '?' };
@@ -130,6 +168,41 @@ impl ApiClient {
             .await
             .with_context(|| format!("cannot reach the control plane at {}", self.base))?;
         decode(resp).await
+    }
+}
+
+/// Server-sent events as they arrive: each `next` is one event's name and data.
+pub struct EventStream {
+    resp: reqwest::Response,
+    buf: Vec<u8>,
+}
+
+impl EventStream {
+    /// The next event (`(event name, data)`), or `None` when the stream ended.
+    pub async fn next(&mut self) -> anyhow::Result<Option<(String, String)>> {
+        loop {
+            if let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = self.buf.drain(..end + 2).collect();
+                let text = String::from_utf8_lossy(&block);
+                let mut name = String::from("message");
+                let mut data = String::new();
+                for line in text.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        name = v.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                if data.is_empty() && name == "message" {
+                    continue; // a keep-alive comment
+                }
+                return Ok(Some((name, data)));
+            }
+            match self.resp.chunk().await? {
+                Some(bytes) => self.buf.extend_from_slice(&bytes),
+                None => return Ok(None),
+            }
+        }
     }
 }
 

@@ -22,6 +22,16 @@ pub const TERMINAL_JOB_STATUSES: &[&str] = &["succeeded", "failed", "refused", "
 pub struct CreateDeployment {
     pub release: String,
     pub env: String,
+    /// Only these targets of the environment (by name); empty: all of them.
+    #[serde(default)]
+    pub targets: Vec<String>,
+    /// Only targets whose agent carries all these labels; empty: no filter.
+    #[serde(default)]
+    pub selector: std::collections::BTreeMap<String, String>,
+    /// The deployment id to use, so that a workflow step that is re-run after a restart finds
+    /// the deployment it already started instead of starting another. Not settable over the API.
+    #[serde(skip)]
+    pub id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -61,19 +71,61 @@ pub struct Deployment {
     pub jobs: Vec<JobView>,
 }
 
+/// The targets of `env` a deployment request names (all, a subset by name, or by agent labels).
+async fn select_targets(
+    state: &AppState,
+    env: &environments::Environment,
+    req: &CreateDeployment,
+) -> ApiResult<Vec<targets::Target>> {
+    let all = targets::list(state, Some(&env.id)).await?;
+    for name in &req.targets {
+        if !all.iter().any(|t| &t.name == name) {
+            return Err(ApiError::NotFound(format!(
+                "target {name:?} is not in environment {}",
+                env.name
+            )));
+        }
+    }
+    let mut selected = Vec::with_capacity(all.len());
+    for t in all {
+        if !req.targets.is_empty() && !req.targets.contains(&t.name) {
+            continue;
+        }
+        if !req.selector.is_empty() {
+            let agent = agents::view(state, &t.agent_id).await?;
+            let matches = req
+                .selector
+                .iter()
+                .all(|(k, v)| agent.labels.get(k) == Some(v));
+            if !matches {
+                continue;
+            }
+        }
+        selected.push(t);
+    }
+    Ok(selected)
+}
+
 pub async fn create(state: &AppState, req: CreateDeployment) -> ApiResult<Deployment> {
     let release = releases::find(state, &req.release).await?;
     let env = environments::find(state, &req.env).await?;
-    let env_targets = targets::list(state, Some(&env.id)).await?;
+    let env_targets = select_targets(state, &env, &req).await?;
+    if env_targets.is_empty() && !req.selector.is_empty() {
+        return Err(ApiError::Unprocessable(format!(
+            "no target of environment {} is served by an agent with labels {:?}",
+            env.name, req.selector
+        )));
+    }
     if env_targets.is_empty() {
         return Err(ApiError::Unprocessable(format!(
             "environment {} has no targets; add one with `stella target create NAME --env {} --kind docker --agent AGENT`",
             env.name, env.name
         )));
     }
+    let agents = agents::records_for_environment(state, &env.id).await?;
     for t in &env_targets {
-        let agent = agents::get_record(state, &t.agent_id)
-            .await?
+        let agent = agents
+            .get(&t.agent_id)
             .ok_or_else(|| ApiError::Internal(format!("target {} has no agent", t.name)))?;
         if agent.status == "revoked" {
             return Err(ApiError::Unprocessable(format!(
@@ -89,7 +141,7 @@ pub async fn create(state: &AppState, req: CreateDeployment) -> ApiResult<Deploy
         }
     }
 
-    let deployment_id = new_id("dep");
+    let deployment_id = req.id.clone().unwrap_or_else(|| new_id("dep"));
     let now = now_ms();
     let ttl_ms = state.config.job_ttl.as_millis() as i64;
     let signing_key = state.keys.job_keys().active;
@@ -282,9 +334,13 @@ pub async fn pending_for_agent(state: &AppState, agent_id: &str) -> ApiResult<Ve
         .collect())
 }
 
-async fn add_event(state: &AppState, job_id: &str, message: &str) -> ApiResult<()> {
-    // Events are numbered per job; a UNIQUE clash only happens on concurrent writers, and the
-    // single session per agent writes its jobs' events serially.
+async fn add_event(
+    conn: &mut sqlx::SqliteConnection,
+    job_id: &str,
+    message: &str,
+) -> Result<(), sqlx::Error> {
+    // Events are numbered per job; a UNIQUE clash only happens on concurrent writers, and all
+    // session writes go through the one group-commit writer.
     sqlx::query(
         "INSERT INTO job_events (job_id, seq, at, message)
          VALUES (?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM job_events WHERE job_id = ?), ?, ?)",
@@ -293,24 +349,35 @@ async fn add_event(state: &AppState, job_id: &str, message: &str) -> ApiResult<(
     .bind(job_id)
     .bind(now_ms())
     .bind(message)
-    .execute(&state.db)
+    .execute(&mut *conn)
     .await?;
     Ok(())
 }
 
-pub async fn mark_offered(state: &AppState, agent_id: &str, job_id: &str) -> ApiResult<()> {
+// The writes below take a connection (in practice the group-commit transaction, see
+// `group_commit.rs`): agent sessions never commit one statement at a time.
+
+pub async fn mark_offered(
+    conn: &mut sqlx::SqliteConnection,
+    agent_id: &str,
+    job_id: &str,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE jobs SET status = 'offered', updated_at = ? WHERE id = ? AND agent_id = ? AND status = 'queued'",
     )
     .bind(now_ms())
     .bind(job_id)
     .bind(agent_id)
-    .execute(&state.db)
+    .execute(&mut *conn)
     .await?;
     Ok(())
 }
 
-pub async fn mark_accepted(state: &AppState, agent_id: &str, job_id: &str) -> ApiResult<()> {
+pub async fn mark_accepted(
+    conn: &mut sqlx::SqliteConnection,
+    agent_id: &str,
+    job_id: &str,
+) -> Result<(), sqlx::Error> {
     let updated = sqlx::query(
         "UPDATE jobs SET status = 'accepted', updated_at = ? WHERE id = ? AND agent_id = ?
          AND status IN ('queued', 'offered')",
@@ -318,49 +385,49 @@ pub async fn mark_accepted(state: &AppState, agent_id: &str, job_id: &str) -> Ap
     .bind(now_ms())
     .bind(job_id)
     .bind(agent_id)
-    .execute(&state.db)
+    .execute(&mut *conn)
     .await?;
     if updated.rows_affected() == 1 {
-        add_event(state, job_id, "accepted by agent").await?;
+        add_event(conn, job_id, "accepted by agent").await?;
     }
     Ok(())
 }
 
 pub async fn record_progress(
-    state: &AppState,
+    conn: &mut sqlx::SqliteConnection,
     agent_id: &str,
     job_id: &str,
     message: &str,
-) -> ApiResult<()> {
+) -> Result<(), sqlx::Error> {
     let owned: Option<(String,)> =
         sqlx::query_as("SELECT id FROM jobs WHERE id = ? AND agent_id = ?")
             .bind(job_id)
             .bind(agent_id)
-            .fetch_optional(&state.db)
+            .fetch_optional(&mut *conn)
             .await?;
     if owned.is_some() {
         let message: String = message.chars().take(2000).collect();
-        add_event(state, job_id, &message).await?;
+        add_event(conn, job_id, &message).await?;
     }
     Ok(())
 }
 
-/// Records a job's terminal outcome (first one wins) and settles its deployment.
-/// Returns false when the job is unknown to this agent (nothing is written then).
+/// Records a job's terminal outcome (first one wins) and settles its deployment, inside the
+/// caller's transaction. Returns false when the job is unknown to this agent (nothing is
+/// written then).
 pub async fn record_result(
-    state: &AppState,
+    conn: &mut sqlx::SqliteConnection,
     agent_id: &str,
     status: &str,
     result: &stella_proto::JobResult,
     receipt: &str,
-) -> ApiResult<bool> {
+) -> Result<bool, sqlx::Error> {
     let now = now_ms();
-    let mut tx = crate::store::write_tx(&state.db).await?;
     let row: Option<(String, String)> =
         sqlx::query_as("SELECT deployment_id, status FROM jobs WHERE id = ? AND agent_id = ?")
             .bind(&result.job_id)
             .bind(agent_id)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut *conn)
             .await?;
     let Some((deployment_id, current)) = row else {
         return Ok(false);
@@ -382,10 +449,9 @@ pub async fn record_result(
     .bind(now)
     .bind(now)
     .bind(&result.job_id)
-    .execute(&mut *tx)
+    .execute(&mut *conn)
     .await?;
-    settle_deployment(&mut tx, &deployment_id, now).await?;
-    tx.commit().await?;
+    settle_deployment(conn, &deployment_id, now).await?;
     Ok(true)
 }
 
@@ -446,7 +512,7 @@ pub async fn cancel_agent_jobs(state: &AppState, agent_id: &str, reason: &str) -
 }
 
 async fn settle_deployment(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    tx: &mut sqlx::SqliteConnection,
     deployment_id: &str,
     now: i64,
 ) -> Result<(), sqlx::Error> {
@@ -457,7 +523,7 @@ async fn settle_deployment(
          AND status NOT IN ('succeeded', 'failed', 'refused', 'cancelled')",
     )
     .bind(deployment_id)
-    .fetch_one(&mut **tx)
+    .fetch_one(&mut *tx)
     .await?;
     if unfinished > 0 {
         return Ok(());
@@ -467,7 +533,7 @@ async fn settle_deployment(
          WHERE j.deployment_id = ? ORDER BY t.name",
     )
     .bind(deployment_id)
-    .fetch_all(&mut **tx)
+    .fetch_all(&mut *tx)
     .await?;
     let failures: Vec<String> = jobs
         .iter()
@@ -491,7 +557,7 @@ async fn settle_deployment(
     .bind(now)
     .bind(now)
     .bind(deployment_id)
-    .execute(&mut **tx)
+    .execute(&mut *tx)
     .await?;
     tracing::info!(deployment_id, status, "deployment finished");
     Ok(())

@@ -7,9 +7,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
-use tokio::sync::{Notify, oneshot};
+use rand::Rng;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
 
 pub struct SessionHandle {
     pub session_id: u64,
@@ -18,10 +20,19 @@ pub struct SessionHandle {
     _evict: oneshot::Sender<()>,
 }
 
-#[derive(Default)]
 pub struct Hub {
     sessions: Mutex<HashMap<String, SessionHandle>>,
     next_session: AtomicU64,
+    /// Latest heartbeat per agent (unix ms), written to the database in batches
+    /// (`take_heartbeats`) rather than on every heartbeat.
+    heartbeats: Mutex<HashMap<String, i64>>,
+    pub admission: Admission,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Self::new(AdmissionConfig::default())
+    }
 }
 
 pub struct Registration {
@@ -31,6 +42,34 @@ pub struct Registration {
 }
 
 impl Hub {
+    pub fn new(admission: AdmissionConfig) -> Self {
+        Self {
+            sessions: Mutex::default(),
+            next_session: AtomicU64::default(),
+            heartbeats: Mutex::default(),
+            admission: Admission::new(admission),
+        }
+    }
+
+    pub fn record_heartbeat(&self, agent_id: &str, at_ms: i64) {
+        if let Ok(mut heartbeats) = self.heartbeats.lock() {
+            heartbeats.insert(agent_id.to_string(), at_ms);
+        }
+    }
+
+    /// The latest heartbeat seen since the last flush, if any.
+    pub fn last_heartbeat(&self, agent_id: &str) -> Option<i64> {
+        self.heartbeats.lock().ok()?.get(agent_id).copied()
+    }
+
+    /// Heartbeats seen since the last call, for one batched write.
+    pub fn take_heartbeats(&self) -> Vec<(String, i64)> {
+        self.heartbeats
+            .lock()
+            .map(|mut h| h.drain().collect())
+            .unwrap_or_default()
+    }
+
     /// Registers a new session for `agent_id`, evicting any older one of the same agent.
     pub fn register(&self, agent_id: &str) -> Registration {
         let session_id = self.next_session.fetch_add(1, Ordering::Relaxed) + 1;
@@ -95,5 +134,145 @@ impl Hub {
         if let Ok(mut sessions) = self.sessions.lock() {
             sessions.remove(agent_id);
         }
+    }
+}
+
+/// How many session setups (identity check, welcome, bookkeeping) may run at once, and how long
+/// an agent turned away is told to wait.
+#[derive(Debug, Clone)]
+pub struct AdmissionConfig {
+    pub max_session_setups: usize,
+    /// The reconnect delay of a deferred agent is drawn uniformly from this range, so a
+    /// fleet turned away at the same moment does not come back at the same moment.
+    pub retry_after_min: Duration,
+    pub retry_after_max: Duration,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        Self {
+            max_session_setups: 256,
+            retry_after_min: Duration::from_secs(1),
+            retry_after_max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Admission control for session setups. In a reconnect storm every agent arrives at once; past
+/// a few hundred concurrent setups the database pool queue outgrows the agents' welcome timeout,
+/// they give up, retry and the storm feeds itself. The excess is answered at once with a
+/// server-assigned reconnect delay instead.
+pub struct Admission {
+    config: AdmissionConfig,
+    permits: Arc<Semaphore>,
+    in_setup: Arc<AtomicUsize>,
+    peak: Arc<AtomicUsize>,
+    deferred: AtomicU64,
+}
+
+/// Held by an admitted session until its setup is done.
+pub struct SetupPermit {
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Counts a session setup in progress while held (measured independently of the permits, so
+/// the peak shows whether admission actually bounded it).
+pub struct SetupInProgress {
+    in_setup: Arc<AtomicUsize>,
+}
+
+impl Drop for SetupInProgress {
+    fn drop(&mut self) {
+        self.in_setup.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Admission {
+    pub fn new(config: AdmissionConfig) -> Self {
+        let permits = Arc::new(Semaphore::new(config.max_session_setups.max(1)));
+        Self {
+            config,
+            permits,
+            in_setup: Arc::default(),
+            peak: Arc::default(),
+            deferred: AtomicU64::default(),
+        }
+    }
+
+    /// A permit to set up a session now, or the delay to tell the agent to come back after.
+    pub fn try_admit(&self) -> Result<SetupPermit, Duration> {
+        match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => Ok(SetupPermit { _permit: permit }),
+            Err(_) => {
+                self.deferred.fetch_add(1, Ordering::Relaxed);
+                Err(self.retry_after())
+            }
+        }
+    }
+
+    fn retry_after(&self) -> Duration {
+        let (min, max) = (self.config.retry_after_min, self.config.retry_after_max);
+        if max <= min {
+            return min;
+        }
+        rand::thread_rng().gen_range(min..=max)
+    }
+
+    /// Marks the start of a session setup's work; the returned guard marks its end.
+    pub fn setup_started(&self) -> SetupInProgress {
+        let now = self.in_setup.fetch_add(1, Ordering::AcqRel) + 1;
+        self.peak.fetch_max(now, Ordering::AcqRel);
+        SetupInProgress {
+            in_setup: self.in_setup.clone(),
+        }
+    }
+
+    pub fn limit(&self) -> usize {
+        self.config.max_session_setups.max(1)
+    }
+
+    /// Most session setups seen in progress at once since start.
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::Acquire)
+    }
+
+    /// Session attempts turned away with a reconnect delay since start.
+    pub fn deferred(&self) -> u64 {
+        self.deferred.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admits_up_to_the_limit_then_defers_with_a_delay_in_range() {
+        let admission = Admission::new(AdmissionConfig {
+            max_session_setups: 2,
+            retry_after_min: Duration::from_millis(100),
+            retry_after_max: Duration::from_millis(200),
+        });
+        let first = admission.try_admit().expect("first admitted");
+        let _second = admission.try_admit().expect("second admitted");
+        let delay = admission.try_admit().err().expect("third deferred");
+        assert!((Duration::from_millis(100)..=Duration::from_millis(200)).contains(&delay));
+        assert_eq!(admission.deferred(), 1);
+        drop(first);
+        assert!(
+            admission.try_admit().is_ok(),
+            "a finished setup frees its permit"
+        );
+    }
+
+    #[test]
+    fn the_peak_counts_setups_in_progress_at_once() {
+        let admission = Admission::new(AdmissionConfig::default());
+        let a = admission.setup_started();
+        let b = admission.setup_started();
+        drop(a);
+        let _c = admission.setup_started();
+        drop(b);
+        assert_eq!(admission.peak(), 2);
     }
 }

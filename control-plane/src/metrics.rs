@@ -22,6 +22,23 @@ pub async fn render(state: &AppState) -> ApiResult<String> {
         state.hub.connected_count()
     );
 
+    let admission = &state.hub.admission;
+    let _ = writeln!(
+        out,
+        "# HELP stella_session_setup_limit Agent session setups allowed at once (admission control).\n# TYPE stella_session_setup_limit gauge\nstella_session_setup_limit {}",
+        admission.limit()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP stella_session_setups_peak Most agent session setups in progress at once since start.\n# TYPE stella_session_setups_peak gauge\nstella_session_setups_peak {}",
+        admission.peak()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP stella_session_setups_deferred_total Agent sessions told to reconnect later because the setup limit was reached (since start).\n# TYPE stella_session_setups_deferred_total counter\nstella_session_setups_deferred_total {}",
+        admission.deferred()
+    );
+
     let agents: Vec<(String, String, Option<i64>)> = sqlx::query_as(
         "SELECT id, name, last_heartbeat FROM agents WHERE status != 'revoked' ORDER BY id",
     )
@@ -38,7 +55,8 @@ pub async fn render(state: &AppState) -> ApiResult<String> {
     );
     let now = now_ms();
     for (id, name, last) in &agents {
-        if let Some(last) = last {
+        // The hub holds heartbeats not yet flushed to the database.
+        if let Some(last) = state.hub.last_heartbeat(id).or(*last) {
             let age = ((now - last).max(0) as f64) / 1000.0;
             let _ = writeln!(
                 out,

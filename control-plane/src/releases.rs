@@ -72,7 +72,15 @@ fn is_sha256_digest(digest: &str) -> bool {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct CreateRelease {
     pub name: String,
+    /// Components given with their image and digest.
+    #[serde(default)]
     pub components: Vec<ReleaseComponent>,
+    /// Components by reference to a registered component: `api:v2.3.1` (a tag, resolved to
+    /// its digest now) or `worker@sha256:…`.
+    #[serde(default)]
+    pub refs: Vec<String>,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -80,11 +88,84 @@ pub struct Release {
     pub id: String,
     pub name: String,
     pub components: Vec<ReleaseComponent>,
+    /// The user who created it (empty for releases created before users existed).
+    #[serde(default)]
+    pub created_by: String,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
     pub created_at: String,
 }
 
-pub async fn create(state: &AppState, req: CreateRelease) -> ApiResult<Release> {
+/// How two releases differ, component by component.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ReleaseDiff {
+    pub from: String,
+    pub to: String,
+    pub changes: Vec<ComponentChange>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ComponentChange {
+    pub component: String,
+    /// added, removed, changed or unchanged.
+    pub change: String,
+    pub from: Option<ReleaseComponent>,
+    pub to: Option<ReleaseComponent>,
+}
+
+pub async fn diff(state: &AppState, from: &str, to: &str) -> ApiResult<ReleaseDiff> {
+    let a = find(state, from).await?;
+    let b = find(state, to).await?;
+    let mut names: Vec<&String> = a
+        .components
+        .iter()
+        .chain(&b.components)
+        .map(|c| &c.name)
+        .collect();
+    names.sort();
+    names.dedup();
+    let changes = names
+        .into_iter()
+        .map(|name| {
+            let old = a.components.iter().find(|c| &c.name == name).cloned();
+            let new = b.components.iter().find(|c| &c.name == name).cloned();
+            let change = match (&old, &new) {
+                (None, Some(_)) => "added",
+                (Some(_), None) => "removed",
+                (Some(o), Some(n)) if o == n => "unchanged",
+                _ => "changed",
+            };
+            ComponentChange {
+                component: name.clone(),
+                change: change.to_string(),
+                from: old,
+                to: new,
+            }
+        })
+        .collect();
+    Ok(ReleaseDiff {
+        from: a.name,
+        to: b.name,
+        changes,
+    })
+}
+
+pub async fn create(
+    state: &AppState,
+    mut req: CreateRelease,
+    created_by: &str,
+) -> ApiResult<Release> {
     validate_resource_name("release", &req.name)?;
+    crate::tokens::validate_labels(&req.labels)?;
+    // Tags are resolved once, here; the release stores only digests.
+    for reference in std::mem::take(&mut req.refs) {
+        let (name, image, digest) = crate::components::resolve_reference(state, &reference).await?;
+        req.components.push(ReleaseComponent {
+            name,
+            image,
+            digest,
+        });
+    }
     if req.components.is_empty() {
         return Err(ApiError::BadRequest(
             "a release needs at least one component".to_string(),
@@ -102,12 +183,17 @@ pub async fn create(state: &AppState, req: CreateRelease) -> ApiResult<Release> 
     let id = new_id("rel");
     let now = now_ms();
     let mut tx = crate::store::write_tx(&state.db).await?;
+    let labels =
+        serde_json::to_string(&req.labels).map_err(|e| ApiError::Internal(e.to_string()))?;
     let inserted = sqlx::query(
-        "INSERT INTO releases (id, name, created_at) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING",
+        "INSERT INTO releases (id, name, created_at, created_by, labels) VALUES (?, ?, ?, ?, ?)
+         ON CONFLICT (name) DO NOTHING",
     )
     .bind(&id)
     .bind(&req.name)
     .bind(now)
+    .bind(created_by)
+    .bind(&labels)
     .execute(&mut *tx)
     .await?;
     if inserted.rows_affected() == 0 {
@@ -132,6 +218,8 @@ pub async fn create(state: &AppState, req: CreateRelease) -> ApiResult<Release> 
         id,
         name: req.name,
         components: req.components,
+        created_by: created_by.to_string(),
+        labels: req.labels,
         created_at: rfc3339(now),
     })
 }
@@ -153,38 +241,44 @@ pub async fn components(state: &AppState, release_id: &str) -> ApiResult<Vec<Rel
         .collect())
 }
 
-pub async fn find(state: &AppState, id_or_name: &str) -> ApiResult<Release> {
-    let row: Option<(String, String, i64)> =
-        sqlx::query_as("SELECT id, name, created_at FROM releases WHERE id = ? OR name = ?")
-            .bind(id_or_name)
-            .bind(id_or_name)
-            .fetch_optional(&state.db)
-            .await?;
-    let (id, name, at) =
-        row.ok_or_else(|| ApiError::NotFound(format!("release {id_or_name:?} not found")))?;
+type ReleaseRow = (String, String, i64, String, String);
+
+async fn from_row(
+    state: &AppState,
+    (id, name, at, created_by, labels): ReleaseRow,
+) -> ApiResult<Release> {
     let components = components(state, &id).await?;
     Ok(Release {
         id,
         name,
         components,
+        created_by,
+        labels: serde_json::from_str(&labels).unwrap_or_default(),
         created_at: rfc3339(at),
     })
 }
 
+pub async fn find(state: &AppState, id_or_name: &str) -> ApiResult<Release> {
+    let row: Option<ReleaseRow> = sqlx::query_as(
+        "SELECT id, name, created_at, created_by, labels FROM releases WHERE id = ? OR name = ?",
+    )
+    .bind(id_or_name)
+    .bind(id_or_name)
+    .fetch_optional(&state.db)
+    .await?;
+    let row = row.ok_or_else(|| ApiError::NotFound(format!("release {id_or_name:?} not found")))?;
+    from_row(state, row).await
+}
+
 pub async fn list(state: &AppState) -> ApiResult<Vec<Release>> {
-    let rows: Vec<(String, String, i64)> =
-        sqlx::query_as("SELECT id, name, created_at FROM releases ORDER BY created_at, name")
-            .fetch_all(&state.db)
-            .await?;
+    let rows: Vec<ReleaseRow> = sqlx::query_as(
+        "SELECT id, name, created_at, created_by, labels FROM releases ORDER BY created_at, name",
+    )
+    .fetch_all(&state.db)
+    .await?;
     let mut out = Vec::with_capacity(rows.len());
-    for (id, name, at) in rows {
-        let components = components(state, &id).await?;
-        out.push(Release {
-            id,
-            name,
-            components,
-            created_at: rfc3339(at),
-        });
+    for row in rows {
+        out.push(from_row(state, row).await?);
     }
     Ok(out)
 }

@@ -133,6 +133,8 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
         enrollment_limiter: Default::default(),
         handshake_refusals: handshake_refusals.clone(),
         tls: Default::default(),
+        events: tokio::sync::broadcast::channel(1024).0,
+        runner_wake: tokio::sync::Notify::new(),
         keys,
     });
 
@@ -140,6 +142,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
         .await
         .map_err(|e| anyhow::anyhow!("publishing the first trust bundle: {e}"))?;
     state.tls.rebuild(&state.keys, &state.handshake_refusals)?;
+    let runner_task = crate::runs::spawn_runner(state.clone());
     let api_task = tokio::spawn(serve_api(
         api_listener,
         state.clone(),
@@ -177,7 +180,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
         admin_token_path,
         state,
         shutdown: shutdown_tx,
-        tasks: vec![api_task, agent_task],
+        tasks: vec![api_task, agent_task, runner_task],
     })
 }
 

@@ -24,6 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::ApiError;
+use crate::hub::{SetupInProgress, SetupPermit};
 use crate::state::SharedState;
 use crate::store::now_ms;
 use crate::{agents, deployments, targets, trust};
@@ -60,6 +61,21 @@ impl AgentSession for AgentSessionService {
         let leaf = certs
             .first()
             .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+        // Admission first: a deferred agent costs no database work at all.
+        let permit = match self.state.hub.admission.try_admit() {
+            Ok(permit) => permit,
+            Err(retry_after) => {
+                tracing::debug!(?retry_after, "session setup deferred (admission limit)");
+                return Ok(Response::new(Box::pin(tokio_stream::once(plane(
+                    PlaneBody::Drain(Drain {
+                        reconnect_after_ms: u32::try_from(retry_after.as_millis())
+                            .unwrap_or(u32::MAX),
+                        reason: "too many agents connecting; come back later".to_string(),
+                    }),
+                )))));
+            }
+        };
+        let setup = self.state.hub.admission.setup_started();
         let agent_id = stella_pki::agent_id_from_cert(leaf, &self.state.keys.trust_domain)
             .map_err(|e| {
                 self.state.count_session_refusal("bad_identity");
@@ -108,7 +124,11 @@ impl AgentSession for AgentSessionService {
         let state = self.state.clone();
         tokio::spawn(async move {
             let agent_id_for_log = agent_id.clone();
-            if let Err(e) = run_session(state, agent_id, leaf_der, inbound, tx).await {
+            let admitted = Admitted {
+                _permit: permit,
+                _setup: setup,
+            };
+            if let Err(e) = run_session(state, agent_id, leaf_der, inbound, tx, admitted).await {
                 tracing::info!(agent_id = %agent_id_for_log, reason = %e, "session ended");
             }
         });
@@ -151,12 +171,19 @@ async fn send(
         .map_err(|_| SessionEnd::OutboundClosed)
 }
 
+/// A session setup admitted and in progress; dropped once the agent has its welcome.
+struct Admitted {
+    _permit: SetupPermit,
+    _setup: SetupInProgress,
+}
+
 async fn run_session(
     state: SharedState,
     agent_id: String,
     leaf_der: Vec<u8>,
     mut inbound: Streaming<AgentMessage>,
     tx: mpsc::Sender<Result<PlaneMessage, Status>>,
+    admitted: Admitted,
 ) -> Result<(), SessionEnd> {
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.next()).await {
         Err(_) => return Err(SessionEnd::NoHello(HELLO_TIMEOUT)),
@@ -166,27 +193,38 @@ async fn run_session(
             _ => return Err(SessionEnd::NotHello),
         },
     };
+    // The welcome first: it needs two reads, while the bookkeeping below is written in the
+    // background (group commit), so an agent is never kept waiting on the write lock.
+    let bundle_sent = welcome(&state, &agent_id, &tx).await?;
+    drop(admitted);
     let labels: BTreeMap<String, String> = hello.labels.clone().into_iter().collect();
-    agents::record_hello(
-        &state,
-        &agent_id,
-        &hello.capabilities,
-        &labels,
-        &hello.agent_version,
-        &hello.hostname,
-    )
-    .await?;
+    state
+        .writes
+        .hello(
+            &agent_id,
+            hello.capabilities.clone(),
+            labels,
+            hello.agent_version.clone(),
+            hello.hostname.clone(),
+        )
+        .await;
+    state.hub.record_heartbeat(&agent_id, now_ms());
     let registration = state.hub.register(&agent_id);
     tracing::info!(agent_id, version = %hello.agent_version, last_sequence = hello.last_sequence, in_flight = hello.in_flight_job_ids.len(), "agent connected");
+    if let Err(e) = trust::record_ack(&state, &agent_id, hello.trust_bundle_version).await {
+        tracing::warn!(agent_id, error = %e, "cannot record the trust bundle version of a hello");
+    }
     let session = Session {
         state: &state,
         agent_id: &agent_id,
         leaf_der: &leaf_der,
         tx: &tx,
+        last_inventory: std::sync::Mutex::new(None),
     };
     let result = serve_session(
         &session,
         hello,
+        bundle_sent,
         &mut inbound,
         registration.wake,
         registration.evicted,
@@ -196,27 +234,14 @@ async fn run_session(
     result
 }
 
-/// One established session: whose it is and how to answer it.
-struct Session<'a> {
-    state: &'a SharedState,
-    agent_id: &'a str,
-    /// The client certificate the session was opened with: receipts must verify against it.
-    leaf_der: &'a [u8],
-    tx: &'a mpsc::Sender<Result<PlaneMessage, Status>>,
-}
-
-async fn serve_session(
-    session: &Session<'_>,
-    hello: stella_proto::Hello,
-    inbound: &mut Streaming<AgentMessage>,
-    wake: Arc<tokio::sync::Notify>,
-    mut evicted: tokio::sync::oneshot::Receiver<()>,
-) -> Result<(), SessionEnd> {
-    let (state, agent_id, tx) = (session.state, session.agent_id, session.tx);
-    let interval = state.config.heartbeat_interval;
+/// Sends the welcome (targets, current trust bundle); returns the bundle version sent.
+async fn welcome(
+    state: &SharedState,
+    agent_id: &str,
+    tx: &mpsc::Sender<Result<PlaneMessage, Status>>,
+) -> Result<u64, SessionEnd> {
     let targets = targets::list_for_agent(state, agent_id).await?;
-    trust::record_ack(state, agent_id, hello.trust_bundle_version).await?;
-    let (mut bundle_sent, bundle) = trust::current(&state.db)
+    let (bundle_sent, bundle) = trust::current(&state.db)
         .await
         .map_err(ApiError::from)?
         .unwrap_or((0, String::new()));
@@ -224,7 +249,7 @@ async fn serve_session(
         tx,
         PlaneBody::Welcome(Welcome {
             agent_id: agent_id.to_string(),
-            heartbeat_interval_ms: interval.as_millis() as i64,
+            heartbeat_interval_ms: state.config.heartbeat_interval.as_millis() as i64,
             server_time_unix_ms: now_ms(),
             targets: targets
                 .iter()
@@ -238,12 +263,41 @@ async fn serve_session(
         }),
     )
     .await?;
+    Ok(bundle_sent)
+}
+
+/// One established session: whose it is and how to answer it.
+struct Session<'a> {
+    state: &'a SharedState,
+    agent_id: &'a str,
+    /// The client certificate the session was opened with: receipts must verify against it.
+    leaf_der: &'a [u8],
+    tx: &'a mpsc::Sender<Result<PlaneMessage, Status>>,
+    /// Digest of the last inventory written and when: an unchanged report is not rewritten.
+    last_inventory: std::sync::Mutex<Option<(String, i64)>>,
+}
+
+/// An unchanged inventory is still rewritten this often, so `reported_at` says the agent is
+/// still observing its targets.
+const INVENTORY_REFRESH_MS: i64 = 10 * 60 * 1000;
+
+async fn serve_session(
+    session: &Session<'_>,
+    hello: stella_proto::Hello,
+    mut bundle_sent: u64,
+    inbound: &mut Streaming<AgentMessage>,
+    wake: Arc<tokio::sync::Notify>,
+    mut evicted: tokio::sync::oneshot::Receiver<()>,
+) -> Result<(), SessionEnd> {
+    let (state, agent_id, tx) = (session.state, session.agent_id, session.tx);
+    let silence_limit = state.config.heartbeat_interval * 3;
 
     // Jobs offered on this session; the agent's in-flight jobs count as offered already.
     let mut offered: HashSet<String> = hello.in_flight_job_ids.into_iter().collect();
-    offer_pending(state, agent_id, tx, &mut offered).await?;
+    if let Err(e) = offer_pending(state, agent_id, tx, &mut offered).await {
+        retry_offers_later(session, &wake, e)?;
+    }
 
-    let silence_limit = interval * 3;
     let mut shutdown = state.shutdown.clone();
     loop {
         tokio::select! {
@@ -257,13 +311,20 @@ async fn serve_session(
             }
             _ = wake.notified() => {
                 // A rotation may have published a bundle: push it before any job signed under it.
-                if let Some((version, bundle)) = trust::current(&state.db).await.map_err(ApiError::from)?
-                    && version > bundle_sent
-                {
-                    send(tx, PlaneBody::Trust(TrustBundleUpdate { bundle: bundle.into_bytes() })).await?;
-                    bundle_sent = version;
+                match trust::current(&state.db).await {
+                    Ok(Some((version, bundle))) if version > bundle_sent => {
+                        send(tx, PlaneBody::Trust(TrustBundleUpdate { bundle: bundle.into_bytes() })).await?;
+                        bundle_sent = version;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        retry_offers_later(session, &wake, SessionEnd::Storage(ApiError::from(e)))?;
+                        continue;
+                    }
                 }
-                offer_pending(state, agent_id, tx, &mut offered).await?;
+                if let Err(e) = offer_pending(state, agent_id, tx, &mut offered).await {
+                    retry_offers_later(session, &wake, e)?;
+                }
             }
             _ = &mut evicted => return Err(SessionEnd::Replaced),
             changed = shutdown.changed() => {
@@ -274,6 +335,25 @@ async fn serve_session(
             }
         }
     }
+}
+
+/// A storage error while looking for work does not end the session (ending it would turn a
+/// database hiccup into a reconnect storm): the lookup runs again shortly. Any other error does.
+fn retry_offers_later(
+    session: &Session<'_>,
+    wake: &Arc<tokio::sync::Notify>,
+    error: SessionEnd,
+) -> Result<(), SessionEnd> {
+    if !matches!(error, SessionEnd::Storage(_)) {
+        return Err(error);
+    }
+    tracing::warn!(agent_id = session.agent_id, error = %error, "cannot look up work for the agent; retrying in 1s");
+    let wake = wake.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        wake.notify_one();
+    });
+    Ok(())
 }
 
 async fn offer_pending(
@@ -300,7 +380,7 @@ async fn offer_pending(
             }),
         )
         .await?;
-        deployments::mark_offered(state, agent_id, &job.id).await?;
+        state.writes.offered(agent_id, &job.id).await;
         tracing::debug!(agent_id, job_id = %job.id, "job offered");
         offered.insert(job.id);
     }
@@ -310,13 +390,9 @@ async fn offer_pending(
 async fn handle_message(session: &Session<'_>, msg: AgentMessage) -> Result<(), SessionEnd> {
     let (state, agent_id, tx) = (session.state, session.agent_id, session.tx);
     match msg.body {
-        Some(AgentBody::Heartbeat(_)) => agents::record_heartbeat(state, agent_id).await?,
-        Some(AgentBody::Accepted(a)) => {
-            deployments::mark_accepted(state, agent_id, &a.job_id).await?
-        }
-        Some(AgentBody::Progress(p)) => {
-            deployments::record_progress(state, agent_id, &p.job_id, &p.message).await?
-        }
+        Some(AgentBody::Heartbeat(_)) => state.hub.record_heartbeat(agent_id, now_ms()),
+        Some(AgentBody::Accepted(a)) => state.writes.accepted(agent_id, &a.job_id).await,
+        Some(AgentBody::Progress(p)) => state.writes.progress(agent_id, &p.job_id, p.message).await,
         Some(AgentBody::Result(r)) => {
             let status = match JobStatus::try_from(r.status) {
                 Ok(JobStatus::Succeeded) => "succeeded",
@@ -342,17 +418,35 @@ async fn handle_message(session: &Session<'_>, msg: AgentMessage) -> Result<(), 
             if status == "refused" {
                 tracing::warn!(agent_id, job_id = %r.job_id, reason = %r.reason_code, message = %r.message, "agent refused job");
             }
-            let known = deployments::record_result(state, agent_id, status, &r, &receipt).await?;
-            if !known {
-                tracing::warn!(agent_id, job_id = %r.job_id, "result for a job this agent does not own; acknowledged and ignored");
+            let job_id = r.job_id.clone();
+            match state.writes.result(agent_id, status, r, receipt).await {
+                Ok(known) => {
+                    if !known {
+                        tracing::warn!(
+                            agent_id,
+                            job_id,
+                            "result for a job this agent does not own; acknowledged and ignored"
+                        );
+                    }
+                    // Committed (or known to be a duplicate): only now may the agent drop it
+                    // from its spool.
+                    send(tx, PlaneBody::ResultAck(ResultAck { job_id })).await?;
+                }
+                // Not acknowledged: the agent keeps it spooled and sends it again on its next
+                // session. The session itself goes on.
+                Err(e) => tracing::error!(agent_id, job_id, error = %e, "cannot record a result"),
             }
-            // Persisted (or known to be a duplicate): only now may the agent drop it from its spool.
-            send(tx, PlaneBody::ResultAck(ResultAck { job_id: r.job_id })).await?;
         }
         Some(AgentBody::Inventory(report)) => {
-            targets::record_inventory(state, agent_id, &report).await?
+            if session.inventory_changed(&report) {
+                state.writes.inventory(agent_id, report).await;
+            }
         }
-        Some(AgentBody::TrustAck(ack)) => trust::record_ack(state, agent_id, ack.version).await?,
+        Some(AgentBody::TrustAck(ack)) => {
+            if let Err(e) = trust::record_ack(state, agent_id, ack.version).await {
+                tracing::warn!(agent_id, error = %e, "cannot record a trust bundle acknowledgement");
+            }
+        }
         Some(AgentBody::Renew(req)) => {
             let presented = x509_serial_hex(session.leaf_der).unwrap_or_default();
             let response =
@@ -375,6 +469,49 @@ async fn handle_message(session: &Session<'_>, msg: AgentMessage) -> Result<(), 
         None => tracing::warn!(agent_id, "empty message ignored"),
     }
     Ok(())
+}
+
+impl Session<'_> {
+    /// Whether this report differs from the last one written on this session (or that one is
+    /// old enough to refresh); remembers it when it does.
+    fn inventory_changed(&self, report: &stella_proto::InventoryReport) -> bool {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        for t in &report.targets {
+            for field in [&t.target, &t.kind, &t.sticker_json, &t.error] {
+                hash.update(field.as_bytes());
+                hash.update([0]);
+            }
+            for w in &t.workloads {
+                for field in [
+                    &w.component,
+                    &w.digest,
+                    &w.state,
+                    &w.health,
+                    &w.workload_id,
+                    &w.release_id,
+                    &w.deployment_id,
+                ] {
+                    hash.update(field.as_bytes());
+                    hash.update([0]);
+                }
+            }
+            hash.update([1]);
+        }
+        let digest = hex::encode(hash.finalize());
+        let now = now_ms();
+        let mut last = self
+            .last_inventory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let unchanged = last
+            .as_ref()
+            .is_some_and(|(d, at)| *d == digest && now - at < INVENTORY_REFRESH_MS);
+        if !unchanged {
+            *last = Some((digest, now));
+        }
+        !unchanged
+    }
 }
 
 /// Checks that a result carries a receipt signed with the key of one of the certificates this

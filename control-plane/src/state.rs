@@ -24,6 +24,8 @@ pub struct AppState {
     pub db: Db,
     pub keys: PlaneKeys,
     pub hub: Hub,
+    /// The writer that group-commits what agent sessions record.
+    pub writes: crate::group_commit::GroupCommit,
     pub config: PlaneConfig,
     /// Flips to true when the plane shuts down; sessions then drain their agents.
     pub shutdown: watch::Receiver<bool>,
@@ -38,6 +40,21 @@ pub struct AppState {
     pub handshake_refusals: RefusalCounts,
     /// TLS configurations of the API and the agent endpoint, rebuilt when CAs rotate.
     pub tls: TlsConfigs,
+    /// Live changes for `/api/v1/events` (server-sent events). Lagging subscribers lose
+    /// events, never the plane: the database stays the record.
+    pub events: tokio::sync::broadcast::Sender<PlaneEvent>,
+    /// Wakes the workflow runner when something it waits on may have changed.
+    pub runner_wake: tokio::sync::Notify,
+}
+
+/// Something changed: `kind` (promotion, deployment, workflow_run) and the id of the thing.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PlaneEvent {
+    pub kind: &'static str,
+    pub id: String,
+    /// The promotion the change belongs to, when there is one (for filtering).
+    pub promotion: Option<String>,
+    pub at: String,
 }
 
 #[derive(Default)]
@@ -153,6 +170,20 @@ impl EnrollmentLimiter {
 }
 
 impl AppState {
+    pub fn publish_event(&self, kind: &'static str, id: &str) {
+        self.publish(PlaneEvent {
+            kind,
+            id: id.to_string(),
+            promotion: (kind == "promotion").then(|| id.to_string()),
+            at: crate::store::rfc3339(crate::store::now_ms()),
+        });
+    }
+
+    pub fn publish(&self, event: PlaneEvent) {
+        // No subscriber is not an error: events are a convenience over the database.
+        let _ = self.events.send(event);
+    }
+
     pub fn count_enrollment_refusal(&self, reason: &'static str) {
         if let Ok(mut m) = self.enrollment_refusals.lock() {
             *m.entry(reason).or_default() += 1;

@@ -306,17 +306,17 @@ pub async fn detail(state: &AppState, id_or_name: &str) -> ApiResult<TargetDetai
 
 /// Replaces the plane's view of the targets an agent reported on. Targets the agent does not
 /// serve are ignored: an agent can only speak for its own targets.
+/// Runs inside the caller's transaction (the group commit).
 pub async fn record_inventory(
-    state: &AppState,
+    tx: &mut sqlx::SqliteConnection,
     agent_id: &str,
     report: &stella_proto::InventoryReport,
-) -> ApiResult<()> {
+) -> Result<(), sqlx::Error> {
     let observed_at = if report.observed_at_unix_ms > 0 {
         report.observed_at_unix_ms
     } else {
         now_ms()
     };
-    let mut tx = crate::store::write_tx(&state.db).await?;
     for t in &report.targets {
         let row: Option<(String,)> =
             sqlx::query_as("SELECT id FROM targets WHERE name = ? AND agent_id = ?")
@@ -363,6 +363,5 @@ pub async fn record_inventory(
         .execute(&mut *tx)
         .await?;
     }
-    tx.commit().await?;
     Ok(())
 }

@@ -57,13 +57,13 @@ pub enum Permission {
 
 impl Permission {
     fn granted_to(self, role: Role) -> bool {
-        match (self, role) {
-            (_, Role::Admin) => true,
-            (Permission::Read, _) => true,
-            (Permission::Release, Role::Releaser) => true,
-            (Permission::Approve, Role::Approver) => true,
-            _ => false,
-        }
+        matches!(
+            (self, role),
+            (_, Role::Admin)
+                | (Permission::Read, _)
+                | (Permission::Release, Role::Releaser)
+                | (Permission::Approve, Role::Approver)
+        )
     }
 
     fn describe(self) -> &'static str {
