@@ -14,6 +14,7 @@ pub mod deployments;
 pub mod duration;
 pub mod environments;
 pub mod error;
+pub mod group_commit;
 pub mod gates;
 pub mod hub;
 pub mod keys;

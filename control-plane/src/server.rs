@@ -14,7 +14,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::hub::Hub;
+use crate::group_commit::GroupCommit;
+use crate::hub::{AdmissionConfig, Hub};
 use crate::keys::PlaneKeys;
 use crate::session::AgentSessionService;
 use crate::state::{AppState, PlaneConfig, RefusalCounts, SharedState};
@@ -39,7 +40,12 @@ pub struct ServeOptions {
     pub job_ttl: Duration,
     pub agent_cert_validity: Duration,
     pub renewal_grace: Duration,
+    /// Session setups allowed at once; the excess is told to reconnect later.
+    pub max_session_setups: usize,
 }
+
+/// How often heartbeat times kept in memory are written to the database.
+const HEARTBEAT_FLUSH: Duration = Duration::from_secs(30);
 
 pub struct RunningPlane {
     pub api_url: String,
@@ -117,8 +123,12 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let handshake_refusals: RefusalCounts = Default::default();
     let state: SharedState = Arc::new(AppState {
+        writes: GroupCommit::start(db.clone()),
         db,
-        hub: Hub::default(),
+        hub: Hub::new(AdmissionConfig {
+            max_session_setups: opts.max_session_setups,
+            ..AdmissionConfig::default()
+        }),
         config: PlaneConfig {
             agent_endpoint: agent_url.clone(),
             heartbeat_interval: opts.heartbeat_interval,
@@ -170,6 +180,8 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
         }
     });
 
+    let heartbeat_task = tokio::spawn(flush_heartbeats(state.clone(), shutdown_rx.clone()));
+
     std::fs::write(opts.data_dir.join(API_URL_FILE), format!("{api_url}\n"))
         .context("writing api.url")?;
     tracing::info!(%api_url, %agent_url, "control plane ready");
@@ -180,7 +192,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
         admin_token_path,
         state,
         shutdown: shutdown_tx,
-        tasks: vec![api_task, agent_task, runner_task],
+        tasks: vec![api_task, agent_task, runner_task, heartbeat_task],
     })
 }
 
@@ -197,6 +209,24 @@ impl RunningPlane {
             }
         }
         self.state.db.close().await;
+    }
+}
+
+/// Writes the heartbeats the hub collected, every `HEARTBEAT_FLUSH` and once more at shutdown.
+async fn flush_heartbeats(state: SharedState, mut shutdown: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(HEARTBEAT_FLUSH);
+    every.tick().await;
+    loop {
+        let stopping = tokio::select! {
+            _ = every.tick() => false,
+            _ = shutdown.wait_for(|v| *v) => true,
+        };
+        state.writes.heartbeats(state.hub.take_heartbeats()).await;
+        if stopping {
+            // The database closes once the server tasks are done: let the writer finish first.
+            state.writes.barrier().await;
+            return;
+        }
     }
 }
 
