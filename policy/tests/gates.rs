@@ -518,3 +518,24 @@ fn explain_lists_every_gate_and_the_hashes() {
     assert!(text.contains(&decision.input_hash));
     assert!(text.contains(&decision.policy_digest));
 }
+
+#[test]
+fn explain_reads_as_documented_in_docs_policy_md() {
+    let mut input = approved_by_two();
+    input.environment.freeze_windows = vec![holiday(&["olga"])];
+    let decision = decide(&input);
+    let expected = format!(
+        "blocked: freeze window 'holiday' until 2026-12-27T00:00:00Z (override: not requested)
+  failed  freeze_window: freeze window 'holiday' until 2026-12-27T00:00:00Z (override: not requested)
+  passed  schedule_window: no schedule windows: promotions may happen at any time
+  passed  dependency: release shop-1.4.0 was deployed to stage at 2026-05-30T16:00:00Z
+  passed  separation_of_duties: no approval is by the requester (rita) or the release creator (carl)
+  passed  approvals: 2 of 2 required approvals (alice, bob)
+  passed  manual: no manual go required
+  passed  policy: no Rego policies
+input {}, policy {}
+",
+        decision.input_hash, decision.policy_digest
+    );
+    assert_eq!(decision.explain(), expected);
+}
