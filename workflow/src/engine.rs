@@ -54,6 +54,10 @@ pub fn idempotency_key(run_id: &str, step_id: &str, attempt: u32) -> String {
 }
 
 /// The actions due at `now`, in template order, with at most one `WakeAt` last.
+///
+/// Every action of one list can be carried out; then ask again. A list holds either starts
+/// or actions that end running attempts (timeouts, completed waits, cancellations), never
+/// both: the starts come once the endings have been applied.
 pub fn next_actions(
     template: &WorkflowTemplate,
     state: &RunState,
@@ -70,7 +74,10 @@ pub fn next_actions(
         return Ok(vec![Action::Finish(outcome)]);
     }
     let cancelled = state.cancel_request().is_some();
-    let mut actions = Vec::new();
+    // Starts and the actions that end running attempts are never mixed in one list: ending
+    // an attempt can fail the run, which would make a start computed beside it stale.
+    let mut starts = Vec::new();
+    let mut endings = Vec::new();
     let mut wake: Option<OffsetDateTime> = None;
     let mut wake_at = |at: OffsetDateTime| {
         wake = Some(wake.map_or(at, |earliest| earliest.min(at)));
@@ -81,7 +88,7 @@ pub fn next_actions(
             StepStatus::Pending
                 if !cancelled && readiness(template, state, index) == Readiness::Ready =>
             {
-                actions.push(Action::StartStep {
+                starts.push(Action::StartStep {
                     idempotency_key: idempotency_key(state.run_id(), &step.id, 1),
                     step_id,
                     attempt: 1,
@@ -89,7 +96,7 @@ pub fn next_actions(
             }
             StepStatus::WaitingRetry { attempt, at, .. } if !cancelled => {
                 if *at <= now {
-                    actions.push(Action::StartStep {
+                    starts.push(Action::StartStep {
                         idempotency_key: idempotency_key(state.run_id(), &step.id, *attempt),
                         step_id,
                         attempt: *attempt,
@@ -104,11 +111,11 @@ pub fn next_actions(
             } => {
                 let attempt = *attempt;
                 if cancelled {
-                    actions.push(Action::CancelStep { step_id, attempt });
+                    endings.push(Action::CancelStep { step_id, attempt });
                 } else if let StepKind::Wait(wait) = &step.kind {
                     match add(*started_at, wait.duration, &step.id) {
                         Ok(due) if due <= now => {
-                            actions.push(Action::CompleteWait { step_id, attempt });
+                            endings.push(Action::CompleteWait { step_id, attempt });
                         }
                         Ok(due) => wake_at(due),
                         // Unreachable with validated durations; such a wait never ends.
@@ -117,7 +124,7 @@ pub fn next_actions(
                 } else if let Some(timeout) = step.timeout {
                     match add(*started_at, timeout, &step.id) {
                         Ok(due) if due <= now => {
-                            actions.push(Action::TimeoutStep { step_id, attempt });
+                            endings.push(Action::TimeoutStep { step_id, attempt });
                         }
                         Ok(due) => wake_at(due),
                         Err(_) => {}
@@ -127,6 +134,7 @@ pub fn next_actions(
             _ => {}
         }
     }
+    let mut actions = if endings.is_empty() { starts } else { endings };
     if let Some(at) = wake {
         actions.push(Action::WakeAt(at));
     }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use proptest::prelude::*;
 use stella_workflow::{
-    Action, Event, RunOutcome, RunState, RunStatus, StepStatus, When, WorkflowTemplate,
+    Action, Event, RunOutcome, RunState, RunStatus, StepKind, StepStatus, When, WorkflowTemplate,
     idempotency_key, next_actions,
 };
 use time::OffsetDateTime;
@@ -143,106 +143,187 @@ proptest! {
         choices in prop::collection::vec(0u8..6, 0..300),
         cancel_at in prop::option::of(0usize..40),
     ) {
-        let yaml = render(&plans, &order);
-        let template = WorkflowTemplate::parse("generated.yaml", &yaml)
-            .unwrap_or_else(|errors| panic!("generated template refused:\n{errors}\n{yaml}"));
-        let mut now = OffsetDateTime::from_unix_timestamp(1_900_000_000).expect("instant");
-        let mut state = RunState::new("run-p", &template, now);
-        let mut next_choice = choices.into_iter();
-        let mut starts: HashMap<String, u32> = HashMap::new();
-        let mut cancelled = false;
-        let mut outcome = None;
+        drive(&plans, &order, choices, cancel_at)?;
+    }
+}
 
-        for iteration in 0..2_000 {
-            // A plane restart: the state must survive its JSON form unchanged.
-            if iteration % 3 == 0 {
-                let stored = serde_json::to_string(&state).expect("serialize");
-                let reloaded: RunState = serde_json::from_str(&stored).expect("deserialize");
-                prop_assert_eq!(&reloaded, &state);
-                state = reloaded;
-            }
-            if cancel_at == Some(iteration) && !state.status().is_finished() {
-                state.apply(&template, Event::Cancel { reason: "test".into() }, now).expect("cancel");
-                cancelled = true;
-            }
-            let actions = next_actions(&template, &state, now).expect("actions");
-            if let [Action::Finish(finished)] = actions.as_slice() {
-                outcome = Some(*finished);
-                break;
-            }
-            let mut wake = None;
-            let mut acted = false;
-            for action in actions {
-                match action {
-                    Action::StartStep { step_id, attempt, idempotency_key: key } => {
-                        prop_assert!(!cancelled, "start after cancel");
-                        let status = state.step(&step_id).cloned().expect("known step");
-                        prop_assert!(!status.is_settled(), "{step_id} started again while {status:?}");
-                        if status == StepStatus::Pending {
-                            prop_assert!(needs_allow_start(&template, &state, &step_id),
-                                "{step_id} started before its needs allowed it\n{yaml}\n{state:?}");
-                        }
-                        let max = template.step(&step_id).expect("step").max_attempts();
-                        prop_assert!(attempt <= max);
-                        prop_assert_eq!(key, idempotency_key("run-p", &step_id, attempt));
-                        *starts.entry(step_id.clone()).or_default() += 1;
-                        prop_assert!(starts[&step_id] <= max, "{step_id} started {} times", starts[&step_id]);
-                        state.apply(&template, Event::StepStarted { step_id, attempt }, now).expect("start");
-                        acted = true;
+/// Runs the generated template to its end the way the plane would, with `choices` deciding
+/// how running jobs end and whether time passes first, checking every action on the way.
+fn drive(
+    plans: &[StepPlan],
+    order: &[usize],
+    choices: Vec<u8>,
+    cancel_at: Option<usize>,
+) -> Result<(), TestCaseError> {
+    let yaml = render(plans, order);
+    let template = WorkflowTemplate::parse("generated.yaml", &yaml)
+        .unwrap_or_else(|errors| panic!("generated template refused:\n{errors}\n{yaml}"));
+    let mut now = OffsetDateTime::from_unix_timestamp(1_900_000_000).expect("instant");
+    let mut state = RunState::new("run-p", &template, now);
+    let mut next_choice = choices.into_iter();
+    let mut starts: HashMap<String, u32> = HashMap::new();
+    let mut cancelled = false;
+    let mut outcome = None;
+
+    for iteration in 0..2_000 {
+        // A plane restart: the state must survive its JSON form unchanged.
+        if iteration % 3 == 0 {
+            let stored = serde_json::to_string(&state).expect("serialize");
+            let reloaded: RunState = serde_json::from_str(&stored).expect("deserialize");
+            prop_assert_eq!(&reloaded, &state);
+            state = reloaded;
+        }
+        if cancel_at == Some(iteration) && !state.status().is_finished() {
+            state
+                .apply(
+                    &template,
+                    Event::Cancel {
+                        reason: "test".into(),
+                    },
+                    now,
+                )
+                .expect("cancel");
+            cancelled = true;
+        }
+        let actions = next_actions(&template, &state, now).expect("actions");
+        if let [Action::Finish(finished)] = actions.as_slice() {
+            outcome = Some(*finished);
+            break;
+        }
+        let mut wake = None;
+        let mut acted = false;
+        for action in actions {
+            match action {
+                Action::StartStep {
+                    step_id,
+                    attempt,
+                    idempotency_key: key,
+                } => {
+                    prop_assert!(!cancelled, "start after cancel");
+                    let status = state.step(&step_id).cloned().expect("known step");
+                    prop_assert!(
+                        !status.is_settled(),
+                        "{step_id} started again while {status:?}"
+                    );
+                    if status == StepStatus::Pending {
+                        prop_assert!(
+                            needs_allow_start(&template, &state, &step_id),
+                            "{step_id} started before its needs allowed it\n{yaml}\n{state:?}"
+                        );
                     }
-                    Action::TimeoutStep { step_id, attempt } => {
-                        state.apply(&template, Event::StepTimedOut { step_id, attempt }, now).expect("timeout");
-                        acted = true;
-                    }
-                    Action::CompleteWait { step_id, attempt } => {
-                        state.apply(&template, Event::WaitElapsed { step_id, attempt }, now).expect("wait");
-                        acted = true;
-                    }
-                    Action::CancelStep { step_id, attempt } => {
-                        state.apply(&template, Event::StepFailed { step_id, attempt, reason: "cancelled".into() }, now).expect("cancel step");
-                        acted = true;
-                    }
-                    Action::WakeAt(at) => {
-                        prop_assert!(at > now, "wake-up in the past");
-                        wake = Some(at);
-                    }
-                    Action::Finish(_) => prop_assert!(false, "finish among other actions"),
+                    let max = template.step(&step_id).expect("step").max_attempts();
+                    prop_assert!(attempt <= max);
+                    prop_assert_eq!(key, idempotency_key("run-p", &step_id, attempt));
+                    *starts.entry(step_id.clone()).or_default() += 1;
+                    prop_assert!(
+                        starts[&step_id] <= max,
+                        "{step_id} started {} times",
+                        starts[&step_id]
+                    );
+                    state
+                        .apply(&template, Event::StepStarted { step_id, attempt }, now)
+                        .expect("start");
+                    acted = true;
                 }
-            }
-            if acted {
-                continue;
-            }
-            // Nothing was due: let one running job report, as chosen, or let time pass.
-            let running: Vec<(String, u32)> = state.steps().iter().filter_map(|record| match record.status {
-                StepStatus::Running { attempt, .. } if !matches!(template.step(&record.id).map(|s| &s.kind), Some(stella_workflow::StepKind::Wait(_))) => Some((record.id.clone(), attempt)),
-                _ => None,
-            }).collect();
-            let choice = next_choice.next().unwrap_or(0);
-            if let Some((step_id, attempt)) = running.get(usize::from(choice) % running.len().max(1)).cloned() {
-                if choice < 3 || wake.is_none() {
-                    let event = if choice % 2 == 0 {
-                        Event::StepSucceeded { step_id, attempt, output: None }
-                    } else {
-                        Event::StepFailed { step_id, attempt, reason: "chosen".into() }
-                    };
-                    state.apply(&template, event, now).expect("result");
-                    continue;
+                Action::TimeoutStep { step_id, attempt } => {
+                    state
+                        .apply(&template, Event::StepTimedOut { step_id, attempt }, now)
+                        .expect("timeout");
+                    acted = true;
                 }
-            }
-            match wake {
-                Some(at) => now = at,
-                None => prop_assert!(false, "run stuck: nothing due, nothing running\n{yaml}\n{state:?}"),
+                Action::CompleteWait { step_id, attempt } => {
+                    state
+                        .apply(&template, Event::WaitElapsed { step_id, attempt }, now)
+                        .expect("wait");
+                    acted = true;
+                }
+                Action::CancelStep { step_id, attempt } => {
+                    state
+                        .apply(
+                            &template,
+                            Event::StepFailed {
+                                step_id,
+                                attempt,
+                                reason: "cancelled".into(),
+                            },
+                            now,
+                        )
+                        .expect("cancel step");
+                    acted = true;
+                }
+                Action::WakeAt(at) => {
+                    prop_assert!(at > now, "wake-up in the past");
+                    wake = Some(at);
+                }
+                Action::Finish(_) => prop_assert!(false, "finish among other actions"),
             }
         }
-
-        let outcome = outcome.expect("run did not finish within the iteration bound");
-        prop_assert!(state.steps().iter().all(|record| record.status.is_settled()));
-        let expected = match (cancelled, state.has_failure()) {
-            (true, _) => RunOutcome::Cancelled,
-            (false, true) => RunOutcome::Failed,
-            (false, false) => RunOutcome::Succeeded,
-        };
-        prop_assert_eq!(outcome, expected);
-        prop_assert_eq!(state.status() == RunStatus::Succeeded, outcome == RunOutcome::Succeeded);
+        if acted {
+            continue;
+        }
+        // Nothing was due: let one running job report, as chosen, or let time pass.
+        let running: Vec<(String, u32)> = state
+            .steps()
+            .iter()
+            .filter_map(|record| match record.status {
+                StepStatus::Running { attempt, .. }
+                    if !matches!(
+                        template.step(&record.id).map(|s| &s.kind),
+                        Some(StepKind::Wait(_))
+                    ) =>
+                {
+                    Some((record.id.clone(), attempt))
+                }
+                _ => None,
+            })
+            .collect();
+        let choice = next_choice.next().unwrap_or(0);
+        // Low choices (or nothing else to wait for) end a running job; high ones let time pass.
+        let reporting = running
+            .get(usize::from(choice) % running.len().max(1))
+            .filter(|_| choice < 3 || wake.is_none());
+        if let Some((step_id, attempt)) = reporting.cloned() {
+            let event = if choice.is_multiple_of(2) {
+                Event::StepSucceeded {
+                    step_id,
+                    attempt,
+                    output: None,
+                }
+            } else {
+                Event::StepFailed {
+                    step_id,
+                    attempt,
+                    reason: "chosen".into(),
+                }
+            };
+            state.apply(&template, event, now).expect("result");
+            continue;
+        }
+        match wake {
+            Some(at) => now = at,
+            None => prop_assert!(
+                false,
+                "run stuck: nothing due, nothing running\n{yaml}\n{state:?}"
+            ),
+        }
     }
+
+    let outcome = outcome.expect("run did not finish within the iteration bound");
+    prop_assert!(
+        state
+            .steps()
+            .iter()
+            .all(|record| record.status.is_settled())
+    );
+    let expected = match (cancelled, state.has_failure()) {
+        (true, _) => RunOutcome::Cancelled,
+        (false, true) => RunOutcome::Failed,
+        (false, false) => RunOutcome::Succeeded,
+    };
+    prop_assert_eq!(outcome, expected);
+    prop_assert_eq!(
+        state.status() == RunStatus::Succeeded,
+        outcome == RunOutcome::Succeeded
+    );
+    Ok(())
 }

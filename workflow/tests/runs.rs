@@ -660,3 +660,34 @@ fn a_template_of_failure_handlers_only_succeeds_at_once() {
     assert_eq!(plane.state.status(), RunStatus::Succeeded);
     assert_eq!(plane.actions(), [Action::Finish(RunOutcome::Succeeded)]);
 }
+
+#[test]
+fn endings_come_before_starts_so_no_start_goes_stale() {
+    let mut plane = Plane::new(template(
+        "name: w\nsteps:\n  - { id: x, type: deploy, timeout: 10s }\n  - { id: y, type: deploy, retry: { count: 1, backoff: 10s } }\n",
+    ));
+    plane.start("x", 1).start("y", 1).fail("y", 1, "flaky");
+    // At 10s x times out and y's retry is due: the timeout alone is offered first ...
+    plane.at(10);
+    assert_eq!(
+        plane.actions(),
+        [Action::TimeoutStep {
+            step_id: "x".into(),
+            attempt: 1
+        }]
+    );
+    plane.ok(Event::StepTimedOut {
+        step_id: "x".into(),
+        attempt: 1,
+    });
+    // ... and once it failed the run, y's retry is abandoned instead of started.
+    assert_eq!(
+        plane.status("y"),
+        &StepStatus::Failed {
+            attempt: 1,
+            finished_at: at(10),
+            reason: "flaky; not retried: run failed".into()
+        }
+    );
+    assert_eq!(plane.actions(), [Action::Finish(RunOutcome::Failed)]);
+}
