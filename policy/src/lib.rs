@@ -17,7 +17,8 @@
 //! - `approvals`: N of M, pending until `required_approvals` distinct users approved (approvals
 //!   breaking separation of duties are not counted), failed on any rejection;
 //! - `manual`: pending until one of `environment.manual_approvers` approved;
-//! - `policy`: Rego, see [`rego`](crate::PolicySet) and `docs/policy.md`; fails closed.
+//! - `policy`: Rego modules (a [`PolicySet`]) deciding through `data.stella.promotion.deny`
+//!   and/or `allow`; fails closed. The contract is in `docs/policy.md`.
 //!
 //! A failed gate blocks the promotion whatever the approvals say; a pending gate (and none
 //! failed) leaves it pending. The decision carries `input_hash`, the sha256 of the canonical

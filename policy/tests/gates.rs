@@ -539,3 +539,15 @@ input {}, policy {}
     );
     assert_eq!(decision.explain(), expected);
 }
+
+#[test]
+fn a_repeated_violation_is_reported_once() {
+    let mut input = input();
+    approve(&mut input, "rita");
+    approve(&mut input, "alice");
+    approve(&mut input, "rita");
+    assert_eq!(
+        gate(&decide(&input), Gate::SeparationOfDuties).reason,
+        "separation of duties: rita requested this promotion and cannot approve it"
+    );
+}

@@ -78,14 +78,15 @@ pub(crate) fn separation_of_duties(input: &PromotionInput) -> GateResult {
             ),
         );
     }
-    let mut violations: Vec<String> = input
+    let mut seen = BTreeSet::new();
+    let violations: Vec<String> = input
         .approvals
         .iter()
         .filter(|a| a.decision == ApprovalDecision::Approve)
         .filter_map(|a| input.separation_of_duties_violation(&a.user))
         .map(|v| v.to_string())
+        .filter(|v| seen.insert(v.clone()))
         .collect();
-    violations.dedup();
     if violations.is_empty() {
         GateResult::passed(
             Gate::SeparationOfDuties,
