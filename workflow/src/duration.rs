@@ -36,7 +36,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "s" => number.checked_mul(1).map(Duration::from_secs),
             "m" => number.checked_mul(60).map(Duration::from_secs),
             "h" => number.checked_mul(3600).map(Duration::from_secs),
-            "" => return Err(format!("duration {text:?} has no unit ({expected})")),
+            "" if after.is_empty() => {
+                return Err(format!("duration {text:?} has no unit ({expected})"));
+            }
+            "" => return Err(format!("invalid duration {text:?} ({expected})")),
             other => {
                 return Err(format!(
                     "duration {text:?} has unknown unit {other:?} (expected ms, s, m or h)"

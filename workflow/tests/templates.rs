@@ -262,7 +262,7 @@ fn durations_must_parse() {
         "name: w\nsteps:\n  - id: d\n    type: deploy\n    timeout: 10 minutes\n",
         5,
         14,
-        "step \"d\": timeout: duration \"10 minutes\" has no unit",
+        "step \"d\": timeout: invalid duration \"10 minutes\"",
     );
     assert_single_error(
         "name: w\nsteps:\n  - id: d\n    type: deploy\n    timeout: 10\n",
