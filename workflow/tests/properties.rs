@@ -327,3 +327,39 @@ fn drive(
     );
     Ok(())
 }
+
+const SAMPLE: &str = "\
+name: sample
+steps:
+  - { id: approve, type: approval }
+  - id: deploy
+    type: deploy
+    needs: [approve]
+    with: { strategy: rolling, batch_size: 2 }
+    retry: { count: 1, backoff: 5s }
+  - { id: health, type: health-check, needs: [deploy], with: { container: true } }
+  - { id: undo, type: rollback, needs: [deploy, health], when: on_failure }
+";
+
+proptest! {
+    /// Damaged templates (a byte range cut out, or arbitrary text) never panic the parser,
+    /// and every error points inside the source or just past its end.
+    #[test]
+    fn damaged_templates_get_positioned_errors(cut_at in 0..SAMPLE.len(), cut_len in 1usize..12, noise in ".{0,80}") {
+        let end = (cut_at + cut_len).min(SAMPLE.len());
+        let damaged = format!("{}{}", &SAMPLE[..cut_at], &SAMPLE[end..]);
+        for source in [damaged.as_str(), noise.as_str()] {
+            if let Err(errors) = WorkflowTemplate::parse("t.yaml", source) {
+                prop_assert!(!errors.errors.is_empty());
+                // YAML breaks lines at \n, \r\n and a lone \r; the scanner may report the
+                // position just past the end.
+                let breaks = source.replace("\r\n", "\n").matches(['\n', '\r']).count();
+                let last_line = breaks + 2;
+                for error in &errors.errors {
+                    prop_assert!(error.line >= 1 && error.line <= last_line, "{error} outside {source:?}");
+                    prop_assert!(error.column >= 1);
+                }
+            }
+        }
+    }
+}

@@ -411,6 +411,19 @@ steps:
     assert!(errors[1].message.contains("unknown step type \"deplyo\""));
     assert!(errors[2].message.contains("needs unknown step \"nowhere\""));
     assert!(errors[3].message.contains("invalid duration \"forever\""));
+    let shown = WorkflowTemplate::parse("workflow.yaml", source)
+        .unwrap_err()
+        .to_string();
+    let lines: Vec<&str> = shown.lines().collect();
+    assert_eq!(lines.len(), 4, "{shown}");
+    assert!(
+        lines[0].starts_with("workflow.yaml:3:9: step 1: invalid step id"),
+        "{shown}"
+    );
+    assert!(
+        lines[3].starts_with("workflow.yaml:10:23: step \"c\": "),
+        "{shown}"
+    );
 }
 
 #[test]
