@@ -81,8 +81,8 @@ pub struct SyncResult {
 fn rules_from(tag_pattern: Option<&str>, channels: &[String]) -> ApiResult<VersionRules> {
     let mut rules = match tag_pattern {
         Some(p) => VersionRules::new(p).map_err(|e| ApiError::BadRequest(e.to_string()))?,
-        None => VersionRules::new(stella_registry::DEFAULT_TAG_PATTERN)
-            .map_err(|e| ApiError::Internal(e.to_string()))?,
+        // A semver tag, pre-releases on `beta`, the rest `stable`.
+        None => VersionRules::semver(),
     };
     for c in channels {
         let rule: ChannelRule = c

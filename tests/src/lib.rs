@@ -141,6 +141,50 @@ impl Plane {
         });
     }
 
+    /// One HTTPS request to the API with the admin token (`token: None`) or another;
+    /// returns status and body.
+    pub fn http(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> (u16, String) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let ca = std::fs::read_to_string(self.dir.join("pki/ca.pem")).expect("ca.pem");
+        let token = token
+            .map(str::to_string)
+            .unwrap_or_else(|| self.admin_token());
+        let url = format!("{}{path}", self.api_url());
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        rt.block_on(async {
+            stella_pki::install_crypto_provider();
+            let client = reqwest::Client::builder()
+                .use_preconfigured_tls(stella_pki::client_config_ca(&ca).expect("tls"))
+                .build()
+                .expect("client");
+            let mut req = client.request(method, &url).bearer_auth(&token);
+            if let Some(body) = body {
+                req = req
+                    .header("content-type", "application/json")
+                    .body(body.to_string());
+            }
+            let resp = req.send().await.expect("request");
+            (resp.status().as_u16(), resp.text().await.expect("body"))
+        })
+    }
+
+    /// SIGKILL: the plane gets no chance to finish anything.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, libc::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         self.child.as_mut().and_then(stop_child).inspect(|_| {
             self.child = None;
