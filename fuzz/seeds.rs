@@ -120,6 +120,23 @@ fn job_envelopes() -> Result<Vec<(&'static str, Vec<u8>)>> {
     let mut none = good.clone();
     none.signatures.clear();
     out.push(("job-no-signature", json(&none)));
+    out.push((
+        "job-health-check",
+        json(&sign_job(key, &stella_fuzz::sample_health_check_job())?),
+    ));
+    out.push((
+        "job-script-unsupported",
+        json(&sign_job(key, &stella_fuzz::sample_script_job())?),
+    ));
+    let mut j = stella_fuzz::sample_health_check_job();
+    j.components = sample_job().components;
+    out.push((
+        "job-health-check-with-components",
+        json(&sign_job(key, &j)?),
+    ));
+    let mut j = sample_job();
+    j.components.clear();
+    out.push(("job-deploy-without-components", json(&sign_job(key, &j)?)));
     let mut short_sig = good;
     short_sig.signatures[0].sig = STANDARD.encode([0u8; 63]);
     out.push(("job-short-signature", json(&short_sig)));
@@ -296,6 +313,7 @@ fn agent_frames(envelope: &[u8], receipt: &[u8], csr_pem: &str) -> Vec<(&'static
                         workload_id: "c0ffee".into(),
                         release_id: "rel-1".into(),
                         deployment_id: "dep-1".into(),
+                        ..Default::default()
                     }],
                     sticker_json: "{}".into(),
                     error: String::new(),

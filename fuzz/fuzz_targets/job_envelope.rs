@@ -2,7 +2,7 @@
 //!
 //! 1. The raw input is offered as an envelope: the verifier must never panic, and whatever it
 //!    accepts must satisfy every documented check (audience, capability, expiry, sequence,
-//!    digest shape).
+//!    digest shape, the kind's parameters).
 //! 2. The same input, read as a structured job plus mutations, is signed with the trusted key,
 //!    damaged (byte flips, overwrites, truncation) and offered: the verifier accepts ONLY the
 //!    untouched envelope, and for the untouched envelope it returns exactly the refusal (or the
@@ -14,7 +14,9 @@ use libfuzzer_sys::fuzz_target;
 use stella_fuzz::{
     AGENT_ID, CAPABILITIES, StructuredJobInput, is_sha256_digest, job_key, now, verifier,
 };
-use stella_pki::{JOB_PAYLOAD_TYPE, JobRefusal, MAX_ENVELOPE_BYTES, sign_job};
+use stella_pki::{
+    JOB_PAYLOAD_TYPE, JobKind, JobRefusal, MAX_ENVELOPE_BYTES, STEP_CAPABILITIES, sign_job,
+};
 
 /// Last accepted sequence for the raw inputs (seeds carry sequence 5).
 const RAW_LAST_SEQUENCE: u64 = 1;
@@ -29,10 +31,22 @@ fuzz_target!(|data: &[u8]| {
 fn raw(data: &[u8]) {
     if let Ok((job, envelope)) = verifier().verify(data, now(), RAW_LAST_SEQUENCE) {
         assert_eq!(job.agent_id, AGENT_ID);
-        assert!(CAPABILITIES.contains(&job.target.kind.as_str()));
         assert!(now() <= job.not_after);
         assert!(job.sequence > RAW_LAST_SEQUENCE);
-        assert!(job.components.iter().all(|c| is_sha256_digest(&c.digest)));
+        match &job.kind {
+            JobKind::Deploy => {
+                assert!(CAPABILITIES.contains(&job.target.kind.as_str()));
+                assert!(!STEP_CAPABILITIES.contains(&job.target.kind.as_str()));
+                assert!(!job.components.is_empty());
+                assert!(job.components.iter().all(|c| is_sha256_digest(&c.digest)));
+            }
+            JobKind::HealthCheck(check) => {
+                assert!(CAPABILITIES.contains(&"health-check"));
+                assert!(job.components.is_empty());
+                assert_eq!(check.problem(), None);
+            }
+            JobKind::Script(_) => panic!("the fuzzers' agent does not offer scripts"),
+        }
         assert_eq!(envelope.payload_type, JOB_PAYLOAD_TYPE);
         // What was accepted verifies again on its own.
         let payload = verifier()
@@ -56,16 +70,41 @@ fn expected(
         Some("oversized")
     } else if job.agent_id != AGENT_ID {
         Some("wrong_audience")
-    } else if !CAPABILITIES.contains(&job.target.kind.as_str()) {
+    } else if let Some(capability) = job.kind.step_capability() {
+        if !CAPABILITIES.contains(&capability) {
+            Some("unsupported_job_kind")
+        } else {
+            expected_after_capability(job, last_sequence)
+        }
+    } else if !CAPABILITIES.contains(&job.target.kind.as_str())
+        || STEP_CAPABILITIES.contains(&job.target.kind.as_str())
+    {
         Some("unsupported_target")
-    } else if now() > job.not_after {
+    } else {
+        expected_after_capability(job, last_sequence)
+    }
+}
+
+fn expected_after_capability(
+    job: &stella_pki::JobPayload,
+    last_sequence: u64,
+) -> Option<&'static str> {
+    if now() > job.not_after {
         Some("expired")
     } else if job.sequence <= last_sequence {
         Some("replayed_sequence")
-    } else if !job.components.iter().all(|c| is_sha256_digest(&c.digest)) {
-        Some("invalid_digest")
     } else {
-        None
+        match &job.kind {
+            JobKind::Deploy if job.components.is_empty() => Some("invalid_job_parameters"),
+            JobKind::Deploy if !job.components.iter().all(|c| is_sha256_digest(&c.digest)) => {
+                Some("invalid_digest")
+            }
+            JobKind::Deploy => None,
+            _ if !job.components.is_empty() => Some("invalid_job_parameters"),
+            // The parameter rules themselves are unit-tested in pki/src/job.rs.
+            JobKind::HealthCheck(check) => check.problem().map(|_| "invalid_job_parameters"),
+            JobKind::Script(script) => script.problem().map(|_| "invalid_job_parameters"),
+        }
     }
 }
 

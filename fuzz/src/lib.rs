@@ -11,14 +11,16 @@ use arbitrary::Arbitrary;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use stella_pki::{
-    JobComponent, JobKind, JobPayload, JobTarget, JobVerifier, SigningKey, TrustedKeys,
+    HealthCheckJob, HttpProbe, JobComponent, JobKind, JobPayload, JobTarget, JobVerifier,
+    ScriptJob, SigningKey, TrustedKeys,
 };
 use time::OffsetDateTime;
 
 pub const TRUST_DOMAIN: &str = "stella.local";
 /// The agent the job verifier runs as, and the id the CSR target asks the CA for.
 pub const AGENT_ID: &str = "agent-fuzz";
-pub const CAPABILITIES: [&str; 2] = ["docker", "compose"];
+/// Two executors and one step capability: health checks run here, scripts do not.
+pub const CAPABILITIES: [&str; 3] = ["docker", "compose", "health-check"];
 
 /// An agent certificate (issued by a throwaway CA for `AGENT_ID`) and its ECDSA P-256 key.
 pub const AGENT_CERT_PEM: &str = include_str!("../fixtures/agent.cert.pem");
@@ -99,6 +101,35 @@ pub fn sample_job() -> JobPayload {
     }
 }
 
+/// A health-check job the fuzzers' verifier accepts with `last_sequence` < 5 at [`now`].
+pub fn sample_health_check_job() -> JobPayload {
+    JobPayload {
+        kind: JobKind::HealthCheck(HealthCheckJob {
+            http: HttpProbe {
+                url: "http://127.0.0.1:8080/healthz".into(),
+                expect_status: 200,
+            },
+            interval_ms: 1000,
+            healthy_after: 3,
+            timeout_ms: 60_000,
+        }),
+        components: Vec::new(),
+        ..sample_job()
+    }
+}
+
+/// A script job: refused by the fuzzers' verifier, which does not offer `script`.
+pub fn sample_script_job() -> JobPayload {
+    JobPayload {
+        kind: JobKind::Script(ScriptJob {
+            command: vec!["/bin/sh".into(), "-c".into(), "exit 0".into()],
+            timeout_ms: 10_000,
+        }),
+        components: Vec::new(),
+        ..sample_job()
+    }
+}
+
 /// Whether `d` is `sha256:` + 64 lowercase hex digits (the verifier's rule, restated).
 pub fn is_sha256_digest(d: &str) -> bool {
     d.strip_prefix("sha256:").is_some_and(|hex| {
@@ -121,7 +152,62 @@ pub enum FuzzAudience {
 pub enum FuzzKind {
     Docker,
     Compose,
+    /// A target kind named like a step capability (never an executor).
+    Step,
     Other(String),
+}
+
+#[derive(Debug, Arbitrary)]
+pub enum FuzzJobKind {
+    Deploy,
+    HealthCheck {
+        /// A plausible URL most of the time, anything otherwise.
+        url: Result<(bool, u16, String), String>,
+        expect_status: u16,
+        interval_ms: u64,
+        healthy_after: u32,
+        timeout_ms: u64,
+    },
+    Script {
+        command: Vec<String>,
+        timeout_ms: u64,
+    },
+}
+
+impl FuzzJobKind {
+    fn to_kind(&self) -> JobKind {
+        match self {
+            FuzzJobKind::Deploy => JobKind::Deploy,
+            FuzzJobKind::HealthCheck {
+                url,
+                expect_status,
+                interval_ms,
+                healthy_after,
+                timeout_ms,
+            } => JobKind::HealthCheck(HealthCheckJob {
+                http: HttpProbe {
+                    url: match url {
+                        Ok((tls, port, path)) => format!(
+                            "{}://127.0.0.1:{port}/{path}",
+                            if *tls { "https" } else { "http" }
+                        ),
+                        Err(raw) => raw.clone(),
+                    },
+                    expect_status: *expect_status,
+                },
+                interval_ms: *interval_ms,
+                healthy_after: *healthy_after,
+                timeout_ms: *timeout_ms,
+            }),
+            FuzzJobKind::Script {
+                command,
+                timeout_ms,
+            } => JobKind::Script(ScriptJob {
+                command: command.clone(),
+                timeout_ms: *timeout_ms,
+            }),
+        }
+    }
 }
 
 #[derive(Debug, Arbitrary)]
@@ -180,6 +266,7 @@ pub struct FuzzJob {
     pub target_name: String,
     pub target_kind: FuzzKind,
     pub config: FuzzValue,
+    pub kind: FuzzJobKind,
     pub deployment_id: String,
     pub release_id: String,
     pub release_name: String,
@@ -217,11 +304,12 @@ impl FuzzJob {
                 kind: match &self.target_kind {
                     FuzzKind::Docker => "docker".to_string(),
                     FuzzKind::Compose => "compose".to_string(),
+                    FuzzKind::Step => "health-check".to_string(),
                     FuzzKind::Other(s) => s.clone(),
                 },
                 config: self.config.to_json(8),
             },
-            kind: JobKind::Deploy,
+            kind: self.kind.to_kind(),
             deployment_id: self.deployment_id.clone(),
             release_id: self.release_id.clone(),
             release_name: self.release_name.clone(),

@@ -1,5 +1,6 @@
 //! Property tests of the PKI's encodings and signatures: DSSE pre-authentication encoding, DSSE
-//! sign/verify, tamper rejection, token hashing, envelope and result digests, agent receipts.
+//! sign/verify, tamper rejection, token hashing, envelope and result digests, agent receipts,
+//! which step jobs (health checks, scripts) an agent accepts.
 //!
 //! Case counts are bounded so the file runs in a few seconds. The blocks on proptest's default
 //! configuration (the pure encodings) take more with e.g.
@@ -350,5 +351,122 @@ proptest! {
         let mut tampered = env.clone();
         tampered.payload = STANDARD.encode(&body);
         prop_assert_eq!(verify_receipt(&agents.cert_a, &tampered), Err(ReceiptError::BadSignature));
+    }
+}
+
+// ---- step jobs (health checks, scripts): the job payload's kinds with parameters
+
+fn step_kind() -> impl Strategy<Value = stella_pki::JobKind> {
+    use stella_pki::{HealthCheckJob, HttpProbe, JobKind, ScriptJob};
+    prop_oneof![
+        (
+            prop_oneof![
+                (any::<bool>(), any::<u16>(), "[a-z/]{0,12}").prop_map(|(tls, port, path)| {
+                    format!(
+                        "{}://127.0.0.1:{port}/{path}",
+                        if tls { "https" } else { "http" }
+                    )
+                }),
+                any::<String>(),
+            ],
+            any::<u16>(),
+            prop_oneof![1u64..10_000, any::<u64>()],
+            prop_oneof![1u32..5, any::<u32>()],
+            prop_oneof![1u64..100_000, any::<u64>()],
+        )
+            .prop_map(
+                |(url, expect_status, interval_ms, healthy_after, timeout_ms)| {
+                    JobKind::HealthCheck(HealthCheckJob {
+                        http: HttpProbe { url, expect_status },
+                        interval_ms,
+                        healthy_after,
+                        timeout_ms,
+                    })
+                }
+            ),
+        (
+            prop::collection::vec(any::<String>(), 0..4),
+            prop_oneof![1u64..100_000, any::<u64>()],
+        )
+            .prop_map(|(command, timeout_ms)| JobKind::Script(ScriptJob {
+                command,
+                timeout_ms
+            })),
+    ]
+}
+
+fn step_job(kind: stella_pki::JobKind, with_components: bool) -> stella_pki::JobPayload {
+    let issued_at = time::OffsetDateTime::from_unix_timestamp(1_893_499_200).unwrap();
+    stella_pki::JobPayload {
+        job_id: "job-1".into(),
+        agent_id: "agent-1".into(),
+        target: stella_pki::JobTarget {
+            name: "web".into(),
+            kind: "docker".into(),
+            config: serde_json::Value::Null,
+        },
+        kind,
+        deployment_id: "dep-1".into(),
+        release_id: "rel-1".into(),
+        release_name: "r1".into(),
+        components: if with_components {
+            vec![stella_pki::JobComponent {
+                name: "api".into(),
+                image: "registry.example/api".into(),
+                digest: format!("sha256:{}", "ab".repeat(32)),
+            }]
+        } else {
+            Vec::new()
+        },
+        issued_at,
+        not_after: issued_at + time::Duration::minutes(10),
+        sequence: 2,
+        idempotency_key: "dep-1/t".into(),
+    }
+}
+
+proptest! {
+    #![proptest_config(signing_config())]
+
+    /// A signed step job is accepted exactly when the agent offers its capability, it carries
+    /// no components and its parameters are runnable; accepted, it is the job that was signed.
+    #[test]
+    fn step_jobs_are_accepted_exactly_when_offered_empty_of_digests_and_runnable(
+        kind in step_kind(),
+        with_components in any::<bool>(),
+        offer_health in any::<bool>(),
+        offer_script in any::<bool>(),
+    ) {
+        let job = step_job(kind, with_components);
+        let mut capabilities = vec!["docker".to_string()];
+        if offer_health { capabilities.push("health-check".into()); }
+        if offer_script { capabilities.push("script".into()); }
+        let verifier = stella_pki::JobVerifier {
+            agent_id: "agent-1".into(),
+            trusted: trust(&KEY),
+            capabilities,
+        };
+        let bytes = serde_json::to_vec(&stella_pki::sign_job(&KEY, &job).unwrap()).unwrap();
+        let now = job.issued_at;
+        let (offered, problem) = match &job.kind {
+            stella_pki::JobKind::HealthCheck(h) => (offer_health, h.problem()),
+            stella_pki::JobKind::Script(s) => (offer_script, s.problem()),
+            stella_pki::JobKind::Deploy => unreachable!(),
+        };
+        match verifier.verify(&bytes, now, 1) {
+            Ok((got, _)) => {
+                prop_assert!(offered && !with_components && problem.is_none());
+                prop_assert_eq!(got, job);
+            }
+            Err(refusal) => {
+                let want = if !offered {
+                    "unsupported_job_kind"
+                } else {
+                    "invalid_job_parameters"
+                };
+                prop_assert!(!offered || with_components || problem.is_some());
+                prop_assert_eq!(refusal.reason_code(), want);
+            }
+        }
     }
 }
