@@ -11,3 +11,4 @@ pub mod executors;
 pub mod identity;
 pub mod journal;
 pub mod runtime;
+pub mod transport;

@@ -8,26 +8,25 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use futures_util::StreamExt as _;
 use rand::Rng;
 use stella_pki::{JobPayload, JobRefusal, JobVerifier};
 use stella_plugin_sdk::{
     ComponentSpec, DeploySpec, PluginError, ProgressSink, TargetRef, VersionSticker,
 };
 use stella_proto::agent_message::Body as AgentBody;
-use stella_proto::agent_session_client::AgentSessionClient;
 use stella_proto::plane_message::Body as PlaneBody;
 use stella_proto::{
     AgentMessage, Heartbeat, Hello, InventoryReport, JobAccepted, JobOffer, JobProgress, JobResult,
     JobStatus, TargetInventory, Workload,
 };
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 use crate::config::{AgentConfig, DataDir, read_json, write_json};
 use crate::executors::{self, Executors};
 use crate::identity;
 use crate::journal::{Journal, JournalEntry, JournalStatus, StoredResult};
+use crate::transport::{self, LinkError};
 
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
@@ -303,7 +302,7 @@ async fn connect_and_serve(
         ident = identity::load(&shared.dir)?;
         use_identity(shared, &ident);
     }
-    session(shared, &ident, Certificate::from_pem(ca_pem), uplink_rx).await
+    session(shared, &ident, ca_pem, uplink_rx).await
 }
 
 fn use_identity(shared: &Shared, ident: &identity::AgentIdentity) {
@@ -315,33 +314,9 @@ fn use_identity(shared: &Shared, ident: &identity::AgentIdentity) {
 async fn session(
     shared: &Arc<Shared>,
     ident: &identity::AgentIdentity,
-    ca: Certificate,
+    ca_pem: &str,
     uplink_rx: &mut mpsc::UnboundedReceiver<AgentMessage>,
 ) -> anyhow::Result<SessionEnd> {
-    let identity = Identity::from_pem(&ident.cert_pem, &ident.key_pem);
-    let endpoint_url = shared.config.agent_endpoint.clone();
-    let host = endpoint_url
-        .trim_start_matches("https://")
-        .rsplit_once(':')
-        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_string())
-        .unwrap_or_else(|| "localhost".to_string());
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(ca)
-        .identity(identity)
-        .domain_name(host);
-    let channel = Endpoint::from_shared(endpoint_url.clone())
-        .with_context(|| format!("invalid agent endpoint {endpoint_url}"))?
-        .tls_config(tls)?
-        .connect_timeout(Duration::from_secs(10))
-        .http2_keep_alive_interval(Duration::from_secs(15))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true)
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {endpoint_url}"))?;
-    let mut client = AgentSessionClient::new(channel);
-
-    let (out_tx, out_rx) = mpsc::channel::<AgentMessage>(256);
     let hello = {
         let journal = lock(&shared.journal);
         Hello {
@@ -354,23 +329,23 @@ async fn session(
             hostname: crate::enroll::hostname(),
         }
     };
-    out_tx.send(msg(AgentBody::Hello(hello))).await?;
-    let mut inbound = match client.session(ReceiverStream::new(out_rx)).await {
-        Ok(r) => r.into_inner(),
-        Err(status)
-            if matches!(
-                status.code(),
-                tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
-            ) =>
-        {
-            return Ok(SessionEnd::Refused(status.message().to_string()));
-        }
-        Err(status) => return Err(anyhow::Error::new(status).context("opening the session")),
+    // The transport comes from the endpoint URL (https:// gRPC, quic:// QUIC); everything
+    // below is the same protocol on either.
+    let endpoint = &shared.config.agent_endpoint;
+    let link = match transport::open(endpoint, ca_pem, ident, msg(AgentBody::Hello(hello))).await {
+        Ok(link) => link,
+        Err(LinkError::Refused(why)) => return Ok(SessionEnd::Refused(why)),
+        Err(LinkError::Broken(e)) => return Err(e),
     };
+    let out_tx = link.outbound.clone();
+    let mut inbound = link;
 
-    let welcome = match tokio::time::timeout(Duration::from_secs(15), inbound.message()).await {
+    let welcome = match tokio::time::timeout(Duration::from_secs(15), inbound.inbound.next()).await
+    {
         Err(_) => anyhow::bail!("no welcome from the plane within 15s"),
-        Ok(m) => match m?.and_then(|m| m.body) {
+        Ok(Some(Err(LinkError::Refused(why)))) => return Ok(SessionEnd::Refused(why)),
+        Ok(Some(Err(LinkError::Broken(e)))) => return Err(e),
+        Ok(m) => match m.and_then(|m| m.ok()).and_then(|m| m.body) {
             Some(PlaneBody::Welcome(w)) => w,
             Some(PlaneBody::Drain(d)) => {
                 return Ok(SessionEnd::Drained(Duration::from_millis(u64::from(
@@ -397,6 +372,10 @@ async fn session(
         .filter(|ms| *ms >= 100)
         .map(Duration::from_millis)
         .unwrap_or(DEFAULT_HEARTBEAT);
+    // A plane that answers heartbeats and stays silent for three intervals is gone, whatever
+    // the transport still believes (half-open link, stopped process): reconnect.
+    let silence_limit = welcome.answers_heartbeats.then_some(heartbeat_every * 3);
+    let mut last_heard = tokio::time::Instant::now();
 
     // Unacknowledged results first: the plane may have lost nothing, but only it can say so.
     let spooled = lock(&shared.journal).spooled();
@@ -416,10 +395,14 @@ async fn session(
     let mut renewal_pending = false;
     loop {
         tokio::select! {
-            incoming = inbound.message() => {
-                let Some(incoming) = incoming.context("session stream")? else {
-                    return Ok(SessionEnd::Closed { established: true });
+            incoming = inbound.inbound.next() => {
+                let incoming = match incoming {
+                    None => return Ok(SessionEnd::Closed { established: true }),
+                    Some(Err(LinkError::Refused(why))) => return Ok(SessionEnd::Refused(why)),
+                    Some(Err(LinkError::Broken(e))) => return Err(e.context("session stream")),
+                    Some(Ok(m)) => m,
                 };
+                last_heard = tokio::time::Instant::now();
                 match incoming.body {
                     Some(PlaneBody::Offer(offer)) => handle_offer(shared, offer, &out_tx).await?,
                     Some(PlaneBody::ResultAck(ack)) => {
@@ -450,10 +433,13 @@ async fn session(
                         }
                     }
                     Some(PlaneBody::Trust(update)) => apply_trust_bundle(shared, &update.bundle, &out_tx).await?,
-                    Some(PlaneBody::Welcome(_)) | None => {}
+                    Some(PlaneBody::Welcome(_)) | Some(PlaneBody::Heartbeat(_)) | None => {}
                 }
             }
             Some(up) = uplink_rx.recv() => out_tx.send(up).await?,
+            _ = tokio::time::sleep_until(last_heard + silence_limit.unwrap_or_default()), if silence_limit.is_some() => {
+                anyhow::bail!("no message from the plane for {:?} (heartbeats unanswered); reconnecting", silence_limit.unwrap_or_default());
+            }
             _ = heartbeat.tick() => {
                 out_tx.send(msg(AgentBody::Heartbeat(Heartbeat { sent_at_unix_ms: now_ms() }))).await?;
             }

@@ -152,6 +152,12 @@ pub struct PlaneListenArgs {
     /// Address of the agent endpoint (gRPC over mTLS).
     #[arg(long, default_value = "127.0.0.1:7444")]
     pub agent_listen: SocketAddr,
+    /// UDP address of the agent endpoint over QUIC (agents use `quic://host:port`); off unless set.
+    #[arg(long)]
+    pub quic_listen: Option<SocketAddr>,
+    /// Give enrolling agents the QUIC endpoint rather than the gRPC one (needs --quic-listen).
+    #[arg(long)]
+    pub advertise_quic: bool,
     /// Extra DNS names or IPs for the server certificate (repeatable).
     #[arg(long = "hostname")]
     pub hostnames: Vec<String>,
@@ -185,6 +191,8 @@ impl PlaneListenArgs {
             data_dir,
             api_listen: self.api_listen,
             agent_listen: self.agent_listen,
+            quic_listen: self.quic_listen,
+            advertise_quic: self.advertise_quic,
             hostnames: self.hostnames.clone(),
             advertise_host: self.advertise_host.clone(),
             trust_domain: self.trust_domain.clone(),

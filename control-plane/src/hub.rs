@@ -27,6 +27,8 @@ pub struct Hub {
     /// (`take_heartbeats`) rather than on every heartbeat.
     heartbeats: Mutex<HashMap<String, i64>>,
     pub admission: Admission,
+    /// TLS handshakes in progress on the agent endpoints, bounded like session setups.
+    pub handshakes: crate::handshakes::HandshakeLimit,
 }
 
 impl Default for Hub {
@@ -47,6 +49,7 @@ impl Hub {
             sessions: Mutex::default(),
             next_session: AtomicU64::default(),
             heartbeats: Mutex::default(),
+            handshakes: crate::handshakes::HandshakeLimit::new(admission.max_session_setups),
             admission: Admission::new(admission),
         }
     }
@@ -123,6 +126,11 @@ impl Hub {
             .lock()
             .map(|s| s.contains_key(agent_id))
             .unwrap_or(false)
+    }
+
+    /// Sessions registered since start (a reconnect counts again; a migrated QUIC path does not).
+    pub fn sessions_started(&self) -> u64 {
+        self.next_session.load(Ordering::Relaxed)
     }
 
     pub fn connected_count(&self) -> usize {

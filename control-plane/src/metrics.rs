@@ -38,6 +38,21 @@ pub async fn render(state: &AppState) -> ApiResult<String> {
         "# HELP stella_session_setups_deferred_total Agent sessions told to reconnect later because the setup limit was reached (since start).\n# TYPE stella_session_setups_deferred_total counter\nstella_session_setups_deferred_total {}",
         admission.deferred()
     );
+    let _ = writeln!(
+        out,
+        "# HELP stella_tls_handshake_limit Agent TLS handshakes (TCP and QUIC) allowed at once.\n# TYPE stella_tls_handshake_limit gauge\nstella_tls_handshake_limit {}",
+        state.hub.handshakes.limit()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP stella_tls_handshakes_peak Most agent TLS handshakes in progress at once since start.\n# TYPE stella_tls_handshakes_peak gauge\nstella_tls_handshakes_peak {}",
+        state.hub.handshakes.peak()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP stella_agent_sessions_total Agent sessions registered since start (reconnects count; a migrated QUIC path does not).\n# TYPE stella_agent_sessions_total counter\nstella_agent_sessions_total {}",
+        state.hub.sessions_started()
+    );
 
     let agents: Vec<(String, String, Option<i64>)> = sqlx::query_as(
         "SELECT id, name, last_heartbeat FROM agents WHERE status != 'revoked' ORDER BY id",

@@ -30,6 +30,10 @@ pub struct ServeOptions {
     pub data_dir: PathBuf,
     pub api_listen: SocketAddr,
     pub agent_listen: SocketAddr,
+    /// UDP address of the agent endpoint over QUIC, if enabled.
+    pub quic_listen: Option<SocketAddr>,
+    /// Hand enrolling agents the QUIC endpoint (`quic://`) instead of the gRPC one.
+    pub advertise_quic: bool,
     /// Extra names/addresses for the server certificate and the advertised agent endpoint.
     pub hostnames: Vec<String>,
     /// Host agents use to reach the agent endpoint; defaults to the listen address (or
@@ -50,6 +54,8 @@ const HEARTBEAT_FLUSH: Duration = Duration::from_secs(30);
 pub struct RunningPlane {
     pub api_url: String,
     pub agent_url: String,
+    /// `quic://host:port` when the QUIC endpoint is enabled.
+    pub quic_url: Option<String>,
     pub ca_fingerprint: String,
     pub admin_token_path: PathBuf,
     pub state: SharedState,
@@ -115,10 +121,21 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
     let agent_listener = TcpListener::bind(opts.agent_listen)
         .await
         .with_context(|| format!("binding the agent endpoint address {}", opts.agent_listen))?;
+    if opts.advertise_quic && opts.quic_listen.is_none() {
+        anyhow::bail!("--advertise-quic needs --quic-listen");
+    }
+    let quic_endpoint = opts.quic_listen.map(crate::quic::bind).transpose()?;
     let api_addr = api_listener.local_addr()?;
     let agent_addr = agent_listener.local_addr()?;
     let api_url = format!("https://{}", advertised(&opts.advertise_host, api_addr));
     let agent_url = format!("https://{}", advertised(&opts.advertise_host, agent_addr));
+    let quic_url = match &quic_endpoint {
+        Some(endpoint) => Some(format!(
+            "quic://{}",
+            advertised(&opts.advertise_host, endpoint.local_addr()?)
+        )),
+        None => None,
+    };
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let handshake_refusals: RefusalCounts = Default::default();
@@ -130,7 +147,10 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
             ..AdmissionConfig::default()
         }),
         config: PlaneConfig {
-            agent_endpoint: agent_url.clone(),
+            agent_endpoint: match (&quic_url, opts.advertise_quic) {
+                (Some(quic_url), true) => quic_url.clone(),
+                _ => agent_url.clone(),
+            },
             heartbeat_interval: opts.heartbeat_interval,
             job_ttl: opts.job_ttl,
             agent_cert_validity: opts.agent_cert_validity,
@@ -181,19 +201,29 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
     });
 
     let heartbeat_task = tokio::spawn(flush_heartbeats(state.clone(), shutdown_rx.clone()));
+    let quic_task = quic_endpoint.map(|endpoint| {
+        tokio::spawn(crate::quic::serve(
+            endpoint,
+            state.clone(),
+            shutdown_rx.clone(),
+        ))
+    });
 
     std::fs::write(opts.data_dir.join(API_URL_FILE), format!("{api_url}\n"))
         .context("writing api.url")?;
-    tracing::info!(%api_url, %agent_url, "control plane ready");
-    Ok(RunningPlane {
+    tracing::info!(%api_url, %agent_url, quic_url = quic_url.as_deref().unwrap_or("disabled"), "control plane ready");
+    let mut plane = RunningPlane {
         api_url,
         agent_url,
+        quic_url,
         ca_fingerprint: state.keys.ca().fingerprint(),
         admin_token_path,
         state,
         shutdown: shutdown_tx,
         tasks: vec![api_task, agent_task, runner_task, heartbeat_task],
-    })
+    };
+    plane.tasks.extend(quic_task);
+    Ok(plane)
 }
 
 impl RunningPlane {
@@ -287,6 +317,13 @@ fn tls_incoming(
     let refusals = state.handshake_refusals.clone();
     tokio::spawn(async move {
         loop {
+            // A handshake slot before the next accept: beyond the limit, connections wait in the
+            // listen backlog rather than all doing TLS at once (see `handshakes.rs`).
+            let slot = tokio::select! {
+                slot = state.hub.handshakes.slot() => slot,
+                _ = shutdown.wait_for(|v| *v) => return,
+            };
+            let Some(slot) = slot else { return };
             let (tcp, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(pair) => pair,
@@ -302,7 +339,10 @@ fn tls_incoming(
             let acceptor = tokio_rustls::TlsAcceptor::from(state.tls.agent());
             let (tx, refusals) = (tx.clone(), refusals.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                let handshake =
+                    tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await;
+                drop(slot);
+                match handshake {
                     Ok(Ok(stream)) => {
                         let _ = tx.send(Ok(stream)).await;
                     }

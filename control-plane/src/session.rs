@@ -1,4 +1,7 @@
-//! The agent endpoint: one bidirectional gRPC stream per agent, over mTLS.
+//! The agent endpoint: one bidirectional stream per agent, over mTLS — a gRPC stream (this
+//! module's `AgentSession` service) or a QUIC stream (`quic.rs`). Both transports hand the same
+//! core (`open`, `serve_opened`) a stream of `AgentMessage`, a sink of `PlaneMessage` and the
+//! verified client certificate, so every line of protocol behaviour is shared.
 //!
 //! The agent's identity comes from its client certificate alone (the SPIFFE URI SAN); nothing a
 //! message says can change whose session it is. Jobs are pushed down the open stream as soon as
@@ -10,7 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt as _};
 use stella_proto::agent_message::Body as AgentBody;
 use stella_proto::agent_session_server::AgentSession;
 use stella_proto::plane_message::Body as PlaneBody;
@@ -19,7 +22,6 @@ use stella_proto::{
     TrustBundleUpdate, Welcome,
 };
 use tokio::sync::mpsc;
-use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -43,8 +45,129 @@ impl AgentSessionService {
 
 type PlaneStream = Pin<Box<dyn Stream<Item = Result<PlaneMessage, Status>> + Send>>;
 
-fn plane(body: PlaneBody) -> Result<PlaneMessage, Status> {
-    Ok(PlaneMessage { body: Some(body) })
+fn plane(body: PlaneBody) -> PlaneMessage {
+    PlaneMessage { body: Some(body) }
+}
+
+/// Why a session is not opened, whatever the transport.
+#[derive(Debug)]
+pub(crate) enum Refusal {
+    /// The certificate names no agent identity of this trust domain.
+    Unauthenticated(String),
+    /// Unknown, revoked, or not the certificate issued to the agent.
+    PermissionDenied(String),
+    /// The plane could not check (storage): the agent should retry later.
+    Internal(String),
+}
+
+impl From<Refusal> for Status {
+    fn from(r: Refusal) -> Status {
+        match r {
+            Refusal::Unauthenticated(m) => Status::unauthenticated(m),
+            Refusal::PermissionDenied(m) => Status::permission_denied(m),
+            Refusal::Internal(m) => Status::internal(m),
+        }
+    }
+}
+
+/// What to do with a session that passed the identity checks.
+pub(crate) enum Opening {
+    /// Admission control turned it away: send this drain and close.
+    Deferred(PlaneMessage),
+    Admitted(Opened),
+}
+
+/// A session whose agent identity is verified, holding its admission until the welcome is sent.
+pub(crate) struct Opened {
+    agent_id: String,
+    leaf_der: Vec<u8>,
+    admitted: Admitted,
+}
+
+/// Admission and identity checks of a new session, from the verified client certificate alone.
+pub(crate) async fn open(state: &SharedState, leaf: &[u8]) -> Result<Opening, Refusal> {
+    // Admission first: a deferred agent costs no database work at all.
+    let permit = match state.hub.admission.try_admit() {
+        Ok(permit) => permit,
+        Err(retry_after) => {
+            tracing::debug!(?retry_after, "session setup deferred (admission limit)");
+            return Ok(Opening::Deferred(plane(PlaneBody::Drain(Drain {
+                reconnect_after_ms: u32::try_from(retry_after.as_millis()).unwrap_or(u32::MAX),
+                reason: "too many agents connecting; come back later".to_string(),
+            }))));
+        }
+    };
+    let setup = state.hub.admission.setup_started();
+    let agent_id = stella_pki::agent_id_from_cert(leaf, &state.keys.trust_domain).map_err(|e| {
+        state.count_session_refusal("bad_identity");
+        tracing::warn!(error = %e, "session refused: bad client certificate identity");
+        Refusal::Unauthenticated(format!("client certificate refused: {e}"))
+    })?;
+    let record = agents::get_record(state, &agent_id)
+        .await
+        .map_err(|e| Refusal::Internal(e.to_string()))?
+        .ok_or_else(|| {
+            state.count_session_refusal("unknown_agent");
+            tracing::warn!(agent_id, "session refused: unknown agent");
+            Refusal::PermissionDenied(format!("agent {agent_id} is not enrolled"))
+        })?;
+    if record.status == "revoked" {
+        state.count_session_refusal("revoked");
+        tracing::warn!(agent_id, "session refused: agent revoked");
+        return Err(Refusal::PermissionDenied(format!(
+            "agent {agent_id} is revoked"
+        )));
+    }
+    // A certificate of a former enrollment of the same id (not possible with random ids,
+    // but cheap to check) must not open a session.
+    let serial = x509_serial_hex(leaf);
+    let current = serial.as_deref() == Some(record.cert_serial.as_str());
+    let previous = !record.previous_cert_serial.is_empty()
+        && serial.as_deref() == Some(record.previous_cert_serial.as_str());
+    if current && !record.previous_cert_serial.is_empty() {
+        agents::retire_previous_certificate(state, &agent_id)
+            .await
+            .map_err(|e| Refusal::Internal(e.to_string()))?;
+    }
+    if !current && !previous {
+        state.count_session_refusal("certificate_mismatch");
+        tracing::warn!(
+            agent_id,
+            "session refused: certificate serial does not match enrollment"
+        );
+        return Err(Refusal::PermissionDenied(
+            "client certificate is not the one issued to this agent".to_string(),
+        ));
+    }
+    Ok(Opening::Admitted(Opened {
+        agent_id,
+        leaf_der: leaf.to_vec(),
+        admitted: Admitted {
+            _permit: permit,
+            _setup: setup,
+        },
+    }))
+}
+
+/// Runs an opened session to its end over any transport: `inbound` yields the agent's messages
+/// (an `Err` is a broken stream), `tx` carries the plane's.
+pub(crate) async fn serve_opened<S>(
+    state: SharedState,
+    opened: Opened,
+    inbound: S,
+    tx: mpsc::Sender<PlaneMessage>,
+) where
+    S: Stream<Item = Result<AgentMessage, String>> + Unpin + Send,
+{
+    let Opened {
+        agent_id,
+        leaf_der,
+        admitted,
+    } = opened;
+    let agent_id_for_log = agent_id.clone();
+    if let Err(e) = run_session(state, agent_id, leaf_der, inbound, tx, admitted).await {
+        tracing::info!(agent_id = %agent_id_for_log, reason = %e, "session ended");
+    }
 }
 
 #[tonic::async_trait]
@@ -61,78 +184,18 @@ impl AgentSession for AgentSessionService {
         let leaf = certs
             .first()
             .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-        // Admission first: a deferred agent costs no database work at all.
-        let permit = match self.state.hub.admission.try_admit() {
-            Ok(permit) => permit,
-            Err(retry_after) => {
-                tracing::debug!(?retry_after, "session setup deferred (admission limit)");
-                return Ok(Response::new(Box::pin(tokio_stream::once(plane(
-                    PlaneBody::Drain(Drain {
-                        reconnect_after_ms: u32::try_from(retry_after.as_millis())
-                            .unwrap_or(u32::MAX),
-                        reason: "too many agents connecting; come back later".to_string(),
-                    }),
-                )))));
+        let opened = match open(&self.state, leaf).await? {
+            Opening::Deferred(drain) => {
+                return Ok(Response::new(Box::pin(tokio_stream::once(Ok(drain)))));
             }
+            Opening::Admitted(opened) => opened,
         };
-        let setup = self.state.hub.admission.setup_started();
-        let agent_id = stella_pki::agent_id_from_cert(leaf, &self.state.keys.trust_domain)
-            .map_err(|e| {
-                self.state.count_session_refusal("bad_identity");
-                tracing::warn!(error = %e, "session refused: bad client certificate identity");
-                Status::unauthenticated(format!("client certificate refused: {e}"))
-            })?;
-        let record = agents::get_record(&self.state, &agent_id)
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .ok_or_else(|| {
-                self.state.count_session_refusal("unknown_agent");
-                tracing::warn!(agent_id, "session refused: unknown agent");
-                Status::permission_denied(format!("agent {agent_id} is not enrolled"))
-            })?;
-        if record.status == "revoked" {
-            self.state.count_session_refusal("revoked");
-            tracing::warn!(agent_id, "session refused: agent revoked");
-            return Err(Status::permission_denied(format!(
-                "agent {agent_id} is revoked"
-            )));
-        }
-        // A certificate of a former enrollment of the same id (not possible with random ids,
-        // but cheap to check) must not open a session.
-        let serial = x509_serial_hex(leaf);
-        let current = serial.as_deref() == Some(record.cert_serial.as_str());
-        let previous = !record.previous_cert_serial.is_empty()
-            && serial.as_deref() == Some(record.previous_cert_serial.as_str());
-        if current && !record.previous_cert_serial.is_empty() {
-            agents::retire_previous_certificate(&self.state, &agent_id)
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?;
-        }
-        if !current && !previous {
-            self.state.count_session_refusal("certificate_mismatch");
-            tracing::warn!(
-                agent_id,
-                "session refused: certificate serial does not match enrollment"
-            );
-            return Err(Status::permission_denied(
-                "client certificate is not the one issued to this agent",
-            ));
-        }
-        let leaf_der = leaf.to_vec();
-        let inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel::<Result<PlaneMessage, Status>>(64);
-        let state = self.state.clone();
-        tokio::spawn(async move {
-            let agent_id_for_log = agent_id.clone();
-            let admitted = Admitted {
-                _permit: permit,
-                _setup: setup,
-            };
-            if let Err(e) = run_session(state, agent_id, leaf_der, inbound, tx, admitted).await {
-                tracing::info!(agent_id = %agent_id_for_log, reason = %e, "session ended");
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let inbound = request
+            .into_inner()
+            .map(|m| m.map_err(|status| status.to_string()));
+        let (tx, rx) = mpsc::channel::<PlaneMessage>(64);
+        tokio::spawn(serve_opened(self.state.clone(), opened, inbound, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
     }
 }
 
@@ -145,7 +208,7 @@ enum SessionEnd {
     #[error("agent closed the stream")]
     Closed,
     #[error("stream error: {0}")]
-    Stream(#[from] Status),
+    Stream(String),
     #[error("no hello within {0:?}")]
     NoHello(Duration),
     #[error("first message was not a hello")]
@@ -163,7 +226,7 @@ enum SessionEnd {
 }
 
 async fn send(
-    tx: &mpsc::Sender<Result<PlaneMessage, Status>>,
+    tx: &mpsc::Sender<PlaneMessage>,
     body: PlaneBody,
 ) -> Result<(), SessionEnd> {
     tx.send(plane(body))
@@ -177,18 +240,21 @@ struct Admitted {
     _setup: SetupInProgress,
 }
 
-async fn run_session(
+async fn run_session<S>(
     state: SharedState,
     agent_id: String,
     leaf_der: Vec<u8>,
-    mut inbound: Streaming<AgentMessage>,
-    tx: mpsc::Sender<Result<PlaneMessage, Status>>,
+    mut inbound: S,
+    tx: mpsc::Sender<PlaneMessage>,
     admitted: Admitted,
-) -> Result<(), SessionEnd> {
+) -> Result<(), SessionEnd>
+where
+    S: Stream<Item = Result<AgentMessage, String>> + Unpin + Send,
+{
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.next()).await {
         Err(_) => return Err(SessionEnd::NoHello(HELLO_TIMEOUT)),
         Ok(None) => return Err(SessionEnd::Closed),
-        Ok(Some(msg)) => match msg?.body {
+        Ok(Some(msg)) => match msg.map_err(SessionEnd::Stream)?.body {
             Some(AgentBody::Hello(h)) => h,
             _ => return Err(SessionEnd::NotHello),
         },
@@ -238,7 +304,7 @@ async fn run_session(
 async fn welcome(
     state: &SharedState,
     agent_id: &str,
-    tx: &mpsc::Sender<Result<PlaneMessage, Status>>,
+    tx: &mpsc::Sender<PlaneMessage>,
 ) -> Result<u64, SessionEnd> {
     let targets = targets::list_for_agent(state, agent_id).await?;
     let (bundle_sent, bundle) = trust::current(&state.db)
@@ -260,6 +326,7 @@ async fn welcome(
                 })
                 .collect(),
             trust_bundle: bundle.into_bytes(),
+            answers_heartbeats: true,
         }),
     )
     .await?;
@@ -272,7 +339,7 @@ struct Session<'a> {
     agent_id: &'a str,
     /// The client certificate the session was opened with: receipts must verify against it.
     leaf_der: &'a [u8],
-    tx: &'a mpsc::Sender<Result<PlaneMessage, Status>>,
+    tx: &'a mpsc::Sender<PlaneMessage>,
     /// Digest of the last inventory written and when: an unchanged report is not rewritten.
     last_inventory: std::sync::Mutex<Option<(String, i64)>>,
 }
@@ -281,14 +348,17 @@ struct Session<'a> {
 /// still observing its targets.
 const INVENTORY_REFRESH_MS: i64 = 10 * 60 * 1000;
 
-async fn serve_session(
+async fn serve_session<S>(
     session: &Session<'_>,
     hello: stella_proto::Hello,
     mut bundle_sent: u64,
-    inbound: &mut Streaming<AgentMessage>,
+    inbound: &mut S,
     wake: Arc<tokio::sync::Notify>,
     mut evicted: tokio::sync::oneshot::Receiver<()>,
-) -> Result<(), SessionEnd> {
+) -> Result<(), SessionEnd>
+where
+    S: Stream<Item = Result<AgentMessage, String>> + Unpin + Send,
+{
     let (state, agent_id, tx) = (session.state, session.agent_id, session.tx);
     let silence_limit = state.config.heartbeat_interval * 3;
 
@@ -305,7 +375,7 @@ async fn serve_session(
                 let msg = match msg {
                     Err(_) => return Err(SessionEnd::Silent(silence_limit)),
                     Ok(None) => return Err(SessionEnd::Closed),
-                    Ok(Some(msg)) => msg?,
+                    Ok(Some(msg)) => msg.map_err(SessionEnd::Stream)?,
                 };
                 handle_message(session, msg).await?;
             }
@@ -359,7 +429,7 @@ fn retry_offers_later(
 async fn offer_pending(
     state: &SharedState,
     agent_id: &str,
-    tx: &mpsc::Sender<Result<PlaneMessage, Status>>,
+    tx: &mpsc::Sender<PlaneMessage>,
     offered: &mut HashSet<String>,
 ) -> Result<(), SessionEnd> {
     let now = now_ms();
@@ -390,7 +460,11 @@ async fn offer_pending(
 async fn handle_message(session: &Session<'_>, msg: AgentMessage) -> Result<(), SessionEnd> {
     let (state, agent_id, tx) = (session.state, session.agent_id, session.tx);
     match msg.body {
-        Some(AgentBody::Heartbeat(_)) => state.hub.record_heartbeat(agent_id, now_ms()),
+        Some(AgentBody::Heartbeat(beat)) => {
+            state.hub.record_heartbeat(agent_id, now_ms());
+            // Answered so the agent can tell a live plane from a half-open link.
+            send(tx, PlaneBody::Heartbeat(beat)).await?;
+        }
         Some(AgentBody::Accepted(a)) => state.writes.accepted(agent_id, &a.job_id).await,
         Some(AgentBody::Progress(p)) => state.writes.progress(agent_id, &p.job_id, p.message).await,
         Some(AgentBody::Result(r)) => {

@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod transport;
+pub use transport::{TcpProxy, Transport, UdpProxy, free_udp_port};
+
 pub fn bin_dir() -> PathBuf {
     // Test executables live in target/<profile>/deps; the binaries one level up.
     let exe = std::env::current_exe().expect("test executable path");
@@ -89,6 +92,10 @@ pub struct Plane {
     pub dir: PathBuf,
     pub api_port: u16,
     pub agent_port: u16,
+    /// UDP port of the QUIC agent endpoint (every plane listens on both transports).
+    pub quic_port: u16,
+    /// The transport enrolled agents are handed (the test's, when the plane started).
+    pub transport: Transport,
     /// Extra `stella serve` flags (e.g. short certificate lifetimes).
     pub extra_args: Vec<String>,
     child: Option<Child>,
@@ -108,6 +115,8 @@ impl Plane {
             dir: dir.to_path_buf(),
             api_port,
             agent_port,
+            quic_port: free_udp_port(),
+            transport: Transport::current(),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
         };
@@ -124,6 +133,8 @@ impl Plane {
             .args(["--api-listen", &format!("127.0.0.1:{}", self.api_port)])
             .args(["--agent-listen", &format!("127.0.0.1:{}", self.agent_port)])
             .args(["--heartbeat-interval", "1s"])
+            .args(["--quic-listen", &format!("127.0.0.1:{}", self.quic_port)])
+            .args((self.transport == Transport::Quic).then_some("--advertise-quic"))
             .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -174,6 +185,45 @@ impl Plane {
             }
             let resp = req.send().await.expect("request");
             (resp.status().as_u16(), resp.text().await.expect("body"))
+        })
+    }
+
+    /// The agent endpoint URL of this plane's transport.
+    pub fn agent_endpoint(&self) -> String {
+        match self.transport {
+            Transport::Grpc => format!("https://127.0.0.1:{}", self.agent_port),
+            Transport::Quic => format!("quic://127.0.0.1:{}", self.quic_port),
+        }
+    }
+
+    /// The address agents dial on this plane's transport (TCP or UDP port).
+    pub fn agent_addr(&self) -> std::net::SocketAddr {
+        let port = match self.transport {
+            Transport::Grpc => self.agent_port,
+            Transport::Quic => self.quic_port,
+        };
+        std::net::SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    /// SIGSTOP: the process holds its sockets but answers nothing (a black hole to its peers).
+    pub fn pause(&self) {
+        if let Some(child) = &self.child {
+            signal(child, libc::SIGSTOP);
+        }
+    }
+
+    /// SIGCONT after [`Plane::pause`].
+    pub fn resume(&self) {
+        if let Some(child) = &self.child {
+            signal(child, libc::SIGCONT);
+        }
+    }
+
+    /// One sample of `/metrics` (an unlabelled metric).
+    pub fn metric(&self, name: &str) -> Option<u64> {
+        self.metrics().lines().find_map(|line| {
+            let (key, value) = line.split_once(' ')?;
+            (key == name).then(|| value.trim().parse().ok())?
         })
     }
 
@@ -377,8 +427,46 @@ impl Agent {
         }
     }
 
+    /// The agent's log (stderr of every run, appended).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// Sessions this agent established so far (from its log).
+    pub fn sessions_established(&self) -> usize {
+        self.log().matches("session established").count()
+    }
+
+    /// Points the agent at another endpoint URL (e.g. a proxy); takes effect at its next start.
+    pub fn set_endpoint(&self, url: &str) {
+        let path = self.dir.join("agent.json");
+        let mut config: Value =
+            serde_json::from_slice(&std::fs::read(&path).expect("agent.json")).expect("json");
+        config["agent_endpoint"] = Value::String(url.to_string());
+        std::fs::write(&path, serde_json::to_vec_pretty(&config).expect("json"))
+            .expect("write agent.json");
+    }
+
+    /// The running process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL: the agent gets no chance to finish its job or flush anything.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, libc::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "agent already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .expect("agent.log");
         let child = Command::new(agent_bin())
             .arg("run")
             .arg("--data-dir")
@@ -386,6 +474,7 @@ impl Agent {
             .args(self.disabled.iter().flat_map(|d| ["--disable", d.as_str()]))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("start stella-agent");
         self.child = Some(child);
@@ -401,6 +490,14 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.stop();
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("--- last lines of agent {} log ---", self.id);
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
     }
 }
 

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use stella_e2e::{Stack, TestImage, containers_of, inspect, unique, wait_until};
 
+stella_e2e::both_transports! {
 #[test]
 fn deploys_a_release_and_replaces_it_with_the_next() {
     let stack = Stack::new();
@@ -139,4 +140,5 @@ fn deploys_a_release_and_replaces_it_with_the_next() {
         )),
         "{text}"
     );
+}
 }

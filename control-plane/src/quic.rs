@@ -1,0 +1,262 @@
+//! The agent endpoint over QUIC (quinn): the same session as the gRPC endpoint, as
+//! length-delimited protobuf messages (`stella_proto::framing`) on one bidirectional stream the
+//! agent opens. TLS 1.3 with the same server certificate, the same client-certificate verifier
+//! (refusals counted by reason) and the same identity checks (`session::open`).
+//!
+//! What QUIC adds: no head-of-line blocking behind a lost TCP segment, connection migration
+//! (an agent whose address or NAT mapping changes keeps its session), and an idle timeout with
+//! keep-alives negotiated by both ends, so a half-open path is noticed by the transport too.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use futures_util::Stream;
+use rustls::pki_types::CertificateDer;
+use stella_proto::framing::{self, FrameDecoder, close};
+use stella_proto::{AgentMessage, PlaneMessage};
+use tokio::sync::{mpsc, watch};
+
+use crate::session::{self, Opening, Refusal};
+use crate::state::SharedState;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the agent has to open its session stream after the handshake.
+const STREAM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Binds the UDP socket (so a bad address fails `stella serve` at once) without serving yet.
+pub fn bind(addr: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+    let socket = std::net::UdpSocket::bind(addr)
+        .with_context(|| format!("binding the QUIC agent endpoint address {addr}"))?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .context("starting the QUIC endpoint")
+}
+
+/// QUIC transport settings derived from the heartbeat interval: keep-alives at that interval and
+/// an idle timeout of three intervals — the same bound the session applies to silent agents.
+fn transport(heartbeat: Duration) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    let heartbeat = heartbeat.clamp(Duration::from_millis(200), Duration::from_secs(15));
+    t.keep_alive_interval(Some(heartbeat));
+    if let Ok(idle) = quinn::IdleTimeout::try_from((heartbeat * 3).max(Duration::from_secs(3))) {
+        t.max_idle_timeout(Some(idle));
+    }
+    // One session stream per connection; nothing else is accepted from an agent.
+    t.max_concurrent_bidi_streams(1u8.into());
+    t.max_concurrent_uni_streams(0u8.into());
+    t
+}
+
+/// The quinn server configuration for the current TLS configuration, rebuilt only when that
+/// changes (CA rotation swaps it at run time).
+struct ServerConfigCache {
+    heartbeat: Duration,
+    current: Mutex<Option<(Arc<rustls::ServerConfig>, Arc<quinn::ServerConfig>)>>,
+}
+
+impl ServerConfigCache {
+    fn get(&self, state: &SharedState) -> anyhow::Result<Arc<quinn::ServerConfig>> {
+        let tls = state.tls.agent();
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((source, built)) = current.as_ref()
+            && Arc::ptr_eq(source, &tls)
+        {
+            return Ok(built.clone());
+        }
+        let mut rustls_config = (*tls).clone();
+        rustls_config.alpn_protocols = vec![framing::QUIC_ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(rustls_config)
+            .context("the agent TLS configuration cannot serve QUIC")?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        config.transport_config(Arc::new(transport(self.heartbeat)));
+        config.migration(true);
+        let built = Arc::new(config);
+        *current = Some((tls, built.clone()));
+        Ok(built)
+    }
+}
+
+/// Accepts QUIC connections until shutdown; each handshake holds a slot of the plane's
+/// handshake limit, each session runs the shared session core.
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    state: SharedState,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let configs = Arc::new(ServerConfigCache {
+        heartbeat: state.config.heartbeat_interval,
+        current: Mutex::new(None),
+    });
+    // quinn drops new connections while the endpoint has no server configuration; each
+    // connection is then accepted with the configuration current at that moment.
+    match configs.get(&state) {
+        Ok(config) => endpoint.set_server_config(Some((*config).clone())),
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "QUIC agent endpoint disabled: no usable TLS configuration");
+            return;
+        }
+    }
+    loop {
+        // The slot first: beyond the limit, new connections wait in quinn's incoming queue.
+        let slot = tokio::select! {
+            slot = state.hub.handshakes.slot() => slot,
+            _ = shutdown.wait_for(|v| *v) => break,
+        };
+        let Some(slot) = slot else { break };
+        let incoming = tokio::select! {
+            incoming = endpoint.accept() => incoming,
+            _ = shutdown.wait_for(|v| *v) => break,
+        };
+        let Some(incoming) = incoming else { break };
+        let config = match configs.get(&state) {
+            Ok(config) => config,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "QUIC connection refused: no usable TLS configuration");
+                incoming.refuse();
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let peer = incoming.remote_address();
+            let connecting = match incoming.accept_with(config) {
+                Ok(connecting) => connecting,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "QUIC connection not accepted");
+                    return;
+                }
+            };
+            let connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
+                Ok(Ok(connection)) => connection,
+                Ok(Err(e)) => {
+                    crate::state::count(&state.handshake_refusals, "handshake_failed");
+                    tracing::info!(%peer, error = %e, "agent QUIC handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    crate::state::count(&state.handshake_refusals, "handshake_timeout");
+                    return;
+                }
+            };
+            drop(slot);
+            serve_connection(connection, state).await;
+        });
+    }
+    endpoint.close(close::DONE.into(), b"plane shutting down");
+    endpoint.wait_idle().await;
+}
+
+fn leaf_certificate(connection: &quinn::Connection) -> Option<Vec<u8>> {
+    let identity = connection.peer_identity()?;
+    let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    certs.first().map(|c| c.to_vec())
+}
+
+async fn serve_connection(connection: quinn::Connection, state: SharedState) {
+    let peer = connection.remote_address();
+    // The verifier required a certificate; its absence here would be a quinn/rustls change.
+    let Some(leaf) = leaf_certificate(&connection) else {
+        connection.close(close::REFUSED.into(), b"a client certificate is required");
+        return;
+    };
+    let opening = match session::open(&state, &leaf).await {
+        Ok(opening) => opening,
+        Err(refusal) => {
+            let (code, reason) = match refusal {
+                Refusal::Unauthenticated(m) | Refusal::PermissionDenied(m) => (close::REFUSED, m),
+                Refusal::Internal(m) => (close::INTERNAL, m),
+            };
+            connection.close(code.into(), reason.as_bytes());
+            return;
+        }
+    };
+    let (mut send, recv) = match tokio::time::timeout(STREAM_TIMEOUT, connection.accept_bi()).await
+    {
+        Ok(Ok(streams)) => streams,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "QUIC connection ended before its session stream");
+            return;
+        }
+        Err(_) => {
+            connection.close(close::PROTOCOL.into(), b"no session stream");
+            return;
+        }
+    };
+    let opened = match opening {
+        Opening::Deferred(drain) => {
+            if let Ok(frame) = framing::encode(&drain) {
+                let _ = send.write_all(&frame).await;
+            }
+            let _ = send.finish();
+            // The agent closes once it read the drain; do not wait for it for long.
+            let _ = tokio::time::timeout(Duration::from_secs(5), connection.closed()).await;
+            return;
+        }
+        Opening::Admitted(opened) => opened,
+    };
+
+    let (tx, mut rx) = mpsc::channel::<PlaneMessage>(64);
+    let writer_connection = connection.clone();
+    let writer = tokio::spawn(async move {
+        while let Some(message) = rx.recv().await {
+            let frame = match framing::encode(&message) {
+                Ok(frame) => frame,
+                Err(e) => {
+                    tracing::error!(error = %e, "a plane message cannot be framed; dropped");
+                    continue;
+                }
+            };
+            if send.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+        // The session ended: say so cleanly, then give the agent a moment to read the rest.
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+        writer_connection.close(close::DONE.into(), b"session ended");
+    });
+    // Shutdown is handled inside the session: it sends a drain and ends.
+    session::serve_opened(state, opened, inbound(recv), tx).await;
+    // The writer ends when the session drops its sender; it closes the connection.
+    let _ = writer.await;
+    tracing::debug!(%peer, "QUIC session connection closed");
+}
+
+/// The agent's messages from the session stream: frames decoded as they arrive; a cut frame,
+/// an oversized or undecodable message, or a lost connection end the stream with an error.
+pub(crate) fn inbound(
+    recv: quinn::RecvStream,
+) -> impl Stream<Item = Result<AgentMessage, String>> + Unpin + Send {
+    let state = (recv, FrameDecoder::new(), false);
+    Box::pin(futures_util::stream::unfold(
+        state,
+        |(mut recv, mut decoder, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                match decoder.next_message::<AgentMessage>() {
+                    Ok(Some(message)) => return Some((Ok(message), (recv, decoder, false))),
+                    Ok(None) => {}
+                    Err(e) => return Some((Err(e.to_string()), (recv, decoder, true))),
+                }
+                match recv.read_chunk(64 * 1024, true).await {
+                    Ok(Some(chunk)) => decoder.push(&chunk.bytes),
+                    Ok(None) => {
+                        return match decoder.finish() {
+                            Ok(()) => None,
+                            Err(e) => Some((Err(e.to_string()), (recv, decoder, true))),
+                        };
+                    }
+                    Err(e) => return Some((Err(e.to_string()), (recv, decoder, true))),
+                }
+            }
+        },
+    ))
+}
