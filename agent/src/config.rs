@@ -9,6 +9,7 @@
 //! journal/, spool/    accepted jobs and results not yet acknowledged (see journal.rs)
 //! targets.json        targets this agent serves, for inventory
 //! executors/          executor state (e.g. docker version stickers)
+//! steps/              state of the steps the agent runs itself (markers of started scripts)
 //! ```
 
 use std::collections::BTreeMap;
@@ -96,6 +97,10 @@ impl DataDir {
     }
     pub fn executor_dir(&self, kind: &str) -> PathBuf {
         self.root.join("executors").join(kind)
+    }
+    /// State of the steps the agent runs itself (`steps.rs`).
+    pub fn steps_dir(&self) -> PathBuf {
+        self.root.join("steps")
     }
 
     pub fn is_enrolled(&self) -> bool {

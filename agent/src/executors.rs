@@ -60,3 +60,30 @@ pub async fn detect(dir: &DataDir, disabled: &[String]) -> Executors {
 pub fn capabilities(executors: &Executors) -> Vec<String> {
     executors.keys().cloned().collect()
 }
+
+/// Work this agent does itself, with no executor (`steps.rs`): HTTP health probes are offered
+/// unless `--disable health-check`; scripts only with `--allow-scripts` (and not when
+/// `--disable script`), because a script is arbitrary code on this host, and a host that runs
+/// containers for Stella has not thereby agreed to run commands for it.
+pub fn step_capabilities(disabled: &[String], allow_scripts: bool) -> Vec<String> {
+    stella_pki::STEP_CAPABILITIES
+        .iter()
+        .filter(|kind| **kind != "script" || allow_scripts)
+        .filter(|kind| !disabled.iter().any(|d| d == *kind))
+        .map(|kind| kind.to_string())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_are_on_by_default_and_scripts_are_opt_in() {
+        let none: Vec<String> = Vec::new();
+        assert_eq!(step_capabilities(&none, false), ["health-check"]);
+        assert_eq!(step_capabilities(&none, true), ["health-check", "script"]);
+        let disabled = vec!["script".to_string(), "health-check".to_string()];
+        assert!(step_capabilities(&disabled, true).is_empty());
+    }
+}

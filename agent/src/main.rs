@@ -51,9 +51,13 @@ enum Command {
         /// Label to request (repeatable, k=v); labels from the join token take precedence.
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
-        /// Executors not to offer even if available (repeatable, e.g. docker).
+        /// Executors not to offer even if available (repeatable, e.g. docker); also
+        /// `health-check` (HTTP probes run by the agent) and `script`.
         #[arg(long = "disable")]
         disabled: Vec<String>,
+        /// Offer to run workflow script steps on this host (signed jobs only; off by default).
+        #[arg(long, env = "STELLA_AGENT_ALLOW_SCRIPTS")]
+        allow_scripts: bool,
     },
     /// Run the agent: hold a session with the plane and execute jobs until stopped.
     Run {
@@ -63,10 +67,44 @@ enum Command {
             default_value = "/var/lib/stella-agent"
         )]
         data_dir: PathBuf,
-        /// Executors not to start even if available (repeatable).
+        /// Executors not to start even if available (repeatable); also `health-check` and
+        /// `script`.
         #[arg(long = "disable")]
         disabled: Vec<String>,
+        /// Run workflow script steps on this host: signed jobs whose command runs here as the
+        /// agent's user, without a shell unless the command names one. Off by default.
+        #[arg(long, env = "STELLA_AGENT_ALLOW_SCRIPTS")]
+        allow_scripts: bool,
+        /// How often inventory is reported when nothing changed (e.g. 30s, 5m); changes
+        /// the executor can watch and finished jobs are reported at once anyway.
+        #[arg(long, env = "STELLA_AGENT_INVENTORY_INTERVAL", default_value = "60s", value_parser = parse_interval)]
+        inventory_interval: std::time::Duration,
     },
+}
+
+/// `N`, `Ns`, `Nm` or `Nh`, from one second to one day.
+fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    let (digits, unit) = match s.trim().char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.trim().split_at(i),
+        None => (s.trim(), "s"),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("interval {s:?}: expected a number with s, m or h, e.g. 30s"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        other => {
+            return Err(format!(
+                "interval {s:?}: unknown unit {other:?}; use s, m or h"
+            ));
+        }
+    };
+    if !(1..=86_400).contains(&secs) {
+        return Err(format!("interval {s:?}: must be between 1s and 24h"));
+    }
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -100,9 +138,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             labels,
             disabled,
+            allow_scripts,
         } => {
             let dir = DataDir::new(data_dir);
-            let capabilities = executors::capabilities(&executors::detect(&dir, &disabled).await);
+            let capabilities = [
+                executors::capabilities(&executors::detect(&dir, &disabled).await),
+                executors::step_capabilities(&disabled, allow_scripts),
+            ]
+            .concat();
             let config = enroll::enroll(
                 &dir,
                 EnrollOptions {
@@ -131,11 +174,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Run { data_dir, disabled } => {
+        Command::Run {
+            data_dir,
+            disabled,
+            allow_scripts,
+            inventory_interval,
+        } => {
             runtime::run(
                 DataDir::new(data_dir),
                 RunOptions {
                     disabled_executors: disabled,
+                    allow_scripts,
+                    inventory_interval: Some(inventory_interval),
                 },
                 shutdown_signal(),
             )
@@ -167,5 +217,35 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_interval;
+    use std::time::Duration;
+
+    #[test]
+    fn inventory_intervals_parse_with_units_and_bounds() {
+        assert_eq!(parse_interval("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_interval("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_interval("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_interval("15"), Ok(Duration::from_secs(15)));
+        assert!(
+            parse_interval("0s")
+                .unwrap_err()
+                .contains("between 1s and 24h")
+        );
+        assert!(
+            parse_interval("25h")
+                .unwrap_err()
+                .contains("between 1s and 24h")
+        );
+        assert!(parse_interval("5d").unwrap_err().contains("unknown unit"));
+        assert!(
+            parse_interval("soon")
+                .unwrap_err()
+                .contains("expected a number")
+        );
     }
 }

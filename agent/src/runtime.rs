@@ -18,7 +18,7 @@ use stella_proto::agent_message::Body as AgentBody;
 use stella_proto::plane_message::Body as PlaneBody;
 use stella_proto::{
     AgentMessage, Heartbeat, Hello, InventoryReport, JobAccepted, JobOffer, JobProgress, JobResult,
-    JobStatus, TargetInventory, Workload,
+    JobStatus, TargetInventory,
 };
 use tokio::sync::mpsc;
 
@@ -35,8 +35,13 @@ const INVENTORY_INTERVAL: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
-    /// Executors not to start even when their backend is reachable.
+    /// Executors not to start even when their backend is reachable (also `health-check` and
+    /// `script`, the steps the agent runs itself).
     pub disabled_executors: Vec<String>,
+    /// Offer the `script` capability: run signed script jobs on this host (`--allow-scripts`).
+    pub allow_scripts: bool,
+    /// How often inventory is reported without a change or a job; `None`: every 60 s.
+    pub inventory_interval: Option<Duration>,
 }
 
 struct WorkItem {
@@ -64,6 +69,7 @@ struct Shared {
     scheduled: Mutex<HashSet<String>>,
     /// Swapped when the certificate is renewed.
     receipts: Mutex<ReceiptSigner>,
+    inventory_interval: Duration,
 }
 
 fn now_ms() -> i64 {
@@ -130,13 +136,22 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let executors = executors::detect(&dir, &options.disabled_executors).await;
-    run_with_executors(dir, executors, shutdown).await
+    run_with(dir, executors, &options, shutdown).await
 }
 
 /// Runs the agent with the given executors (the benchmark's simulated fleet injects a no-op one).
 pub async fn run_with_executors(
     dir: DataDir,
     executors: Executors,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    run_with(dir, executors, &RunOptions::default(), shutdown).await
+}
+
+async fn run_with(
+    dir: DataDir,
+    executors: Executors,
+    options: &RunOptions,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     stella_pki::install_crypto_provider();
@@ -161,7 +176,11 @@ pub async fn run_with_executors(
         verifier: Mutex::new(JobVerifier {
             agent_id: config.agent_id.clone(),
             trusted,
-            capabilities: executors::capabilities(&executors),
+            capabilities: [
+                executors::capabilities(&executors),
+                executors::step_capabilities(&options.disabled_executors, options.allow_scripts),
+            ]
+            .concat(),
         }),
         config,
         executors,
@@ -177,9 +196,10 @@ pub async fn run_with_executors(
             key_pem: ident.key_pem.clone(),
             cert_der: ident.cert_der.clone(),
         }),
+        inventory_interval: options.inventory_interval.unwrap_or(INVENTORY_INTERVAL),
     });
     tracing::info!(agent_id = %shared.config.agent_id, endpoint = %shared.config.agent_endpoint,
-        capabilities = ?executors::capabilities(&shared.executors), "agent starting");
+        capabilities = ?lock(&shared.verifier).capabilities, "agent starting");
 
     // Jobs accepted before a restart and not finished: run them again (every step is an ensure).
     let resumed = lock(&shared.journal).in_flight();
@@ -195,6 +215,10 @@ pub async fn run_with_executors(
         }
     }
     let worker = tokio::spawn(worker(shared.clone(), work_rx));
+    let watcher = crate::watch::spawn(&shared.executors, {
+        let shared = shared.clone();
+        move |changes| report_changes(shared.clone(), changes)
+    });
 
     tokio::pin!(shutdown);
     let mut attempt: u32 = 0;
@@ -238,7 +262,23 @@ pub async fn run_with_executors(
     tracing::info!("agent stopping; waiting for the running job step to finish");
     let _ = tokio::time::timeout(Duration::from_secs(60), shared.busy.lock()).await;
     worker.abort();
+    watcher.abort();
     Ok(())
+}
+
+/// Reports the targets an executor saw change (all of them when it cannot tell which).
+async fn report_changes(shared: Arc<Shared>, changes: crate::watch::Changes) {
+    if changes.all {
+        let _ = shared.uplink.send(inventory_message(&shared, None).await);
+        return;
+    }
+    for target in &changes.targets {
+        if lock(&shared.targets).contains_key(target) {
+            let _ = shared
+                .uplink
+                .send(inventory_message(&shared, Some(target)).await);
+        }
+    }
 }
 
 fn jitter(max: Duration) -> Duration {
@@ -321,7 +361,7 @@ async fn session(
         let journal = lock(&shared.journal);
         Hello {
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
-            capabilities: executors::capabilities(&shared.executors),
+            capabilities: lock(&shared.verifier).capabilities.clone(),
             trust_bundle_version: *lock(&shared.trust_version),
             labels: shared.config.labels.clone().into_iter().collect(),
             in_flight_job_ids: journal.in_flight().into_iter().map(|e| e.job_id).collect(),
@@ -386,7 +426,7 @@ async fn session(
 
     let mut heartbeat = tokio::time::interval(heartbeat_every);
     heartbeat.tick().await;
-    let mut inventory = tokio::time::interval(INVENTORY_INTERVAL);
+    let mut inventory = tokio::time::interval(shared.inventory_interval);
     inventory.tick().await;
     // Check often enough for short-lived certificates, rarely for long ones.
     let life = (ident.not_after - ident.not_before).max(1) as u64;
@@ -743,6 +783,14 @@ async fn execute(shared: &Shared, item: &WorkItem) -> StoredResult {
         finished_at_unix_ms: now_ms(),
         receipt: String::new(),
     };
+    // Health probes and scripts run here, without an executor.
+    let step_progress = UplinkProgress {
+        job_id: p.job_id.clone(),
+        uplink: shared.uplink.clone(),
+    };
+    if let Some(r) = crate::steps::run(&shared.dir.steps_dir(), p, &step_progress).await {
+        return finish(r.status, r.reason_code, r.message, r.outcome.to_string());
+    }
     let Some(executor) = shared.executors.get(&target.kind) else {
         return finish(
             "refused",
@@ -824,21 +872,8 @@ async fn inventory_message(shared: &Shared, only: Option<&str>) -> AgentMessage 
             kind: t.kind.clone(),
             ..Default::default()
         };
-        match executor.inventory(&t).await {
-            Ok(items) => {
-                entry.workloads = items
-                    .into_iter()
-                    .map(|i| Workload {
-                        component: i.component,
-                        digest: i.digest,
-                        state: i.state,
-                        health: i.health.unwrap_or_default(),
-                        workload_id: i.workload_id,
-                        release_id: i.release_id.unwrap_or_default(),
-                        deployment_id: i.deployment_id.unwrap_or_default(),
-                    })
-                    .collect();
-            }
+        match crate::inventory::workloads(executor.as_ref(), &t).await {
+            Ok(workloads) => entry.workloads = workloads,
             Err(e) => entry.error = e.to_string(),
         }
         match executor.read_sticker(&t).await {
@@ -902,6 +937,7 @@ mod tests {
                 key_pem: String::new(),
                 cert_der: Vec::new(),
             }),
+            inventory_interval: INVENTORY_INTERVAL,
         });
         (shared, work_rx)
     }

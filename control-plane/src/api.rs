@@ -127,8 +127,17 @@ pub fn api_routes() -> OpenApiRouter<SharedState> {
         .routes(routes!(cancel_promotion))
         .routes(routes!(explain_promotion))
         .routes(routes!(events))
+        .routes(routes!(list_evidence))
+        .routes(routes!(export_evidence))
+        .routes(routes!(evidence_audit))
+        .routes(routes!(evidence_keys))
+        .routes(routes!(show_evidence))
         .routes(routes!(create_deployment, list_deployments))
-        .routes(routes!(show_deployment));
+        .routes(routes!(show_deployment))
+        .routes(routes!(list_drift))
+        .routes(routes!(add_drift_ignore, list_drift_ignore))
+        .routes(routes!(remove_drift_ignore))
+        .routes(routes!(show_drift_policy, set_drift_policy));
     OpenApiRouter::with_openapi(ApiDoc::openapi()).nest(API_PREFIX, v1)
 }
 
@@ -727,10 +736,9 @@ async fn create_deployment(
     Body(req): Body<deployments::CreateDeployment>,
 ) -> ApiResult<impl IntoResponse> {
     actor.require(Permission::Release)?;
-    Ok((
-        StatusCode::CREATED,
-        Json(deployments::create(&state, req).await?),
-    ))
+    let deployment = deployments::create(&state, req).await?;
+    crate::evidence::mark_requested_by(&state, &deployment.id, &actor.user).await?;
+    Ok((StatusCode::CREATED, Json(deployment)))
 }
 
 /// List deployments.
@@ -1015,6 +1023,214 @@ async fn rollback_env(
     actor.require(Permission::Release)?;
     Ok((
         StatusCode::CREATED,
-        Json(crate::runs::rollback_environment(&state, &name).await?),
+        Json(crate::runs::rollback_environment(&state, &name, &actor.user).await?),
+    ))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct EvidenceWindow {
+    /// RFC 3339; packets recorded at or after it.
+    from: Option<String>,
+    /// RFC 3339; packets recorded at or before it.
+    to: Option<String>,
+    /// For the audit export: `json` (default) or `csv`.
+    format: Option<String>,
+}
+
+/// Evidence packets recorded in the window, in chain order.
+#[utoipa::path(get, path = "/evidence", tag = "evidence", security(("bearer" = [])),
+    params(EvidenceWindow),
+    responses((status = 200, body = Vec<crate::evidence::EvidenceSummary>),
+        (status = 400, body = ErrorBody)))]
+async fn list_evidence(
+    State(state): State<SharedState>,
+    actor: Actor,
+    Query(w): Query<EvidenceWindow>,
+) -> ApiResult<impl IntoResponse> {
+    actor.require(Permission::Read)?;
+    let (from, to) = crate::evidence::window(w.from.as_deref(), w.to.as_deref())?;
+    Ok(Json(crate::evidence::list(&state, from, to).await?))
+}
+
+/// One packet (by evidence id, or the latest of a promotion or deployment), rendered.
+#[utoipa::path(get, path = "/evidence/{id}", tag = "evidence", security(("bearer" = [])),
+    params(("id" = String, Path, description = "evidence, promotion or deployment id")),
+    responses((status = 200, body = crate::evidence::EvidenceDetail),
+        (status = 404, body = ErrorBody)))]
+async fn show_evidence(
+    State(state): State<SharedState>,
+    actor: Actor,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    actor.require(Permission::Read)?;
+    Ok(Json(crate::evidence::show(&state, &id).await?))
+}
+
+/// A self-contained, signed bundle of the window's packets with the keys and certificates
+/// needed to verify it offline (`stella evidence verify`).
+#[utoipa::path(get, path = "/evidence/export", tag = "evidence", security(("bearer" = [])),
+    params(EvidenceWindow),
+    responses((status = 200, description = "The bundle (JSON)"),
+        (status = 404, body = ErrorBody)))]
+async fn export_evidence(
+    State(state): State<SharedState>,
+    actor: Actor,
+    Query(w): Query<EvidenceWindow>,
+) -> ApiResult<impl IntoResponse> {
+    actor.require(Permission::Read)?;
+    let (from, to) = crate::evidence::window(w.from.as_deref(), w.to.as_deref())?;
+    Ok(Json(crate::evidence::export(&state, from, to).await?))
+}
+
+/// The evidence public keys, to pin when verifying a bundle.
+#[utoipa::path(get, path = "/evidence/keys", tag = "evidence", security(("bearer" = [])),
+    responses((status = 200, description = "Public key records")))]
+async fn evidence_keys(
+    State(state): State<SharedState>,
+    actor: Actor,
+) -> ApiResult<impl IntoResponse> {
+    actor.require(Permission::Read)?;
+    Ok(Json(crate::evidence::public_keys(&state)))
+}
+
+/// Deployments, rollbacks and promotion decisions with their evidence ids (CSV or JSON).
+#[utoipa::path(get, path = "/evidence/audit", tag = "evidence", security(("bearer" = [])),
+    params(EvidenceWindow),
+    responses((status = 200, description = "Audit rows, JSON or CSV"),
+        (status = 400, body = ErrorBody)))]
+async fn evidence_audit(
+    State(state): State<SharedState>,
+    actor: Actor,
+    Query(w): Query<EvidenceWindow>,
+) -> ApiResult<Response> {
+    actor.require(Permission::Read)?;
+    let (from, to) = crate::evidence::window(w.from.as_deref(), w.to.as_deref())?;
+    let rows = crate::evidence::audit(&state, from, to).await?;
+    match w.format.as_deref().unwrap_or("json") {
+        "json" => Ok(Json(rows).into_response()),
+        "csv" => Ok((
+            [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+            stella_evidence::audit_csv(&rows),
+        )
+            .into_response()),
+        other => Err(ApiError::BadRequest(format!(
+            "format {other:?}: use json or csv"
+        ))),
+    }
+}
+
+// ---- drift (`crate::drift`) ----------------------------------------------------------------
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct DriftQuery {
+    /// Only the targets of this environment.
+    env: Option<String>,
+    /// Only this target.
+    target: Option<String>,
+    /// Resolved findings too (the history), not only the open ones.
+    #[serde(default)]
+    history: bool,
+}
+
+/// Drift per target: open findings (or their history), remediation mode, circuit breaker and
+/// reconciles.
+#[utoipa::path(get, path = "/drift", tag = "drift", security(("bearer" = [])),
+    params(DriftQuery),
+    responses((status = 200, body = Vec<crate::drift::TargetDrift>), (status = 404, body = ErrorBody)))]
+async fn list_drift(
+    State(state): State<SharedState>,
+    actor: Actor,
+    Query(q): Query<DriftQuery>,
+) -> ApiResult<impl IntoResponse> {
+    actor.require(Permission::Read)?;
+    Ok(Json(
+        crate::drift::report(&state, q.env.as_deref(), q.target.as_deref(), q.history).await?,
+    ))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct DriftRuleQuery {
+    /// Only the rules of this environment.
+    env: Option<String>,
+}
+
+/// Add an ignore rule; open findings it matches are resolved as ignored at once.
+#[utoipa::path(post, path = "/drift/ignore", tag = "drift", security(("bearer" = [])),
+    request_body = crate::drift::CreateIgnoreRule,
+    responses((status = 201, body = crate::drift::IgnoreRuleView), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn add_drift_ignore(
+    State(state): State<SharedState>,
+    actor: Actor,
+    Body(req): Body<crate::drift::CreateIgnoreRule>,
+) -> ApiResult<impl IntoResponse> {
+    actor.require(Permission::Administer)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(crate::drift::add_ignore_rule(&state, req, &actor.user).await?),
+    ))
+}
+
+/// List ignore rules.
+#[utoipa::path(get, path = "/drift/ignore", tag = "drift", security(("bearer" = [])),
+    params(DriftRuleQuery),
+    responses((status = 200, body = Vec<crate::drift::IgnoreRuleView>), (status = 404, body = ErrorBody)))]
+async fn list_drift_ignore(
+    State(state): State<SharedState>,
+    actor: Actor,
+    Query(q): Query<DriftRuleQuery>,
+) -> ApiResult<impl IntoResponse> {
+    actor.require(Permission::Read)?;
+    Ok(Json(
+        crate::drift::list_ignore_rules(&state, q.env.as_deref()).await?,
+    ))
+}
+
+/// Remove an ignore rule; what it silenced shows again at the next report.
+#[utoipa::path(delete, path = "/drift/ignore/{id}", tag = "drift", security(("bearer" = [])),
+    params(("id" = String, Path, description = "ignore rule id")),
+    responses((status = 204, description = "Removed"), (status = 404, body = ErrorBody)))]
+async fn remove_drift_ignore(
+    State(state): State<SharedState>,
+    actor: Actor,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    actor.require(Permission::Administer)?;
+    crate::drift::remove_ignore_rule(&state, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// An environment's drift remediation policy (notify by default) and webhook.
+#[utoipa::path(get, path = "/environments/{name}/drift", tag = "drift", security(("bearer" = [])),
+    params(("name" = String, Path, description = "environment id or name")),
+    responses((status = 200, body = crate::drift::DriftPolicyView), (status = 404, body = ErrorBody)))]
+async fn show_drift_policy(
+    State(state): State<SharedState>,
+    actor: Actor,
+    Path(name): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    actor.require(Permission::Read)?;
+    Ok(Json(crate::drift::get_policy(&state, &name).await?))
+}
+
+/// Set an environment's drift remediation policy: notify, or reconcile with a rate limit and a
+/// circuit breaker; optionally a webhook.
+#[utoipa::path(put, path = "/environments/{name}/drift", tag = "drift", security(("bearer" = [])),
+    params(("name" = String, Path, description = "environment id or name")),
+    request_body = crate::drift::SetDriftPolicy,
+    responses((status = 200, body = crate::drift::DriftPolicyView), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
+async fn set_drift_policy(
+    State(state): State<SharedState>,
+    actor: Actor,
+    Path(name): Path<String>,
+    Body(req): Body<crate::drift::SetDriftPolicy>,
+) -> ApiResult<impl IntoResponse> {
+    actor.require(Permission::Administer)?;
+    Ok(Json(
+        crate::drift::set_policy(&state, &name, req, &actor.user).await?,
     ))
 }

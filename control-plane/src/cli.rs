@@ -25,6 +25,7 @@ use stella_control_plane::{duration, server};
 
 use crate::dev;
 
+mod drift;
 mod releasing;
 
 #[derive(Parser)]
@@ -136,6 +137,13 @@ enum Command {
     },
     /// Put the release deployed before the current one back on an environment.
     Rollback(releasing::RollbackArgs),
+    /// Drift: what runs on targets vs what should (`stella drift [--env E]`), ignore rules and
+    /// remediation policy.
+    Drift(drift::DriftArgs),
+    /// Evidence: signed, hash-chained packets of every decision, deployment and rollback;
+    /// export a bundle and verify it offline.
+    #[command(subcommand)]
+    Evidence(releasing::EvidenceCommand),
     /// The audit log: every mutation through the API (who, what, when, from where).
     Audit {
         /// Newest entries first, at most this many.
@@ -798,6 +806,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rollback(args) => {
             let client = ApiClient::connect(&conn)?;
             releasing::rollback(&client, out, args).await
+        }
+        Command::Drift(args) => {
+            let client = ApiClient::connect(&conn)?;
+            drift::run(&client, out, args).await
+        }
+        Command::Evidence(releasing::EvidenceCommand::Verify { file, trusted_keys }) => {
+            releasing::verify_evidence(out, &file, trusted_keys.as_deref())
+        }
+        Command::Evidence(cmd) => {
+            let client = ApiClient::connect(&conn)?;
+            releasing::evidence(&client, out, cmd).await
         }
         Command::Audit { limit } => {
             let client = ApiClient::connect(&conn)?;

@@ -100,6 +100,22 @@ impl ApiClient {
         decode(resp).await
     }
 
+    /// A GET whose answer is text (CSV), not JSON.
+    pub async fn get_text(&self, path: &str) -> anyhow::Result<String> {
+        let resp = self
+            .request(reqwest::Method::GET, path)?
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the control plane at {}", self.base))?;
+        if resp.status().is_success() {
+            return Ok(resp.text().await?);
+        }
+        Err(decode::<serde_json::Value>(resp)
+            .await
+            .err()
+            .unwrap_or_else(|| anyhow!("the control plane refused the request")))
+    }
+
     pub async fn patch<B: Serialize, T: DeserializeOwned>(
         &self,
         path: &str,
@@ -168,6 +184,36 @@ impl ApiClient {
             .await
             .with_context(|| format!("cannot reach the control plane at {}", self.base))?;
         decode(resp).await
+    }
+
+    pub async fn put<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        let resp = self
+            .request(reqwest::Method::PUT, path)?
+            .json(body)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the control plane at {}", self.base))?;
+        decode(resp).await
+    }
+
+    /// A DELETE answered with no body (204).
+    pub async fn delete(&self, path: &str) -> anyhow::Result<()> {
+        let resp = self
+            .request(reqwest::Method::DELETE, path)?
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the control plane at {}", self.base))?;
+        if resp.status().is_success() {
+            return Ok(());
+        }
+        Err(decode::<serde_json::Value>(resp)
+            .await
+            .err()
+            .unwrap_or_else(|| anyhow!("the control plane refused the request")))
     }
 }
 

@@ -60,6 +60,9 @@ pub struct JobView {
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Deployment {
     pub id: String,
+    /// What its jobs do: `deploy` (put the release on the targets), or a workflow step run by
+    /// the targets' agents: `health-check` (HTTP probe), `script`.
+    pub kind: String,
     pub release: String,
     pub release_id: String,
     pub environment: String,
@@ -107,6 +110,31 @@ async fn select_targets(
 }
 
 pub async fn create(state: &AppState, req: CreateDeployment) -> ApiResult<Deployment> {
+    create_jobs(state, req, JobKind::Deploy).await
+}
+
+/// Jobs of a workflow step that agents run themselves (an HTTP health probe, a script): a
+/// deployment row of that kind with one signed job per selected target, for the release the
+/// run promotes, created and settled exactly like a deployment (so the runner waits on it the
+/// same way). The jobs carry no components; each target's agent needs the step's capability.
+pub async fn create_step_jobs(
+    state: &AppState,
+    req: CreateDeployment,
+    step: JobKind,
+) -> ApiResult<Deployment> {
+    if step == JobKind::Deploy {
+        return Err(ApiError::Internal(
+            "a deploy is not a step job; use deployments::create".to_string(),
+        ));
+    }
+    create_jobs(state, req, step).await
+}
+
+async fn create_jobs(
+    state: &AppState,
+    req: CreateDeployment,
+    kind: JobKind,
+) -> ApiResult<Deployment> {
     let release = releases::find(state, &req.release).await?;
     let env = environments::find(state, &req.env).await?;
     let env_targets = select_targets(state, &env, &req).await?;
@@ -133,10 +161,16 @@ pub async fn create(state: &AppState, req: CreateDeployment) -> ApiResult<Deploy
                 t.name, agent.id
             )));
         }
-        if !agent.capabilities.iter().any(|c| c == &t.kind) {
+        let needed = kind.step_capability().unwrap_or(&t.kind);
+        if !agent.capabilities.iter().any(|c| c == needed) {
+            let hint = if needed == "script" {
+                " (scripts are opt-in: start the agent with --allow-scripts)"
+            } else {
+                ""
+            };
             return Err(ApiError::Unprocessable(format!(
-                "target {}: agent {} ({}) lacks the {:?} capability",
-                t.name, agent.name, agent.id, t.kind
+                "target {}: agent {} ({}) lacks the {:?} capability{hint}",
+                t.name, agent.name, agent.id, needed
             )));
         }
     }
@@ -147,10 +181,11 @@ pub async fn create(state: &AppState, req: CreateDeployment) -> ApiResult<Deploy
     let signing_key = state.keys.job_keys().active;
     let mut tx = crate::store::write_tx(&state.db).await?;
     sqlx::query(
-        "INSERT INTO deployments (id, release_id, environment_id, status, message, created_at, updated_at)
-         VALUES (?, ?, ?, 'running', '', ?, ?)",
+        "INSERT INTO deployments (id, kind, release_id, environment_id, status, message, created_at, updated_at)
+         VALUES (?, ?, ?, ?, 'running', '', ?, ?)",
     )
     .bind(&deployment_id)
+    .bind(kind.name())
     .bind(&release.id)
     .bind(&env.id)
     .bind(now)
@@ -177,19 +212,24 @@ pub async fn create(state: &AppState, req: CreateDeployment) -> ApiResult<Deploy
                 kind: t.kind.clone(),
                 config: t.config.clone(),
             },
-            kind: JobKind::Deploy,
+            kind: kind.clone(),
             deployment_id: deployment_id.clone(),
             release_id: release.id.clone(),
             release_name: release.name.clone(),
-            components: release
-                .components
-                .iter()
-                .map(|c| JobComponent {
-                    name: c.name.clone(),
-                    image: c.image.clone(),
-                    digest: c.digest.clone(),
-                })
-                .collect(),
+            // Digests are a deploy's; a step job that carried them would be refused.
+            components: if kind == JobKind::Deploy {
+                release
+                    .components
+                    .iter()
+                    .map(|c| JobComponent {
+                        name: c.name.clone(),
+                        image: c.image.clone(),
+                        digest: c.digest.clone(),
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
             issued_at,
             not_after,
             sequence: sequence as u64,
@@ -201,12 +241,13 @@ pub async fn create(state: &AppState, req: CreateDeployment) -> ApiResult<Deploy
         sqlx::query(
             "INSERT INTO jobs (id, deployment_id, agent_id, target_id, kind, sequence, idempotency_key,
                 envelope, not_after, status, created_at, updated_at)
-             VALUES (?, ?, ?, ?, 'deploy', ?, ?, ?, ?, 'queued', ?, ?)",
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
         )
         .bind(&job_id)
         .bind(&deployment_id)
         .bind(&t.agent_id)
         .bind(&t.id)
+        .bind(kind.name())
         .bind(sequence)
         .bind(&payload.idempotency_key)
         .bind(&envelope_json)
@@ -217,20 +258,21 @@ pub async fn create(state: &AppState, req: CreateDeployment) -> ApiResult<Deploy
         .await?;
     }
     tx.commit().await?;
-    tracing::info!(deployment_id = %deployment_id, release = %release.name, env = %env.name, jobs = env_targets.len(), "deployment created");
+    tracing::info!(deployment_id = %deployment_id, kind = kind.name(), release = %release.name, env = %env.name, jobs = env_targets.len(), "deployment created");
     for t in &env_targets {
         state.hub.notify(&t.agent_id);
     }
     get(state, &deployment_id).await
 }
 
-const DEPLOYMENT_SELECT: &str = "SELECT d.id, r.name AS release, r.id AS release_id, \
+const DEPLOYMENT_SELECT: &str = "SELECT d.id, d.kind, r.name AS release, r.id AS release_id, \
      e.name AS environment, d.status, d.message, d.created_at, d.finished_at FROM deployments d \
      JOIN releases r ON r.id = d.release_id JOIN environments e ON e.id = d.environment_id";
 
 fn deployment_from_row(row: &sqlx::sqlite::SqliteRow) -> Deployment {
     Deployment {
         id: row.get("id"),
+        kind: row.get("kind"),
         release: row.get("release"),
         release_id: row.get("release_id"),
         environment: row.get("environment"),

@@ -20,7 +20,7 @@ async fn input(state: &AppState, promotion: &PromotionRecord) -> ApiResult<serde
             let row: Option<(String, i64)> = sqlx::query_as(
                 "SELECT d.status, COALESCE(d.finished_at, d.updated_at) FROM deployments d
                  JOIN environments e ON e.id = d.environment_id
-                 WHERE e.name = ? AND d.release_id = ?
+                 WHERE e.name = ? AND d.release_id = ? AND d.kind = 'deploy'
                  ORDER BY d.created_at DESC LIMIT 1",
             )
             .bind(previous_env)

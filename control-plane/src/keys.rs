@@ -21,6 +21,8 @@ pub const NEXT_CA_CERT_FILE: &str = "ca.next.pem";
 pub const NEXT_CA_KEY_FILE: &str = "ca.next.key";
 pub const JOB_KEY_FILE: &str = "job-signing.key";
 pub const NEXT_JOB_KEY_FILE: &str = "job-signing.next.key";
+/// Signs evidence packets; apart from the job key so that either can rotate alone.
+pub const EVIDENCE_KEY_FILE: &str = "evidence.key";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeysError {
@@ -82,6 +84,7 @@ pub struct PlaneKeys {
     server: RwLock<ServerCert>,
     /// Job-signing keys change at run time (rotation), hence the lock.
     job_keys: RwLock<JobKeys>,
+    evidence_key: SigningKey,
     pub trust_domain: String,
     pub pki_dir: PathBuf,
     hostnames: Vec<String>,
@@ -146,6 +149,16 @@ pub fn store_ca(
     write_public(&dir.join(cert), ca.cert_pem())
 }
 
+fn load_or_create_signing_key(path: &Path, what: &str) -> Result<SigningKey, KeysError> {
+    if path.exists() {
+        return SigningKey::from_pem(&read(path)?).map_err(pki_err(path));
+    }
+    let key = SigningKey::generate();
+    write_secret(path, &key.to_pem().map_err(pki_err(path))?)?;
+    tracing::info!(key_id = key.key_id(), "created a new {what} key");
+    Ok(key)
+}
+
 impl PlaneKeys {
     /// Loads the CA(s) and job-signing key(s) from `pki_dir`, creating them on first start, and
     /// issues a fresh server certificate for `hostnames` (plus localhost and loopback addresses).
@@ -179,18 +192,9 @@ impl PlaneKeys {
         };
         let next = load_ca(pki_dir, NEXT_CA_CERT_FILE, NEXT_CA_KEY_FILE)?;
 
-        let job_key_path = pki_dir.join(JOB_KEY_FILE);
-        let job_key = if job_key_path.exists() {
-            SigningKey::from_pem(&read(&job_key_path)?).map_err(pki_err(&job_key_path))?
-        } else {
-            let key = SigningKey::generate();
-            write_secret(
-                &job_key_path,
-                &key.to_pem().map_err(pki_err(&job_key_path))?,
-            )?;
-            tracing::info!(key_id = key.key_id(), "created a new job-signing key");
-            key
-        };
+        let job_key = load_or_create_signing_key(&pki_dir.join(JOB_KEY_FILE), "job-signing")?;
+        let evidence_key =
+            load_or_create_signing_key(&pki_dir.join(EVIDENCE_KEY_FILE), "evidence")?;
         let next_job_key = match pki_dir.join(NEXT_JOB_KEY_FILE) {
             p if p.exists() => Some(SigningKey::from_pem(&read(&p)?).map_err(pki_err(&p))?),
             _ => None,
@@ -207,10 +211,15 @@ impl PlaneKeys {
                 active: job_key,
                 next: next_job_key,
             }),
+            evidence_key,
             trust_domain: trust_domain.to_string(),
             pki_dir: pki_dir.to_path_buf(),
             hostnames: hostnames.to_vec(),
         })
+    }
+
+    pub fn evidence_key(&self) -> &SigningKey {
+        &self.evidence_key
     }
 
     pub fn job_keys(&self) -> JobKeys {

@@ -138,6 +138,17 @@ pub async fn render(state: &AppState) -> ApiResult<String> {
             .receipt_refusals
             .load(std::sync::atomic::Ordering::Relaxed)
     );
+    let _ = writeln!(
+        out,
+        "# HELP stella_drift_findings Open drift findings, by kind and severity.\n# TYPE stella_drift_findings gauge"
+    );
+    for (kind, n) in crate::drift::open_counts(state).await? {
+        let _ = writeln!(
+            out,
+            "stella_drift_findings{{kind=\"{kind}\",severity=\"{}\"}} {n}",
+            kind.severity()
+        );
+    }
     if let Ok(refusals) = state.session_refusals.lock() {
         labelled_counter(
             &mut out,

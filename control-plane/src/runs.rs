@@ -10,6 +10,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use stella_pki::{
+    HealthCheckJob, HttpProbe, JobKind, MAX_HEALTHY_AFTER, MAX_STEP_JOB_TIMEOUT_MS, ScriptJob,
+};
 use stella_workflow::{
     Action, DeployStrategy, Event, HealthProbe, RunOutcome, RunState, StepKind, StepStatus,
     WorkflowTemplate,
@@ -25,6 +28,10 @@ use crate::store::{new_id, now_ms, rfc3339};
 
 /// How often running steps are looked at when nothing wakes the runner earlier.
 const TICK: Duration = Duration::from_millis(500);
+/// How long an agent probes (HTTP health check) or lets a script run when the step sets no
+/// `timeout`: agents never run a step job without a bound.
+const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+const DEFAULT_SCRIPT_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct StepView {
@@ -221,12 +228,6 @@ pub fn check_supported(template: &WorkflowTemplate) -> Result<(), String> {
             StepKind::Deploy(spec) if spec.strategy == DeployStrategy::BlueGreen => {
                 Some("the blue-green strategy needs executor support that no executor has yet")
             }
-            StepKind::HealthCheck(spec) if matches!(spec.probe, HealthProbe::Http { .. }) => Some(
-                "HTTP health probes are run by agents, which cannot run them yet; use `container: true`",
-            ),
-            StepKind::Script(_) => {
-                Some("script steps are run by agents, which cannot run them yet")
-            }
             _ => None,
         };
         if let Some(why) = unsupported {
@@ -259,11 +260,12 @@ pub fn validate_workflow(yaml: &str) -> ApiResult<()> {
 pub async fn rollback_environment(
     state: &AppState,
     env: &str,
+    requested_by: &str,
 ) -> ApiResult<deployments::Deployment> {
     let env = crate::environments::find(state, env).await?;
     let releases: Vec<(String,)> = sqlx::query_as(
         "SELECT release_id FROM deployments WHERE environment_id = ? AND status = 'succeeded'
-         ORDER BY created_at DESC",
+         AND kind = 'deploy' ORDER BY created_at DESC",
     )
     .bind(&env.id)
     .fetch_all(&state.db)
@@ -293,6 +295,7 @@ pub async fn rollback_environment(
         },
     )
     .await?;
+    crate::evidence::mark_rollback(state, &deployment.id, &current, requested_by).await?;
     state.publish_event("deployment", &deployment.id);
     tracing::info!(env = %env.name, deployment = %deployment.id, release = %deployment.release, "rollback by hand");
     Ok(deployment)
@@ -337,7 +340,7 @@ async fn tick(state: &AppState, health: &mut HealthCounters) -> ApiResult<()> {
             tracing::error!(run = %id, error = %e, "workflow run step failed to advance");
         }
     }
-    Ok(())
+    crate::evidence::record_pending(state).await
 }
 
 /// Advances one run as far as it can go now.
@@ -447,6 +450,23 @@ async fn ensure_deployment(
         .await?;
         state.publish_event("deployment", &id);
     }
+    remember_step_deployment(state, run, step_id, key, &id).await?;
+    sqlx::query("UPDATE promotions SET deployment_id = ?, updated_at = ? WHERE id = ?")
+        .bind(&id)
+        .bind(now_ms())
+        .bind(&run.promotion_id)
+        .execute(&state.db)
+        .await?;
+    Ok(id)
+}
+
+async fn remember_step_deployment(
+    state: &AppState,
+    run: &LoadedRun,
+    step_id: &str,
+    key: &str,
+    deployment_id: &str,
+) -> ApiResult<()> {
     sqlx::query(
         "INSERT INTO workflow_step_deployments (idempotency_key, run_id, step_id, deployment_id,
              created_at)
@@ -455,17 +475,92 @@ async fn ensure_deployment(
     .bind(key)
     .bind(&run.id)
     .bind(step_id)
-    .bind(&id)
+    .bind(deployment_id)
     .bind(now_ms())
     .execute(&state.db)
     .await?;
-    sqlx::query("UPDATE promotions SET deployment_id = ?, updated_at = ? WHERE id = ?")
-        .bind(&id)
-        .bind(now_ms())
-        .bind(&run.promotion_id)
-        .execute(&state.db)
+    Ok(())
+}
+
+/// The signed job an agent runs for `step`, when an agent runs it: an HTTP health probe or a
+/// script (container health is watched here, from inventory).
+fn agent_step_job(step: &stella_workflow::Step) -> Option<JobKind> {
+    let ms = |d: Duration| {
+        u64::try_from(d.as_millis())
+            .unwrap_or(u64::MAX)
+            .clamp(1, MAX_STEP_JOB_TIMEOUT_MS)
+    };
+    match &step.kind {
+        StepKind::HealthCheck(spec) => match &spec.probe {
+            HealthProbe::Http { url, expect_status } => {
+                Some(JobKind::HealthCheck(HealthCheckJob {
+                    http: HttpProbe {
+                        url: url.to_string(),
+                        expect_status: *expect_status,
+                    },
+                    interval_ms: ms(spec.interval),
+                    healthy_after: spec.healthy_after.clamp(1, MAX_HEALTHY_AFTER),
+                    timeout_ms: ms(step.timeout.unwrap_or(DEFAULT_PROBE_TIMEOUT)),
+                }))
+            }
+            HealthProbe::Container => None,
+        },
+        StepKind::Script(spec) => Some(JobKind::Script(ScriptJob {
+            command: spec.command.clone(),
+            timeout_ms: ms(step.timeout.unwrap_or(DEFAULT_SCRIPT_TIMEOUT)),
+        })),
+        _ => None,
+    }
+}
+
+/// Creates the jobs of an agent-run step for `key` unless they exist: one per target this run
+/// deployed to, or every target of the environment when nothing was deployed yet (a step before
+/// the deploy). Like a deployment, its id derives from the key, so a restart finds it.
+async fn ensure_step_jobs(
+    state: &AppState,
+    run: &LoadedRun,
+    promotion: &PromotionRecord,
+    step: &stella_workflow::Step,
+    key: &str,
+) -> ApiResult<String> {
+    let job = agent_step_job(step)
+        .ok_or_else(|| ApiError::Internal(format!("step {} is not run by agents", step.id)))?;
+    let id = deployment_id_for(key);
+    if deployment_status(state, &id).await?.is_none() {
+        deployments::create_step_jobs(
+            state,
+            CreateDeployment {
+                release: promotion.release_id.clone(),
+                env: promotion.environment_id.clone(),
+                targets: touched_targets(state, &run.id).await?,
+                selector: Default::default(),
+                id: Some(id.clone()),
+            },
+            job,
+        )
         .await?;
+        state.publish_event("deployment", &id);
+    }
+    remember_step_deployment(state, run, &step.id, key, &id).await?;
     Ok(id)
+}
+
+/// How the jobs of an agent-run step ended: `None` while one still runs.
+async fn step_jobs_outcome(
+    state: &AppState,
+    key: &str,
+    step_type: &str,
+) -> ApiResult<Option<Result<(), String>>> {
+    Ok(
+        match deployment_status(state, &deployment_id_for(key)).await? {
+            Some((status, message)) => match status.as_str() {
+                "succeeded" => Some(Ok(())),
+                "running" => None,
+                other => Some(Err(format!("{step_type} {other}: {message}"))),
+            },
+            None => Some(Err(format!("the {step_type} step's jobs are missing"))),
+        },
+    )
 }
 
 async fn start_step(
@@ -589,22 +684,38 @@ async fn start_step(
                         targets,
                     )
                     .await;
-                    if let Err(e) = created {
-                        settle(run, Err(e.to_string()))?;
+                    match created {
+                        Ok(deployment_id) => {
+                            crate::evidence::mark_rollback(
+                                state,
+                                &deployment_id,
+                                &promotion.release_id,
+                                &promotion.requested_by,
+                            )
+                            .await?
+                        }
+                        Err(e) => settle(run, Err(e.to_string()))?,
                     }
                 }
                 Err(why) => settle(run, Err(why))?,
             }
         }
-        StepKind::HealthCheck(_) | StepKind::Wait(_) => started(run)?,
+        StepKind::HealthCheck(spec) if matches!(spec.probe, HealthProbe::Container) => {
+            started(run)?
+        }
+        StepKind::Wait(_) => started(run)?,
+        // Run by the agents of the run's targets, as signed step jobs.
+        StepKind::HealthCheck(_) | StepKind::Script(_) => {
+            let created = ensure_step_jobs(state, run, promotion, &step, key).await;
+            started(run)?;
+            if let Err(e) = created {
+                settle(run, Err(e.to_string()))?;
+            }
+        }
         StepKind::Notify(spec) => {
             started(run)?;
             let result = notify(state, promotion, &spec.webhook, spec.message.as_deref()).await;
             settle(run, result)?;
-        }
-        StepKind::Script(_) => {
-            started(run)?;
-            settle(run, Err("script steps are not supported yet".to_string()))?;
         }
     }
     Ok(())
@@ -666,8 +777,11 @@ async fn poll_running(
                 Some((status, message)) => settled(&status, &message),
                 None => None,
             },
-            StepKind::HealthCheck(spec) => {
+            StepKind::HealthCheck(spec) if matches!(spec.probe, HealthProbe::Container) => {
                 poll_health(state, run, &key, spec.interval, spec.healthy_after, health).await?
+            }
+            StepKind::HealthCheck(_) | StepKind::Script(_) => {
+                step_jobs_outcome(state, &key, step.kind.type_name()).await?
             }
             _ => None,
         };
@@ -749,7 +863,8 @@ async fn touched_targets(state: &AppState, run_id: &str) -> ApiResult<Vec<String
         "SELECT DISTINCT t.name FROM workflow_step_deployments s
          JOIN jobs j ON j.deployment_id = s.deployment_id
          JOIN targets t ON t.id = j.target_id
-         WHERE s.run_id = ? AND j.status NOT IN ('queued', 'refused', 'cancelled')
+         WHERE s.run_id = ? AND j.kind = 'deploy'
+         AND j.status NOT IN ('queued', 'refused', 'cancelled')
          ORDER BY t.name",
     )
     .bind(run_id)
@@ -767,7 +882,8 @@ async fn rollback_plan(
 ) -> ApiResult<Result<(String, Vec<String>), String>> {
     let previous: Option<(String,)> = sqlx::query_as(
         "SELECT release_id FROM deployments
-         WHERE environment_id = ? AND status = 'succeeded' AND release_id <> ? AND created_at < ?
+         WHERE environment_id = ? AND status = 'succeeded' AND kind = 'deploy'
+         AND release_id <> ? AND created_at < ?
          ORDER BY created_at DESC LIMIT 1",
     )
     .bind(&promotion.environment_id)

@@ -165,6 +165,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
         tls: Default::default(),
         events: tokio::sync::broadcast::channel(1024).0,
         runner_wake: tokio::sync::Notify::new(),
+        drift: Default::default(),
         keys,
     });
 
@@ -173,6 +174,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
         .map_err(|e| anyhow::anyhow!("publishing the first trust bundle: {e}"))?;
     state.tls.rebuild(&state.keys, &state.handshake_refusals)?;
     let runner_task = crate::runs::spawn_runner(state.clone());
+    let drift_task = crate::drift::spawn_worker(state.clone());
     let api_task = tokio::spawn(serve_api(
         api_listener,
         state.clone(),
@@ -220,7 +222,13 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
         admin_token_path,
         state,
         shutdown: shutdown_tx,
-        tasks: vec![api_task, agent_task, runner_task, heartbeat_task],
+        tasks: vec![
+            api_task,
+            agent_task,
+            runner_task,
+            heartbeat_task,
+            drift_task,
+        ],
     };
     plane.tasks.extend(quic_task);
     Ok(plane)

@@ -225,10 +225,7 @@ enum SessionEnd {
     Storage(#[from] ApiError),
 }
 
-async fn send(
-    tx: &mpsc::Sender<PlaneMessage>,
-    body: PlaneBody,
-) -> Result<(), SessionEnd> {
+async fn send(tx: &mpsc::Sender<PlaneMessage>, body: PlaneBody) -> Result<(), SessionEnd> {
     tx.send(plane(body))
         .await
         .map_err(|_| SessionEnd::OutboundClosed)
@@ -512,6 +509,8 @@ async fn handle_message(session: &Session<'_>, msg: AgentMessage) -> Result<(), 
             }
         }
         Some(AgentBody::Inventory(report)) => {
+            // Every report, changed or not: remediation state moves with time too.
+            state.drift.submit(agent_id, &report);
             if session.inventory_changed(&report) {
                 state.writes.inventory(agent_id, report).await;
             }
@@ -565,8 +564,19 @@ impl Session<'_> {
                     &w.workload_id,
                     &w.release_id,
                     &w.deployment_id,
+                    &w.name,
+                    &w.image,
                 ] {
                     hash.update(field.as_bytes());
+                    hash.update([0]);
+                }
+                hash.update([u8::from(w.unmanaged)]);
+                let mut labels: Vec<_> = w.labels.iter().collect();
+                labels.sort();
+                for (k, v) in labels {
+                    hash.update(k.as_bytes());
+                    hash.update([0]);
+                    hash.update(v.as_bytes());
                     hash.update([0]);
                 }
             }

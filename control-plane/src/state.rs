@@ -45,6 +45,8 @@ pub struct AppState {
     pub events: tokio::sync::broadcast::Sender<PlaneEvent>,
     /// Wakes the workflow runner when something it waits on may have changed.
     pub runner_wake: tokio::sync::Notify,
+    /// Inventory reports waiting for drift evaluation.
+    pub drift: crate::drift::DriftQueue,
 }
 
 /// Something changed: `kind` (promotion, deployment, workflow_run) and the id of the thing.

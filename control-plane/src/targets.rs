@@ -215,7 +215,7 @@ pub async fn detail(state: &AppState, id_or_name: &str) -> ApiResult<TargetDetai
     let desired_row = sqlx::query(
         "SELECT d.id AS deployment_id, r.id AS release_id, r.name AS release_name
          FROM jobs j JOIN deployments d ON d.id = j.deployment_id JOIN releases r ON r.id = d.release_id
-         WHERE j.target_id = ? AND j.status = 'succeeded'
+         WHERE j.target_id = ? AND j.status = 'succeeded' AND j.kind = 'deploy'
          ORDER BY j.finished_at DESC, j.sequence DESC LIMIT 1",
     )
     .bind(&target.id)

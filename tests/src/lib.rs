@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 mod transport;
-pub use transport::{TcpProxy, Transport, UdpProxy, free_udp_port};
+pub use transport::{LinkProxy, TcpProxy, Transport, UdpProxy, free_udp_port};
 
 pub fn bin_dir() -> PathBuf {
     // Test executables live in target/<profile>/deps; the binaries one level up.
@@ -368,6 +368,8 @@ pub struct Agent {
     pub id: String,
     /// Executors the agent is started without (`stella-agent run --disable KIND`).
     pub disabled: Vec<String>,
+    /// Extra `stella-agent run` flags (e.g. `--inventory-interval 2s`).
+    pub run_args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -423,6 +425,7 @@ impl Agent {
             dir: dir.to_path_buf(),
             id: config["agent_id"].as_str().expect("agent id").to_string(),
             disabled: Vec::new(),
+            run_args: Vec::new(),
             child: None,
         }
     }
@@ -452,6 +455,13 @@ impl Agent {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Whether the process started last is still alive (it was never restarted or lost).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// SIGKILL: the agent gets no chance to finish its job or flush anything.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -472,6 +482,7 @@ impl Agent {
             .arg("--data-dir")
             .arg(&self.dir)
             .args(self.disabled.iter().flat_map(|d| ["--disable", d.as_str()]))
+            .args(&self.run_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -652,6 +663,25 @@ pub fn sql_exec(db: &Path, sql: &'static str, binds: &[&str]) -> u64 {
         let n = q.execute(&pool).await.expect("sql").rows_affected();
         pool.close().await;
         n
+    })
+}
+
+/// Like [`sql_exec`], but the database's refusal is returned, not a panic.
+pub fn sql_try(db: &Path, sql: &'static str) -> Result<u64, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let url = format!("sqlite://{}", db.display());
+        let pool = sqlx::SqlitePool::connect(&url).await.expect("open db");
+        let result = sqlx::query(sql)
+            .execute(&pool)
+            .await
+            .map(|r| r.rows_affected())
+            .map_err(|e| e.to_string());
+        pool.close().await;
+        result
     })
 }
 

@@ -276,3 +276,41 @@ async fn new_flow(
     }
     Some(socket)
 }
+
+/// A proxy on the link of the plane's transport: TCP for gRPC, UDP for QUIC.
+pub enum LinkProxy {
+    Tcp(TcpProxy),
+    Udp(UdpProxy),
+}
+
+impl LinkProxy {
+    /// A proxy in front of the agent endpoint of `plane`'s transport.
+    pub fn start(plane: &crate::Plane) -> LinkProxy {
+        match plane.transport {
+            Transport::Grpc => LinkProxy::Tcp(TcpProxy::start(plane.agent_addr())),
+            Transport::Quic => LinkProxy::Udp(UdpProxy::start(plane.agent_addr())),
+        }
+    }
+
+    /// The endpoint URL agents use to reach the plane through this proxy.
+    pub fn url(&self) -> String {
+        match self {
+            LinkProxy::Tcp(p) => format!("https://127.0.0.1:{}", p.port),
+            LinkProxy::Udp(p) => format!("quic://127.0.0.1:{}", p.port),
+        }
+    }
+
+    pub fn cut(&self) {
+        match self {
+            LinkProxy::Tcp(p) => p.cut(),
+            LinkProxy::Udp(p) => p.cut(),
+        }
+    }
+
+    pub fn restore(&self) {
+        match self {
+            LinkProxy::Tcp(p) => p.restore(),
+            LinkProxy::Udp(p) => p.restore(),
+        }
+    }
+}

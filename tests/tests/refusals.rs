@@ -102,6 +102,7 @@ fn sign(key: &SigningKey, p: &JobPayload) -> String {
     serde_json::to_string(&stella_pki::sign_job(key, p).unwrap()).unwrap()
 }
 
+stella_e2e::both_transports! {
 #[test]
 fn tampered_payload_is_refused() {
     let (case, dep) = run_case(false, |_, _, env| {
@@ -237,4 +238,5 @@ fn oversized_envelope_is_refused() {
         containers_of(&case.stack.target).is_empty(),
         "nothing executed"
     );
+}
 }

@@ -21,6 +21,38 @@ fn cert_expired(agent: &Agent) -> bool {
     time::OffsetDateTime::now_utc().unix_timestamp() > not_after
 }
 
+/// Posts an offline renewal the way an agent would, signed with `key_pem`.
+fn offline_renew(plane: &Plane, agent: &Agent, key_pem: &str) -> (u16, String) {
+    let cert_pem = std::fs::read_to_string(agent.dir.join("identity/agent.pem")).unwrap();
+    let (_, csr) = stella_pki::generate_key_and_csr("x").unwrap();
+    let ts = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+    let proof = stella_pki::sign_with_agent_key(
+        key_pem,
+        &stella_pki::renewal_proof_message(&agent.id, &csr, ts),
+    )
+    .unwrap();
+    let body = serde_json::json!({
+        "agent_id": agent.id, "cert_pem": cert_pem, "csr_pem": csr, "timestamp_unix_ms": ts,
+        "proof": base64::engine::general_purpose::STANDARD.encode(proof),
+    });
+    let ca = std::fs::read_to_string(plane.dir.join("pki/ca.pem")).unwrap();
+    let url = format!("{}/api/v1/renew", plane.api_url());
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            stella_pki::install_crypto_provider();
+            let client = reqwest::Client::builder()
+                .use_preconfigured_tls(stella_pki::client_config_ca(&ca).unwrap())
+                .build()
+                .unwrap();
+            let resp = client.post(&url).json(&body).send().await.unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        })
+}
+
+stella_e2e::both_transports! {
 #[test]
 fn certificates_renew_in_band_without_a_restart() {
     let tmp = tempfile::tempdir().unwrap();
@@ -146,37 +178,6 @@ fn an_agent_offline_past_expiry_renews_with_its_previous_key() {
     assert_ne!(not_after(&plane, &agent.id), first);
 }
 
-/// Posts an offline renewal the way an agent would, signed with `key_pem`.
-fn offline_renew(plane: &Plane, agent: &Agent, key_pem: &str) -> (u16, String) {
-    let cert_pem = std::fs::read_to_string(agent.dir.join("identity/agent.pem")).unwrap();
-    let (_, csr) = stella_pki::generate_key_and_csr("x").unwrap();
-    let ts = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
-    let proof = stella_pki::sign_with_agent_key(
-        key_pem,
-        &stella_pki::renewal_proof_message(&agent.id, &csr, ts),
-    )
-    .unwrap();
-    let body = serde_json::json!({
-        "agent_id": agent.id, "cert_pem": cert_pem, "csr_pem": csr, "timestamp_unix_ms": ts,
-        "proof": base64::engine::general_purpose::STANDARD.encode(proof),
-    });
-    let ca = std::fs::read_to_string(plane.dir.join("pki/ca.pem")).unwrap();
-    let url = format!("{}/api/v1/renew", plane.api_url());
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(async {
-            stella_pki::install_crypto_provider();
-            let client = reqwest::Client::builder()
-                .use_preconfigured_tls(stella_pki::client_config_ca(&ca).unwrap())
-                .build()
-                .unwrap();
-            let resp = client.post(&url).json(&body).send().await.unwrap();
-            (resp.status().as_u16(), resp.text().await.unwrap())
-        })
-}
-
 #[test]
 fn offline_renewal_is_refused_past_grace_for_revoked_agents_and_without_the_key() {
     let tmp = tempfile::tempdir().unwrap();
@@ -216,4 +217,5 @@ fn offline_renewal_is_refused_past_grace_for_revoked_agents_and_without_the_key(
     let (status, body) = offline_renew(&plane, &other, &other_key);
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("revoked"), "{body}");
+}
 }

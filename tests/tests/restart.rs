@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use stella_e2e::{Stack, TestImage, containers_of, inspect, unique, wait_until};
 
+stella_e2e::both_transports! {
 #[test]
 fn plane_restart_between_two_deploys() {
     let mut stack = Stack::new();
@@ -74,4 +75,5 @@ fn jobs_created_while_the_agent_is_away_are_delivered_when_it_returns() {
     let done = stack.plane.wait_deployment(dep["id"].as_str().unwrap());
     assert_eq!(done["status"], "succeeded", "{done:#}");
     assert_eq!(containers_of(&stack.target).len(), 1);
+}
 }

@@ -14,6 +14,7 @@ fn metric(plane: &Plane, line_prefix: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+stella_e2e::both_transports! {
 #[test]
 fn revoking_an_agent_cuts_its_session_refuses_handshakes_and_cancels_its_jobs() {
     let mut stack = Stack::new();
@@ -288,4 +289,5 @@ fn guessing_join_tokens_is_rate_limited() {
         0,
         "the real token was not consumed"
     );
+}
 }

@@ -7,7 +7,7 @@
 
 mod config;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::pin::pin;
 use std::time::{Duration, Instant};
@@ -18,8 +18,8 @@ use bollard::models::{
     HealthStatusEnum, HostConfig, RestartPolicy,
 };
 use bollard::query_parameters::{
-    CreateContainerOptions, CreateImageOptions, ListContainersOptions, ListImagesOptions,
-    LogsOptions, RemoveContainerOptions,
+    CreateContainerOptions, CreateImageOptions, EventsOptions, ListContainersOptions,
+    ListImagesOptions, LogsOptions, RemoveContainerOptions,
 };
 use bollard::{API_DEFAULT_VERSION, Docker};
 use futures_util::StreamExt;
@@ -31,9 +31,10 @@ use stella_plugin_sdk::readiness::{
 };
 use stella_plugin_sdk::validate::{self, DistinctNames};
 use stella_plugin_sdk::{
-    ComponentAction, ComponentOutcome, ComponentSpec, DeployOutcome, DeploySpec, Executor,
-    ExecutorContext, InventoryItem, PluginError, ProgressSink, STICKER_FILE_NAME, TargetLocks,
-    TargetRef, VersionSticker, engine, files, labels, millis, sort_inventory,
+    ChangeSink, ComponentAction, ComponentOutcome, ComponentSpec, DeployOutcome, DeploySpec,
+    Executor, ExecutorContext, InventoryItem, ObservedWorkload, PluginError, ProgressSink,
+    STICKER_FILE_NAME, TargetLocks, TargetRef, VersionSticker, WatchEnd, engine, files, labels,
+    millis, sort_inventory,
 };
 use tracing::{debug, info, warn};
 
@@ -197,6 +198,80 @@ impl DockerExecutor {
             .into_iter()
             .filter(|s| summary_label(s, LABEL_TARGET) == Some(target))
             .collect())
+    }
+
+    async fn list_network_containers(
+        &self,
+        network: &str,
+    ) -> Result<Vec<ContainerSummary>, PluginError> {
+        let filters = HashMap::from([("network".to_string(), vec![network.to_string()])]);
+        self.docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+            .map_err(|e| backend("list containers", e))
+    }
+
+    /// One container as inventory and drift see it; `None` when it went away meanwhile.
+    async fn observe_container(
+        &self,
+        id: &str,
+        digests: &mut RunningDigests,
+    ) -> Result<Option<ObservedWorkload>, PluginError> {
+        // Gone between list and inspect: it no longer runs anything.
+        let Some(info) = self.inspect(id).await? else {
+            return Ok(None);
+        };
+        let labels = info
+            .config
+            .as_ref()
+            .and_then(|c| c.labels.clone())
+            .unwrap_or_default();
+        let image_id = info.image.clone().unwrap_or_default();
+        let digest = digests
+            .resolve(
+                &image_id,
+                labels.get(LABEL_DIGEST).map(String::as_str),
+                || self.repo_digests(&image_id),
+            )
+            .await?;
+        let state = info.state.unwrap_or_default();
+        let workload_id = info.id.unwrap_or_else(|| id.to_string());
+        let name = info
+            .name
+            .map(|n| n.trim_start_matches('/').to_string())
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| workload_id.clone());
+        let image = labels
+            .get(LABEL_IMAGE)
+            .cloned()
+            .or_else(|| info.config.and_then(|c| c.image))
+            .unwrap_or_else(|| image_id.clone());
+        let item = InventoryItem {
+            component: labels.get(LABEL_COMPONENT).cloned().unwrap_or_default(),
+            digest,
+            state: state
+                .status
+                .map_or_else(|| "unknown".to_string(), |s| s.to_string()),
+            health: state
+                .health
+                .and_then(|h| h.status)
+                .filter(|s| !matches!(s, HealthStatusEnum::NONE | HealthStatusEnum::EMPTY))
+                .map(|s| s.to_string()),
+            workload_id,
+            release_id: labels.get(LABEL_RELEASE_ID).cloned(),
+            deployment_id: labels.get(LABEL_DEPLOYMENT_ID).cloned(),
+        };
+        Ok(Some(ObservedWorkload {
+            managed: labels.get(LABEL_MANAGED).map(String::as_str) == Some("true"),
+            labels: labels.into_iter().collect::<BTreeMap<_, _>>(),
+            name,
+            image,
+            item,
+        }))
     }
 
     async fn inspect(&self, id: &str) -> Result<Option<ContainerInspectResponse>, PluginError> {
@@ -599,48 +674,78 @@ impl Executor for DockerExecutor {
     }
 
     async fn inventory(&self, target: &TargetRef) -> Result<Vec<InventoryItem>, PluginError> {
-        let mut items = Vec::new();
         let mut digests = RunningDigests::default();
+        let mut items = Vec::new();
         for summary in self.list_target_containers(&target.name).await? {
-            let Some(id) = summary.id.as_deref() else {
-                continue;
-            };
-            // Gone between list and inspect: it no longer runs anything.
-            let Some(info) = self.inspect(id).await? else {
-                continue;
-            };
-            let labels = info
-                .config
-                .as_ref()
-                .and_then(|c| c.labels.clone())
-                .unwrap_or_default();
-            let image_id = info.image.clone().unwrap_or_default();
-            let digest = digests
-                .resolve(
-                    &image_id,
-                    labels.get(LABEL_DIGEST).map(String::as_str),
-                    || self.repo_digests(&image_id),
-                )
-                .await?;
-            let state = info.state.unwrap_or_default();
-            items.push(InventoryItem {
-                component: labels.get(LABEL_COMPONENT).cloned().unwrap_or_default(),
-                digest,
-                state: state
-                    .status
-                    .map_or_else(|| "unknown".to_string(), |s| s.to_string()),
-                health: state
-                    .health
-                    .and_then(|h| h.status)
-                    .filter(|s| !matches!(s, HealthStatusEnum::NONE | HealthStatusEnum::EMPTY))
-                    .map(|s| s.to_string()),
-                workload_id: info.id.unwrap_or_else(|| id.to_string()),
-                release_id: labels.get(LABEL_RELEASE_ID).cloned(),
-                deployment_id: labels.get(LABEL_DEPLOYMENT_ID).cloned(),
-            });
+            if let Some(id) = summary.id.as_deref()
+                && let Some(observed) = self.observe_container(id, &mut digests).await?
+            {
+                items.push(observed.item);
+            }
         }
         sort_inventory(&mut items);
         Ok(items)
+    }
+
+    /// The target's containers (managed or not: a container someone labelled
+    /// `stella.target=<target>` by hand is foreign) and, when the target names a `network`,
+    /// every container on it that is not another target's managed container.
+    async fn observe(&self, target: &TargetRef) -> Result<Vec<ObservedWorkload>, PluginError> {
+        let cfg = config::parse(&target.config)?;
+        let mut candidates = self.list_target_containers(&target.name).await?;
+        if let Some(network) = cfg.network.as_deref().filter(|n| is_network_name(n)) {
+            for s in self.list_network_containers(network).await? {
+                let other_targets = summary_label(&s, LABEL_MANAGED) == Some("true")
+                    && summary_label(&s, LABEL_TARGET) != Some(target.name.as_str());
+                if !other_targets && !candidates.iter().any(|c| c.id == s.id) {
+                    candidates.push(s);
+                }
+            }
+        }
+        let mut digests = RunningDigests::default();
+        let mut observed = Vec::with_capacity(candidates.len());
+        for summary in candidates {
+            if let Some(id) = summary.id.as_deref()
+                && let Some(o) = self.observe_container(id, &mut digests).await?
+            {
+                observed.push(o);
+            }
+        }
+        observed.sort_by(|a, b| {
+            (!a.managed, a.item.component.as_str(), a.name.as_str()).cmp(&(
+                !b.managed,
+                b.item.component.as_str(),
+                b.name.as_str(),
+            ))
+        });
+        Ok(observed)
+    }
+
+    /// Container lifecycle events from the engine: each names its target through its
+    /// `stella.target` label; a container without one may sit on a target's network, so its
+    /// change concerns every target.
+    async fn watch(&self, sink: &dyn ChangeSink) -> Result<WatchEnd, PluginError> {
+        let filters = HashMap::from([
+            ("type".to_string(), vec!["container".to_string()]),
+            (
+                "event".to_string(),
+                WATCHED_EVENTS.iter().map(|e| (*e).to_string()).collect(),
+            ),
+        ]);
+        let mut events = pin!(self.docker.events(Some(EventsOptions {
+            filters: Some(filters),
+            ..Default::default()
+        })));
+        while let Some(event) = events.next().await {
+            let event = event.map_err(|e| backend("engine events", e))?;
+            let attributes = event.actor.and_then(|a| a.attributes).unwrap_or_default();
+            debug!(
+                action = event.action.as_deref().unwrap_or(""),
+                "container event"
+            );
+            sink.changed(attributes.get(LABEL_TARGET).map(String::as_str));
+        }
+        Ok(WatchEnd::Closed)
     }
 
     async fn write_sticker(
@@ -679,6 +784,17 @@ fn validate_components(components: &[ComponentSpec]) -> Result<(), PluginError> 
         names.insert(sanitize(&c.name), &c.name, "container name")?;
     }
     Ok(())
+}
+
+/// Engine events that change what a container is or whether it runs.
+const WATCHED_EVENTS: &[&str] = &[
+    "create", "start", "restart", "stop", "die", "kill", "oom", "pause", "unpause", "destroy",
+    "rename", "update",
+];
+
+/// Whether `network` names a network whose members can be listed (not a network mode).
+fn is_network_name(network: &str) -> bool {
+    !network.contains(':') && !matches!(network, "default" | "host" | "none")
 }
 
 fn summary_label<'a>(s: &'a ContainerSummary, key: &str) -> Option<&'a str> {

@@ -20,7 +20,7 @@ pub mod naming;
 pub mod readiness;
 pub mod validate;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -107,6 +107,54 @@ pub struct InventoryItem {
     pub workload_id: String,
     pub release_id: Option<String>,
     pub deployment_id: Option<String>,
+}
+
+/// One workload as drift needs to see it: the inventory item plus what tells Stella's own
+/// workloads from foreign ones. Foreign workloads (`managed == false`) are the ones the target's
+/// watched scope holds that carry no ownership labels; their `item.component` is empty unless
+/// they claim one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObservedWorkload {
+    #[serde(flatten)]
+    pub item: InventoryItem,
+    /// Stable name where the executor has one (a container name); else the workload id.
+    pub name: String,
+    /// Image reference the workload was started from; informational, the digest decides.
+    pub image: String,
+    pub managed: bool,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl From<InventoryItem> for ObservedWorkload {
+    /// What an executor that knows only its own workloads can say: each one is managed, named
+    /// by its workload id, with no labels.
+    fn from(item: InventoryItem) -> Self {
+        Self {
+            name: item.workload_id.clone(),
+            image: String::new(),
+            managed: true,
+            labels: BTreeMap::new(),
+            item,
+        }
+    }
+}
+
+/// Told by a watching executor that workloads changed, so the agent reports inventory now
+/// instead of at its next periodic report.
+pub trait ChangeSink: Send + Sync {
+    /// `Some(target)`: something of that target changed. `None`: something changed that may
+    /// concern any target of the executor (a foreign workload whose target is not known).
+    fn changed(&self, target: Option<&str>);
+}
+
+/// How [`Executor::watch`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchEnd {
+    /// The executor cannot watch its backend: periodic and after-job reports are all there is.
+    Unsupported,
+    /// The backend closed the event stream; the caller may watch again.
+    Closed,
 }
 
 /// `stella.version.json`: which release, which digests, which deployment a target runs.
@@ -240,6 +288,26 @@ pub trait Executor: Send + Sync {
 
     /// What Stella-managed workloads really run on the target.
     async fn inventory(&self, target: &TargetRef) -> Result<Vec<InventoryItem>, PluginError>;
+
+    /// Every workload drift should know about on the target: the managed ones (as
+    /// [`Executor::inventory`] reports them) and, where the executor can tell, foreign ones in
+    /// the target's watched scope. The default knows the managed ones only.
+    async fn observe(&self, target: &TargetRef) -> Result<Vec<ObservedWorkload>, PluginError> {
+        Ok(self
+            .inventory(target)
+            .await?
+            .into_iter()
+            .map(ObservedWorkload::from)
+            .collect())
+    }
+
+    /// Follows the backend's change events and calls `sink` for each change to a workload of
+    /// interest, until the stream ends (`Closed`) or fails; the caller watches again after a
+    /// pause. The default cannot watch and returns `Unsupported` at once.
+    async fn watch(&self, sink: &dyn ChangeSink) -> Result<WatchEnd, PluginError> {
+        let _ = sink;
+        Ok(WatchEnd::Unsupported)
+    }
 
     async fn write_sticker(
         &self,

@@ -740,3 +740,180 @@ pub async fn audit(client: &ApiClient, out: Output, limit: u32) -> anyhow::Resul
         )
     })
 }
+
+#[derive(Subcommand)]
+pub enum EvidenceCommand {
+    /// Packets recorded in a window, in chain order.
+    List {
+        /// RFC 3339 start (inclusive).
+        #[arg(long)]
+        from: Option<String>,
+        /// RFC 3339 end (inclusive).
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// One packet for a person (by evidence id, or the latest of a promotion or deployment).
+    Show { id: String },
+    /// Write a self-contained bundle (packets, keys, certificates) for offline verification.
+    Export {
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+    /// Verify a bundle fully offline: signatures, receipts, the chain; names the first broken
+    /// link. Exit status non-zero when anything is wrong.
+    Verify {
+        file: std::path::PathBuf,
+        /// Evidence public keys to trust (JSON from `stella evidence keys`); without it the
+        /// bundle vouches for its own keys.
+        #[arg(long)]
+        trusted_keys: Option<std::path::PathBuf>,
+    },
+    /// The plane's evidence public keys (JSON), to pin when verifying elsewhere.
+    Keys,
+    /// Deployments, rollbacks and decisions with their evidence ids, as CSV or JSON.
+    Audit {
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long, default_value = "csv")]
+        format: String,
+        /// Write to this file instead of standard output.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+}
+
+fn window_query(from: &Option<String>, to: &Option<String>) -> String {
+    let mut q = Vec::new();
+    if let Some(f) = from {
+        q.push(format!("from={}", path_seg(f)));
+    }
+    if let Some(t) = to {
+        q.push(format!("to={}", path_seg(t)));
+    }
+    q.join("&")
+}
+
+/// Offline: needs no plane, no network.
+pub fn verify_evidence(
+    out: Output,
+    file: &std::path::Path,
+    trusted_keys: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading the evidence bundle {}", file.display()))?;
+    let bundle = stella_evidence::Bundle::from_json(&text)
+        .with_context(|| format!("{} is not an evidence bundle", file.display()))?;
+    let report = match trusted_keys {
+        Some(path) => {
+            let keys: Vec<stella_pki::PublicKeyRecord> = serde_json::from_str(
+                &std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?,
+            )
+            .with_context(|| {
+                format!(
+                    "{}: expected the JSON of `stella evidence keys`",
+                    path.display()
+                )
+            })?;
+            stella_evidence::verify_bundle_pinned(&bundle, &keys)
+        }
+        None => stella_evidence::verify_bundle(&bundle),
+    };
+    if out == Output::Json {
+        print_json(&report)?;
+    } else {
+        println!("{report}");
+    }
+    if report.is_valid() {
+        Ok(())
+    } else {
+        match report.first_broken_link() {
+            Some(problem) => bail!("evidence does not verify; first broken link: {problem}"),
+            None => bail!("evidence does not verify"),
+        }
+    }
+}
+
+pub async fn evidence(client: &ApiClient, out: Output, cmd: EvidenceCommand) -> anyhow::Result<()> {
+    use stella_control_plane::evidence::{EvidenceDetail, EvidenceSummary};
+    match cmd {
+        EvidenceCommand::List { from, to } => {
+            let items: Vec<EvidenceSummary> = client
+                .get(&format!("/api/v1/evidence?{}", window_query(&from, &to)))
+                .await?;
+            render(out, &items, |items| {
+                table(
+                    &["SEQ", "ID", "KIND", "PROMOTION", "DEPLOYMENT", "RECORDED"],
+                    items
+                        .iter()
+                        .map(|e| {
+                            vec![
+                                e.sequence.to_string(),
+                                e.id.clone(),
+                                e.kind.clone(),
+                                e.promotion_id.clone().unwrap_or_else(|| "-".into()),
+                                e.deployment_id.clone().unwrap_or_else(|| "-".into()),
+                                e.recorded_at.clone(),
+                            ]
+                        })
+                        .collect(),
+                )
+            })
+        }
+        EvidenceCommand::Show { id } => {
+            let d: EvidenceDetail = client
+                .get(&format!("/api/v1/evidence/{}", path_seg(&id)))
+                .await?;
+            render(out, &d, |d| println!("{}", d.rendered))
+        }
+        EvidenceCommand::Export {
+            from,
+            to,
+            out: path,
+        } => {
+            let bundle: serde_json::Value = client
+                .get(&format!(
+                    "/api/v1/evidence/export?{}",
+                    window_query(&from, &to)
+                ))
+                .await?;
+            let text = serde_json::to_string_pretty(&bundle)?;
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+            let packets = bundle["packets"].as_array().map(Vec::len).unwrap_or(0);
+            eprintln!("wrote {packets} packet(s) to {}", path.display());
+            Ok(())
+        }
+        EvidenceCommand::Verify { file, trusted_keys } => {
+            verify_evidence(out, &file, trusted_keys.as_deref())
+        }
+        EvidenceCommand::Keys => {
+            let keys: serde_json::Value = client.get("/api/v1/evidence/keys").await?;
+            print_json(&keys)
+        }
+        EvidenceCommand::Audit {
+            from,
+            to,
+            format,
+            out: path,
+        } => {
+            let mut query = window_query(&from, &to);
+            query.push_str(&format!("&format={}", path_seg(&format)));
+            let text = client
+                .get_text(&format!("/api/v1/evidence/audit?{query}"))
+                .await?;
+            match path {
+                Some(p) => {
+                    std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?
+                }
+                None => print!("{text}"),
+            }
+            Ok(())
+        }
+    }
+}
