@@ -310,7 +310,9 @@ pub fn page<T: Serialize>(items: Vec<T>, query: &PageQuery, path: &str) -> ApiRe
     Ok(response)
 }
 
-fn url_escape(s: &str) -> String {
+/// Percent-encodes everything but RFC 3986 unreserved characters: one path segment or query
+/// value. The CLI builds its request paths with it too.
+pub fn url_escape(s: &str) -> String {
     s.bytes()
         .map(|b| {
             if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {

@@ -933,15 +933,7 @@ async fn follow_deployment(
 }
 
 fn path_seg(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
+    stella_control_plane::api::url_escape(s)
 }
 
 fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {

@@ -110,10 +110,7 @@ impl ApiClient {
         if resp.status().is_success() {
             return Ok(resp.text().await?);
         }
-        Err(decode::<serde_json::Value>(resp)
-            .await
-            .err()
-            .unwrap_or_else(|| anyhow!("the control plane refused the request")))
+        Err(refusal(resp).await)
     }
 
     pub async fn patch<B: Serialize, T: DeserializeOwned>(
@@ -143,10 +140,7 @@ impl ApiClient {
             .await
             .with_context(|| format!("cannot reach the control plane at {}", self.base))?;
         if !resp.status().is_success() {
-            return Err(decode::<serde_json::Value>(resp)
-                .await
-                .err()
-                .unwrap_or_else(|| anyhow!("event stream refused")));
+            return Err(refusal(resp).await);
         }
         Ok(EventStream {
             resp,
@@ -210,10 +204,7 @@ impl ApiClient {
         if resp.status().is_success() {
             return Ok(());
         }
-        Err(decode::<serde_json::Value>(resp)
-            .await
-            .err()
-            .unwrap_or_else(|| anyhow!("the control plane refused the request")))
+        Err(refusal(resp).await)
     }
 }
 
@@ -268,6 +259,14 @@ pub fn next_page(headers: &reqwest::header::HeaderMap) -> Option<String> {
                     .to_string()
             })
     })
+}
+
+/// The error of an answer that was not a success, in the plane's words.
+async fn refusal(resp: reqwest::Response) -> anyhow::Error {
+    decode::<serde_json::Value>(resp)
+        .await
+        .err()
+        .unwrap_or_else(|| anyhow!("the control plane refused the request"))
 }
 
 async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> anyhow::Result<T> {
