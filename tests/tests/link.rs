@@ -5,8 +5,7 @@
 use std::time::Duration;
 
 use stella_e2e::{
-    Agent, LinkProxy, Plane, TargetCleanup, TestImage, UdpProxy, containers_of, unique,
-    wait_until,
+    Agent, LinkProxy, Plane, TargetCleanup, TestImage, UdpProxy, containers_of, unique, wait_until,
 };
 
 /// A plane, one docker agent reaching it through `proxy`, an environment and one target.
