@@ -24,6 +24,7 @@ fn wait_all_connected(plane: &Plane) {
     );
 }
 
+stella_e2e::both_transports! {
 #[test]
 fn a_fleet_reconnecting_after_a_restart_never_exceeds_the_setup_limit() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -66,4 +67,5 @@ fn a_fleet_reconnecting_after_a_restart_never_exceeds_the_setup_limit() {
     );
     let deferred = metric(&plane, "stella_session_setups_deferred_total").expect("deferred metric");
     eprintln!("after the restart: peak {peak} setups at once, {deferred} sessions deferred");
+}
 }
