@@ -116,11 +116,8 @@ where
     while let Some(first) = rx.recv().await {
         let mut changes = Changes::default();
         changes.add(first);
-        loop {
-            match tokio::time::timeout(QUIET, rx.recv()).await {
-                Ok(Some(next)) => changes.add(next),
-                Ok(None) | Err(_) => break,
-            }
+        while let Ok(Some(next)) = tokio::time::timeout(QUIET, rx.recv()).await {
+            changes.add(next);
         }
         report(changes).await;
     }
@@ -131,7 +128,7 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn a_burst_is_reported_once_with_every_target_it_touched() {
         let (tx, rx) = mpsc::unbounded_channel();
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -158,7 +155,7 @@ mod tests {
         );
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn a_foreign_change_asks_for_every_target() {
         let (tx, rx) = mpsc::unbounded_channel();
         let seen = Arc::new(Mutex::new(Vec::new()));

@@ -489,7 +489,7 @@ async fn evaluate(state: &AppState, p: Pending) -> ApiResult<()> {
                 "event": "drift",
                 "target": target.name,
                 "environment": target.environment,
-                "opened": change.opened.iter().map(|f| finding_json(f)).collect::<Vec<_>>(),
+                "opened": change.opened.iter().map(finding_json).collect::<Vec<_>>(),
                 "resolved": change.resolved,
                 "open": findings.len(),
                 "decision": tracked.decision,
