@@ -187,8 +187,8 @@ pub struct PlaneListenArgs {
     /// How long after expiry an agent that was offline may still renew with its old key.
     #[arg(long, default_value = "30d", value_parser = duration::parse)]
     pub renewal_grace: Duration,
-    /// Agent session setups handled at once; agents beyond it are told to reconnect after a
-    /// random 1-10 s delay (admission control for reconnect storms).
+    /// Agent session setups handled at once; a setup waits up to 5 s for a slot, then the agent
+    /// is told to reconnect after a random 1-10 s delay (admission control for reconnect storms).
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_session_setups: u32,
 }

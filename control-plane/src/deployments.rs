@@ -4,6 +4,8 @@
 //! nothing behind. Job outcomes are recorded once: the first terminal result wins and later
 //! duplicates (re-sent from an agent's spool) are acknowledged without effect.
 
+use std::collections::HashMap;
+
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use stella_pki::{JobComponent, JobKind, JobPayload, JobTarget};
@@ -192,15 +194,9 @@ async fn create_jobs(
     .bind(now)
     .execute(&mut *tx)
     .await?;
-    for t in &env_targets {
-        // The sequence is allocated in the same transaction as the job, so sequences stay
-        // gap-free and strictly increasing per agent even with concurrent deployments.
-        let (sequence,): (i64,) = sqlx::query_as(
-            "UPDATE agents SET next_sequence = next_sequence + 1 WHERE id = ? RETURNING next_sequence",
-        )
-        .bind(&t.agent_id)
-        .fetch_one(&mut *tx)
-        .await?;
+    let sequences = allocate_sequences(&mut tx, &env_targets).await?;
+    let mut rows = Vec::with_capacity(env_targets.len());
+    for (t, sequence) in env_targets.iter().zip(sequences) {
         let job_id = new_id("job");
         let issued_at = time::OffsetDateTime::now_utc();
         let not_after = issued_at + state.config.job_ttl;
@@ -238,24 +234,36 @@ async fn create_jobs(
         let envelope = stella_pki::sign_job(&signing_key, &payload)?;
         let envelope_json =
             serde_json::to_string(&envelope).map_err(|e| ApiError::Internal(e.to_string()))?;
-        sqlx::query(
+        rows.push(NewJob {
+            id: job_id,
+            agent_id: &t.agent_id,
+            target_id: &t.id,
+            sequence,
+            idempotency_key: payload.idempotency_key,
+            envelope: envelope_json,
+        });
+    }
+    // Many rows per statement: the plane pays per statement, not per row.
+    for chunk in rows.chunks(INSERT_ROWS_PER_STATEMENT) {
+        let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
             "INSERT INTO jobs (id, deployment_id, agent_id, target_id, kind, sequence, idempotency_key,
-                envelope, not_after, status, created_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
-        )
-        .bind(&job_id)
-        .bind(&deployment_id)
-        .bind(&t.agent_id)
-        .bind(&t.id)
-        .bind(kind.name())
-        .bind(sequence)
-        .bind(&payload.idempotency_key)
-        .bind(&envelope_json)
-        .bind(now + ttl_ms)
-        .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
+                envelope, not_after, status, created_at, updated_at) ",
+        );
+        insert.push_values(chunk, |mut row, job| {
+            row.push_bind(&job.id)
+                .push_bind(&deployment_id)
+                .push_bind(job.agent_id)
+                .push_bind(job.target_id)
+                .push_bind(kind.name())
+                .push_bind(job.sequence)
+                .push_bind(&job.idempotency_key)
+                .push_bind(&job.envelope)
+                .push_bind(now + ttl_ms)
+                .push_bind("queued")
+                .push_bind(now)
+                .push_bind(now);
+        });
+        insert.build().execute(&mut *tx).await?;
     }
     tx.commit().await?;
     tracing::info!(deployment_id = %deployment_id, kind = kind.name(), release = %release.name, env = %env.name, jobs = env_targets.len(), "deployment created");
@@ -263,6 +271,80 @@ async fn create_jobs(
         state.hub.notify(&t.agent_id);
     }
     get(state, &deployment_id).await
+}
+
+/// 12 binds per row: far below SQLite's limit of 32,766 variables per statement.
+const INSERT_ROWS_PER_STATEMENT: usize = 200;
+
+/// A signed job about to be inserted.
+struct NewJob<'a> {
+    id: String,
+    agent_id: &'a str,
+    target_id: &'a str,
+    sequence: i64,
+    idempotency_key: String,
+    envelope: String,
+}
+
+/// Allocates the next sequence number of each target's agent, in the order of `targets`, inside
+/// the deployment's transaction: sequences stay gap-free and strictly increasing per agent even
+/// with concurrent deployments. Agents serving one target of the deployment (the common case)
+/// are updated many per statement.
+async fn allocate_sequences(
+    tx: &mut sqlx::SqliteConnection,
+    targets: &[targets::Target],
+) -> Result<Vec<i64>, sqlx::Error> {
+    let mut per_agent: HashMap<&str, i64> = HashMap::new();
+    for t in targets {
+        *per_agent.entry(t.agent_id.as_str()).or_default() += 1;
+    }
+    // The last sequence allocated to each agent by this deployment.
+    let mut last: HashMap<String, i64> = HashMap::with_capacity(per_agent.len());
+    let single: Vec<&str> = per_agent
+        .iter()
+        .filter(|(_, n)| **n == 1)
+        .map(|(a, _)| *a)
+        .collect();
+    for chunk in single.chunks(500) {
+        let mut update = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "UPDATE agents SET next_sequence = next_sequence + 1 WHERE id IN (",
+        );
+        let mut ids = update.separated(", ");
+        for id in chunk {
+            ids.push_bind(*id);
+        }
+        update.push(") RETURNING id, next_sequence");
+        let allocated: Vec<(String, i64)> = update.build_query_as().fetch_all(&mut *tx).await?;
+        last.extend(allocated);
+    }
+    for (agent_id, n) in per_agent.iter().filter(|(_, n)| **n > 1) {
+        let (sequence,): (i64,) = sqlx::query_as(
+            "UPDATE agents SET next_sequence = next_sequence + ? WHERE id = ? RETURNING next_sequence",
+        )
+        .bind(n)
+        .bind(agent_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        last.insert(agent_id.to_string(), sequence);
+    }
+    // Hand them out in target order: an agent's first target gets its lowest new sequence.
+    let mut next: HashMap<&str, i64> = per_agent
+        .iter()
+        .map(|(a, n)| (*a, last.get(*a).copied().unwrap_or_default() - n + 1))
+        .collect();
+    let mut sequences = Vec::with_capacity(targets.len());
+    for t in targets {
+        let slot = next
+            .get_mut(t.agent_id.as_str())
+            .ok_or(sqlx::Error::RowNotFound)?;
+        sequences.push(*slot);
+        *slot += 1;
+    }
+    if last.len() != per_agent.len() {
+        // An agent row vanished under us (cannot happen: targets reference agents).
+        return Err(sqlx::Error::RowNotFound);
+    }
+    Ok(sequences)
 }
 
 const DEPLOYMENT_SELECT: &str = "SELECT d.id, d.kind, r.name AS release, r.id AS release_id, \

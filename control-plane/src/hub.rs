@@ -150,6 +150,9 @@ impl Hub {
 #[derive(Debug, Clone)]
 pub struct AdmissionConfig {
     pub max_session_setups: usize,
+    /// How long a setup may wait for a free slot before the agent is told to come back later:
+    /// a burst queues briefly (setups take milliseconds), only a sustained excess is turned away.
+    pub queue_wait: Duration,
     /// The reconnect delay of a deferred agent is drawn uniformly from this range, so a
     /// fleet turned away at the same moment does not come back at the same moment.
     pub retry_after_min: Duration,
@@ -160,6 +163,7 @@ impl Default for AdmissionConfig {
     fn default() -> Self {
         Self {
             max_session_setups: 256,
+            queue_wait: Duration::from_secs(5),
             retry_after_min: Duration::from_secs(1),
             retry_after_max: Duration::from_secs(10),
         }
@@ -207,11 +211,14 @@ impl Admission {
         }
     }
 
-    /// A permit to set up a session now, or the delay to tell the agent to come back after.
-    pub fn try_admit(&self) -> Result<SetupPermit, Duration> {
-        match self.permits.clone().try_acquire_owned() {
-            Ok(permit) => Ok(SetupPermit { _permit: permit }),
-            Err(_) => {
+    /// A permit to set up a session, waiting up to `queue_wait` for one; otherwise the delay to
+    /// tell the agent to come back after.
+    pub async fn admit(&self) -> Result<SetupPermit, Duration> {
+        match tokio::time::timeout(self.config.queue_wait, self.permits.clone().acquire_owned())
+            .await
+        {
+            Ok(Ok(permit)) => Ok(SetupPermit { _permit: permit }),
+            _ => {
                 self.deferred.fetch_add(1, Ordering::Relaxed);
                 Err(self.retry_after())
             }
@@ -254,23 +261,39 @@ impl Admission {
 mod tests {
     use super::*;
 
-    #[test]
-    fn admits_up_to_the_limit_then_defers_with_a_delay_in_range() {
-        let admission = Admission::new(AdmissionConfig {
+    fn two_at_once(queue_wait: Duration) -> Admission {
+        Admission::new(AdmissionConfig {
             max_session_setups: 2,
+            queue_wait,
             retry_after_min: Duration::from_millis(100),
             retry_after_max: Duration::from_millis(200),
-        });
-        let first = admission.try_admit().expect("first admitted");
-        let _second = admission.try_admit().expect("second admitted");
-        let delay = admission.try_admit().err().expect("third deferred");
+        })
+    }
+
+    #[tokio::test]
+    async fn admits_up_to_the_limit_then_defers_with_a_delay_in_range() {
+        let admission = two_at_once(Duration::from_millis(20));
+        let _first = admission.admit().await.expect("first admitted");
+        let _second = admission.admit().await.expect("second admitted");
+        // Nothing frees a slot: the third waits out the queue time and is deferred.
+        let delay = admission.admit().await.err().expect("third deferred");
         assert!((Duration::from_millis(100)..=Duration::from_millis(200)).contains(&delay));
         assert_eq!(admission.deferred(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_setup_waiting_in_the_queue_gets_the_slot_a_finished_one_frees() {
+        let admission = Arc::new(two_at_once(Duration::from_secs(60)));
+        let first = admission.admit().await.expect("first admitted");
+        let _second = admission.admit().await.expect("second admitted");
+        let waiting = tokio::spawn({
+            let admission = admission.clone();
+            async move { admission.admit().await.is_ok() }
+        });
+        tokio::task::yield_now().await;
         drop(first);
-        assert!(
-            admission.try_admit().is_ok(),
-            "a finished setup frees its permit"
-        );
+        assert!(waiting.await.expect("task"), "the queued setup is admitted");
+        assert_eq!(admission.deferred(), 0);
     }
 
     #[test]

@@ -32,6 +32,8 @@ use crate::store::now_ms;
 use crate::{agents, deployments, targets, trust};
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Outbound messages queued per session before the session task waits for the agent.
+const OUTBOUND_QUEUE: usize = 16;
 
 pub struct AgentSessionService {
     state: SharedState,
@@ -87,7 +89,7 @@ pub(crate) struct Opened {
 /// Admission and identity checks of a new session, from the verified client certificate alone.
 pub(crate) async fn open(state: &SharedState, leaf: &[u8]) -> Result<Opening, Refusal> {
     // Admission first: a deferred agent costs no database work at all.
-    let permit = match state.hub.admission.try_admit() {
+    let permit = match state.hub.admission.admit().await {
         Ok(permit) => permit,
         Err(retry_after) => {
             tracing::debug!(?retry_after, "session setup deferred (admission limit)");
@@ -193,7 +195,9 @@ impl AgentSession for AgentSessionService {
         let inbound = request
             .into_inner()
             .map(|m| m.map_err(|status| status.to_string()));
-        let (tx, rx) = mpsc::channel::<PlaneMessage>(64);
+        // A short queue: its first block is allocated per session up front (plane memory per
+        // session, fix 7).
+        let (tx, rx) = mpsc::channel::<PlaneMessage>(OUTBOUND_QUEUE);
         tokio::spawn(serve_opened(self.state.clone(), opened, inbound, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
     }
