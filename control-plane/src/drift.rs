@@ -193,7 +193,7 @@ async fn save_tracked(
 async fn desired_state(state: &AppState, target: &TargetRow) -> ApiResult<Option<DesiredTarget>> {
     let row: Option<(String, String)> = sqlx::query_as(
         "SELECT d.id, d.release_id FROM jobs j JOIN deployments d ON d.id = j.deployment_id
-         WHERE j.target_id = ? AND j.status = 'succeeded'
+         WHERE j.target_id = ? AND j.status = 'succeeded' AND j.kind = 'deploy'
          ORDER BY j.finished_at DESC, j.sequence DESC LIMIT 1",
     )
     .bind(&target.id)

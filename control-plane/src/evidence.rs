@@ -250,6 +250,7 @@ pub async fn record_pending(state: &AppState) -> ApiResult<()> {
 async fn record_finished_deployments(state: &AppState) -> ApiResult<()> {
     let pending: Vec<(String,)> = sqlx::query_as(
         "SELECT id FROM deployments WHERE status <> 'running' AND evidence_id IS NULL
+         AND kind = 'deploy'
          ORDER BY COALESCE(finished_at, updated_at), id LIMIT 100",
     )
     .fetch_all(&state.db)
