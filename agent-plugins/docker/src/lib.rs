@@ -621,7 +621,15 @@ impl Executor for DockerExecutor {
         for c in &spec.components {
             self.check_name_free(target, &c.name).await?;
         }
-        let existing = self.list_target_containers(target).await?;
+        // Only what Stella created is replaced or removed: a container someone labelled with
+        // the target by hand is foreign (drift reports it as an unmanaged extra), and a deploy
+        // never removes a workload it did not start.
+        let existing: Vec<ContainerSummary> = self
+            .list_target_containers(target)
+            .await?
+            .into_iter()
+            .filter(|s| summary_label(s, LABEL_MANAGED) == Some("true"))
+            .collect();
 
         let mut outcomes = Vec::with_capacity(spec.components.len());
         for (c, image_id) in spec.components.iter().zip(&image_ids) {
