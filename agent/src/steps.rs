@@ -21,7 +21,10 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Most bytes of each output stream (stdout, stderr) a script result carries: the last ones.
 pub const MAX_OUTPUT_BYTES: usize = 16 * 1024;
-/// A single probe request never waits longer than this, whatever the interval.
+/// A single probe request waits the interval, but at least the minimum (a loaded host or a
+/// slow first connection is not an unhealthy service) and at most the maximum. A request in
+/// flight when the step's timeout passes is still judged.
+const MIN_PROBE_REQUEST: Duration = Duration::from_secs(5);
 const MAX_PROBE_REQUEST: Duration = Duration::from_secs(10);
 /// After the script's process group is gone, output still buffered in the pipes is read for at
 /// most this long (a process that left the group could hold them open forever).
@@ -117,12 +120,7 @@ pub async fn probe_http(check: &HealthCheckJob, progress: &dyn ProgressSink) -> 
     let mut in_a_row: u32 = 0;
     let mut last = String::new();
     loop {
-        let now = Instant::now();
-        let request_timeout = deadline
-            .saturating_duration_since(now)
-            .min(interval.max(Duration::from_secs(1)))
-            .min(MAX_PROBE_REQUEST)
-            .max(Duration::from_millis(1));
+        let request_timeout = interval.clamp(MIN_PROBE_REQUEST, MAX_PROBE_REQUEST);
         probes += 1;
         let observation = match client
             .get(url.as_str())
