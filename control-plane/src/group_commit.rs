@@ -1,5 +1,5 @@
 //! Group commit of what agent sessions write: offers, acceptances, progress, results, hellos,
-//! inventory and heartbeats go to one writer task, which applies everything that queued up
+//! trust acknowledgements, inventory and heartbeats go to one writer task, which applies everything that queued up
 //! while the previous batch was committing in one transaction (one fsync).
 //!
 //! Why: the plane paid per statement and per commit (each SQLite statement is a round trip to a
@@ -70,6 +70,10 @@ enum Write {
         hostname: String,
     },
     Heartbeats(Vec<(String, i64)>),
+    TrustAck {
+        agent_id: String,
+        version: u64,
+    },
     /// Resolves once every write queued before it has been committed (or failed).
     Barrier(oneshot::Sender<()>),
 }
@@ -141,6 +145,15 @@ impl GroupCommit {
             labels,
             version,
             hostname,
+        })
+        .await
+    }
+
+    /// The trust bundle version an agent says it holds (hello or acknowledgement).
+    pub async fn trust_ack(&self, agent_id: &str, version: u64) {
+        self.submit(Write::TrustAck {
+            agent_id: agent_id.to_string(),
+            version,
         })
         .await
     }
@@ -273,6 +286,18 @@ async fn apply(tx: &mut sqlx::SqliteConnection, write: &Write) -> Result<bool, s
             hostname,
         } => agents::record_hello(tx, agent_id, capabilities, labels, version, hostname).await?,
         Write::Heartbeats(heartbeats) => agents::flush_heartbeats(tx, heartbeats).await?,
+        Write::TrustAck { agent_id, version } => {
+            // The rule of `trust::record_ack`, inside the batch: versions only move forward.
+            let version = i64::try_from(*version).unwrap_or(i64::MAX);
+            sqlx::query(
+                "UPDATE agents SET trust_bundle_version = ? WHERE id = ? AND trust_bundle_version < ?",
+            )
+            .bind(version)
+            .bind(agent_id)
+            .bind(version)
+            .execute(&mut *tx)
+            .await?;
+        }
         Write::Barrier(_) => {}
     }
     Ok(false)

@@ -278,9 +278,10 @@ where
     state.hub.record_heartbeat(&agent_id, now_ms());
     let registration = state.hub.register(&agent_id);
     tracing::info!(agent_id, version = %hello.agent_version, last_sequence = hello.last_sequence, in_flight = hello.in_flight_job_ids.len(), "agent connected");
-    if let Err(e) = trust::record_ack(&state, &agent_id, hello.trust_bundle_version).await {
-        tracing::warn!(agent_id, error = %e, "cannot record the trust bundle version of a hello");
-    }
+    state
+        .writes
+        .trust_ack(&agent_id, hello.trust_bundle_version)
+        .await;
     let session = Session {
         state: &state,
         agent_id: &agent_id,
@@ -519,11 +520,7 @@ async fn handle_message(session: &Session<'_>, msg: AgentMessage) -> Result<(), 
                 state.writes.inventory(agent_id, report).await;
             }
         }
-        Some(AgentBody::TrustAck(ack)) => {
-            if let Err(e) = trust::record_ack(state, agent_id, ack.version).await {
-                tracing::warn!(agent_id, error = %e, "cannot record a trust bundle acknowledgement");
-            }
-        }
+        Some(AgentBody::TrustAck(ack)) => state.writes.trust_ack(agent_id, ack.version).await,
         Some(AgentBody::Renew(req)) => {
             let presented = x509_serial_hex(session.leaf_der).unwrap_or_default();
             let response =
