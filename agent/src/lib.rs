@@ -12,6 +12,6 @@ pub mod identity;
 pub mod inventory;
 pub mod journal;
 pub mod runtime;
-pub mod transport;
 pub mod steps;
+pub mod transport;
 pub mod watch;
