@@ -151,22 +151,37 @@ impl LineSplitter {
 struct RunOutput {
     exit_code: i64,
     stdout: Vec<u8>,
-    tail: VecDeque<String>,
+    /// The last lines of output, each marked whether it came from stderr.
+    tail: VecDeque<(bool, String)>,
 }
 
 impl RunOutput {
     fn tail_text(&self) -> String {
-        self.tail.iter().cloned().collect::<Vec<_>>().join("\n")
+        self.tail
+            .iter()
+            .map(|(_, l)| l.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
-    fn keep(&mut self, line: String, on_line: Option<&dyn ProgressSink>) {
+    /// Keeps `line` in the tail. The two streams arrive in separate chunks, so a script's last
+    /// stderr words may come before much of its stdout: stdout lines leave the tail first, so
+    /// that the error that explains a failure is not pushed out by chatter.
+    fn keep(&mut self, line: String, from_stderr: bool, on_line: Option<&dyn ProgressSink>) {
         if let Some(sink) = on_line {
             sink.progress(&line);
         }
         if self.tail.len() == TAIL_LINES {
-            self.tail.pop_front();
+            match self.tail.iter().position(|(err, _)| !err) {
+                Some(i) => {
+                    self.tail.remove(i);
+                }
+                None => {
+                    self.tail.pop_front();
+                }
+            }
         }
-        self.tail.push_back(line);
+        self.tail.push_back((from_stderr, line));
     }
 }
 
@@ -301,11 +316,11 @@ impl Session {
                         out.stdout.extend_from_slice(&r.stdout);
                     }
                     for line in stdout_lines.push(&r.stdout) {
-                        out.keep(line, on_line);
+                        out.keep(line, false, on_line);
                     }
                     for line in stderr_lines.push(&r.stderr) {
                         for l in powershell::readable_stderr(&line) {
-                            out.keep(l, on_line);
+                            out.keep(l, true, on_line);
                         }
                     }
                     if let Some(code) = r.exit_code {
@@ -317,11 +332,11 @@ impl Session {
             }
         };
         if let Some(line) = stdout_lines.finish() {
-            out.keep(line, on_line);
+            out.keep(line, false, on_line);
         }
         if let Some(line) = stderr_lines.finish() {
             for l in powershell::readable_stderr(&line) {
-                out.keep(l, on_line);
+                out.keep(l, true, on_line);
             }
         }
         // Done or not, terminating the command releases it on the server (as winrs does);
