@@ -1,11 +1,11 @@
 //! The compose command-line tool: which one this host has, and running it with its output
 //! streamed line by line.
 
-use std::collections::VecDeque;
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
+use stella_plugin_sdk::output::{OutputTail, Stream};
 use stella_plugin_sdk::{PluginError, ProgressSink};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
@@ -40,17 +40,17 @@ pub struct ComposeTool {
 pub(crate) struct RunOutput {
     pub status: ExitStatus,
     /// The last lines of its combined output.
-    pub tail: Vec<String>,
+    pub tail: OutputTail,
 }
 
 impl RunOutput {
     pub(crate) fn tail_text(&self) -> String {
-        self.tail.join("\n")
+        self.tail.text()
     }
 
     /// The last line, usually compose's error message.
     pub(crate) fn last_line(&self) -> &str {
-        self.tail.last().map_or("", String::as_str)
+        self.tail.last()
     }
 }
 
@@ -112,16 +112,14 @@ impl ComposeTool {
                 "{shown}: output pipes unavailable"
             )));
         };
-        let mut tail = VecDeque::with_capacity(TAIL_LINES);
+        let mut tail = OutputTail::new(TAIL_LINES);
         let drive = async {
             pump(stdout, stderr, |line| {
                 if let Some(p) = progress {
                     p.progress(&format!("compose: {line}"));
                 }
-                if tail.len() == TAIL_LINES {
-                    tail.pop_front();
-                }
-                tail.push_back(line);
+                // Compose writes its progress and its errors alike to stderr: one stream here.
+                tail.push(Stream::Stdout, line);
             })
             .await;
             child.wait().await
@@ -140,10 +138,7 @@ impl ComposeTool {
             }
         };
         info!(command = %shown, project, %status, "compose finished");
-        Ok(RunOutput {
-            status,
-            tail: tail.into(),
-        })
+        Ok(RunOutput { status, tail })
     }
 }
 

@@ -8,7 +8,7 @@
 //!
 //! Besides the contract, the SDK holds the executor-agnostic pieces several executors share, so
 //! that one piece serves where the logic is the same: [`labels`], [`naming`], [`digest`],
-//! [`files`], [`config`], [`validate`], [`readiness`] and [`engine`] (the last two for executors
+//! [`files`], [`output`], [`config`], [`validate`], [`readiness`] and [`engine`] (the last two for executors
 //! that drive a Docker Engine, whatever client they use), and [`TargetLocks`].
 
 pub mod config;
@@ -17,6 +17,7 @@ pub mod engine;
 pub mod files;
 pub mod labels;
 pub mod naming;
+pub mod output;
 pub mod readiness;
 pub mod validate;
 

@@ -2,7 +2,6 @@
 //! authenticate with the agent host's key, and run remote commands with streamed output, a
 //! deadline and a kill that really stops what was started.
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,13 +12,13 @@ use russh::keys::{
 };
 use russh::{Channel, ChannelMsg, Disconnect, Sig};
 use stella_plugin_sdk::PluginError;
+use stella_plugin_sdk::output::{OutputTail, Stream};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::config::{KeySource, TargetConfig};
 
 /// How many output lines a failure report carries.
-pub(crate) const OUTPUT_TAIL_LINES: usize = 50;
 /// Captured stdout beyond this is dropped: docker's JSON answers are far smaller, and a runaway
 /// command must not exhaust the agent's memory.
 const MAX_CAPTURE: usize = 32 << 20;
@@ -112,8 +111,8 @@ pub(crate) struct Output {
     pub exit: Exit,
     /// Everything on stdout (after the pgid marker), when capture was asked for.
     pub stdout: Vec<u8>,
-    /// The last lines of stdout and stderr, interleaved in arrival order.
-    pub tail: Vec<String>,
+    /// The last lines of stdout and stderr, in arrival order.
+    pub tail: OutputTail,
 }
 
 impl Output {
@@ -122,7 +121,7 @@ impl Output {
     }
 
     pub(crate) fn tail_text(&self) -> String {
-        self.tail.join("\n")
+        self.tail.text()
     }
 }
 
@@ -174,7 +173,7 @@ struct Collector<'a> {
     stdout: Vec<u8>,
     out_lines: Lines,
     err_lines: Lines,
-    tail: VecDeque<String>,
+    tail: OutputTail,
 }
 
 impl<'a> Collector<'a> {
@@ -187,20 +186,17 @@ impl<'a> Collector<'a> {
             stdout: Vec::new(),
             out_lines: Lines::default(),
             err_lines: Lines::default(),
-            tail: VecDeque::with_capacity(OUTPUT_TAIL_LINES + 1),
+            tail: OutputTail::default(),
         }
     }
 
-    fn line(&mut self, raw: &[u8]) {
+    fn line(&mut self, stream: Stream, raw: &[u8]) {
         let text = String::from_utf8_lossy(raw);
         let text = text.trim_end_matches('\r');
         if let Some(f) = self.on_line.as_mut() {
             f(text);
         }
-        self.tail.push_back(text.to_string());
-        if self.tail.len() > OUTPUT_TAIL_LINES {
-            self.tail.pop_front();
-        }
+        self.tail.push(stream, text);
     }
 
     fn stdout_data(&mut self, data: &[u8]) {
@@ -249,13 +245,13 @@ impl<'a> Collector<'a> {
             self.stdout.extend_from_slice(&data[..data.len().min(room)]);
         }
         let mut lines = std::mem::take(&mut self.out_lines);
-        lines.push(data, |l| self.line(l));
+        lines.push(data, |l| self.line(Stream::Stdout, l));
         self.out_lines = lines;
     }
 
     fn stderr_data(&mut self, data: &[u8]) {
         let mut lines = std::mem::take(&mut self.err_lines);
-        lines.push(data, |l| self.line(l));
+        lines.push(data, |l| self.line(Stream::Stderr, l));
         self.err_lines = lines;
     }
 
@@ -264,13 +260,13 @@ impl<'a> Collector<'a> {
             self.stdout_plain(&first);
         }
         let mut lines = std::mem::take(&mut self.out_lines);
-        lines.finish(|l| self.line(l));
+        lines.finish(|l| self.line(Stream::Stdout, l));
         let mut lines = std::mem::take(&mut self.err_lines);
-        lines.finish(|l| self.line(l));
+        lines.finish(|l| self.line(Stream::Stderr, l));
         Output {
             exit,
             stdout: self.stdout,
-            tail: self.tail.into(),
+            tail: self.tail,
         }
     }
 }
@@ -574,6 +570,7 @@ async fn load_private_key(source: &KeySource) -> Result<PrivateKey, PluginError>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use stella_plugin_sdk::output::TAIL_LINES;
 
     fn collect(chunks: &[(&[u8], bool)]) -> (Output, Vec<String>) {
         let mut seen = Vec::new();
@@ -600,7 +597,10 @@ mod tests {
         ]);
         assert_eq!(lines, vec!["warn", "hello", "world"]);
         assert_eq!(out.stdout, b"hello\r\nworld");
-        assert_eq!(out.tail, vec!["warn", "hello", "world"]);
+        assert_eq!(
+            out.tail.lines().collect::<Vec<_>>(),
+            vec!["warn", "hello", "world"]
+        );
     }
 
     #[test]
@@ -609,7 +609,10 @@ mod tests {
         c.stdout_data(b"motd line\nsecond\n");
         assert_eq!(c.pgid, None);
         let out = c.finish(Exit::Unknown);
-        assert_eq!(out.tail, vec!["motd line", "second"]);
+        assert_eq!(
+            out.tail.lines().collect::<Vec<_>>(),
+            vec!["motd line", "second"]
+        );
         assert_eq!(out.stdout, b"motd line\nsecond\n");
     }
 
@@ -622,9 +625,10 @@ mod tests {
         }
         assert_eq!(c.pgid, Some(7));
         let out = c.finish(Exit::Code(1));
-        assert_eq!(out.tail.len(), OUTPUT_TAIL_LINES);
-        assert_eq!(out.tail[0], "line 70");
-        assert_eq!(out.tail[49], "line 119");
+        let tail: Vec<_> = out.tail.lines().collect();
+        assert_eq!(tail.len(), TAIL_LINES);
+        assert_eq!(tail[0], "line 70");
+        assert_eq!(tail[49], "line 119");
         assert!(out.stdout.is_empty());
         assert!(!out.success());
     }
@@ -636,7 +640,7 @@ mod tests {
         c.stdout_data(&vec![b'x'; MAX_LINE * 2 + 10]);
         let out = c.finish(Exit::Code(0));
         assert_eq!(out.tail.len(), 3);
-        assert_eq!(out.tail[2].len(), 10);
+        assert_eq!(out.tail.last().len(), 10);
     }
 
     #[test]

@@ -508,7 +508,7 @@ impl<'a> RemoteDocker<'a> {
         let command = format!("docker logs --tail {LOG_TAIL_LINES} {} 2>&1", quote(id));
         let deadline = Instant::now() + LOG_FETCH_TIMEOUT;
         match self.conn.run(&command, deadline, None, false).await {
-            Ok(out) => readiness::last_lines(&out.tail, LOG_TAIL_LINES),
+            Ok(out) => readiness::last_lines(&out.tail.lines().collect::<Vec<_>>(), LOG_TAIL_LINES),
             Err(e) => {
                 warn!(container = id, error = ?e, "could not fetch the log tail");
                 String::new()

@@ -46,12 +46,13 @@ mod xml;
 #[cfg(test)]
 mod xml_tests;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
+use stella_plugin_sdk::output::{OutputTail, Stream};
 use stella_plugin_sdk::{
     ComponentAction, ComponentOutcome, ComponentSpec, DeployOutcome, DeploySpec, Executor,
     ExecutorContext, InventoryItem, PluginError, ProgressSink, STICKER_SCHEMA, TargetRef,
@@ -73,7 +74,6 @@ pub use crate::config::{
 pub const KIND: &str = "winrm";
 
 /// Lines of output kept for error messages.
-const TAIL_LINES: usize = 50;
 /// Budget for Signal and Delete after the operation itself ended (also after its deadline).
 const CLEANUP_BUDGET: Duration = Duration::from_secs(10);
 /// Output kept in full for parsing (sticker, inventory); deploy output is only streamed.
@@ -151,37 +151,19 @@ impl LineSplitter {
 struct RunOutput {
     exit_code: i64,
     stdout: Vec<u8>,
-    /// The last lines of output, each marked whether it came from stderr.
-    tail: VecDeque<(bool, String)>,
+    tail: OutputTail,
 }
 
 impl RunOutput {
     fn tail_text(&self) -> String {
-        self.tail
-            .iter()
-            .map(|(_, l)| l.as_str())
-            .collect::<Vec<_>>()
-            .join("\n")
+        self.tail.text()
     }
 
-    /// Keeps `line` in the tail. The two streams arrive in separate chunks, so a script's last
-    /// stderr words may come before much of its stdout: stdout lines leave the tail first, so
-    /// that the error that explains a failure is not pushed out by chatter.
-    fn keep(&mut self, line: String, from_stderr: bool, on_line: Option<&dyn ProgressSink>) {
+    fn keep(&mut self, line: String, stream: Stream, on_line: Option<&dyn ProgressSink>) {
         if let Some(sink) = on_line {
             sink.progress(&line);
         }
-        if self.tail.len() == TAIL_LINES {
-            match self.tail.iter().position(|(err, _)| !err) {
-                Some(i) => {
-                    self.tail.remove(i);
-                }
-                None => {
-                    self.tail.pop_front();
-                }
-            }
-        }
-        self.tail.push_back((from_stderr, line));
+        self.tail.push(stream, line);
     }
 }
 
@@ -316,11 +298,11 @@ impl Session {
                         out.stdout.extend_from_slice(&r.stdout);
                     }
                     for line in stdout_lines.push(&r.stdout) {
-                        out.keep(line, false, on_line);
+                        out.keep(line, Stream::Stdout, on_line);
                     }
                     for line in stderr_lines.push(&r.stderr) {
                         for l in powershell::readable_stderr(&line) {
-                            out.keep(l, true, on_line);
+                            out.keep(l, Stream::Stderr, on_line);
                         }
                     }
                     if let Some(code) = r.exit_code {
@@ -332,11 +314,11 @@ impl Session {
             }
         };
         if let Some(line) = stdout_lines.finish() {
-            out.keep(line, false, on_line);
+            out.keep(line, Stream::Stdout, on_line);
         }
         if let Some(line) = stderr_lines.finish() {
             for l in powershell::readable_stderr(&line) {
-                out.keep(l, true, on_line);
+                out.keep(l, Stream::Stderr, on_line);
             }
         }
         // Done or not, terminating the command releases it on the server (as winrs does);
