@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod postgres;
 mod transport;
 pub use transport::{LinkProxy, TcpProxy, Transport, UdpProxy, free_udp_port};
 
