@@ -12,7 +12,7 @@ use futures_util::StreamExt as _;
 use rand::Rng;
 use stella_pki::{JobPayload, JobRefusal, JobVerifier};
 use stella_plugin_sdk::{
-    ComponentSpec, DeploySpec, PluginError, ProgressSink, TargetRef, VersionSticker,
+    ComponentSpec, DeployMode, DeploySpec, PluginError, ProgressSink, TargetRef, VersionSticker,
 };
 use stella_proto::agent_message::Body as AgentBody;
 use stella_proto::plane_message::Body as PlaneBody;
@@ -814,6 +814,10 @@ async fn execute(shared: &Shared, item: &WorkItem) -> StoredResult {
                 digest: c.digest.clone(),
             })
             .collect(),
+        strategy: match p.strategy {
+            stella_pki::DeployMode::Replace => DeployMode::Replace,
+            stella_pki::DeployMode::BlueGreen => DeployMode::BlueGreen,
+        },
     };
     let progress = UplinkProgress {
         job_id: p.job_id.clone(),
@@ -823,7 +827,9 @@ async fn execute(shared: &Shared, item: &WorkItem) -> StoredResult {
         // A digest the agent cannot honour is a refusal: nothing was changed on the target.
         let status = if matches!(
             e,
-            PluginError::DigestMismatch { .. } | PluginError::InvalidConfig(_)
+            PluginError::DigestMismatch { .. }
+                | PluginError::InvalidConfig(_)
+                | PluginError::UnsupportedStrategy { .. }
         ) {
             "refused"
         } else {
@@ -832,6 +838,14 @@ async fn execute(shared: &Shared, item: &WorkItem) -> StoredResult {
         let outcome = serde_json::json!({ "error": e.to_string() }).to_string();
         finish(status, e.reason_code(), e.to_string(), outcome)
     };
+    // Before anything else reaches the executor: one that cannot switch blue-green would
+    // otherwise replace in place, which is not what the job asked for.
+    if !executor.supports(spec.strategy) {
+        return failure(PluginError::UnsupportedStrategy {
+            kind: target.kind.clone(),
+            strategy: spec.strategy.name(),
+        });
+    }
     if let Err(e) = executor.validate_config(&target) {
         return failure(e);
     }
@@ -965,6 +979,7 @@ mod tests {
             not_after: issued_at + Duration::from_secs(3600),
             sequence,
             idempotency_key: format!("dep_test/{job_id}"),
+            strategy: Default::default(),
         };
         let envelope = stella_pki::sign_job(key, &payload).expect("sign");
         JobOffer {

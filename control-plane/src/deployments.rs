@@ -8,7 +8,9 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
-use stella_pki::{JobComponent, JobKind, JobPayload, JobTarget};
+use stella_pki::{
+    BLUE_GREEN_TARGET_KINDS, DeployMode, JobComponent, JobKind, JobPayload, JobTarget,
+};
 
 use crate::agents;
 use crate::environments;
@@ -112,7 +114,19 @@ async fn select_targets(
 }
 
 pub async fn create(state: &AppState, req: CreateDeployment) -> ApiResult<Deployment> {
-    create_jobs(state, req, JobKind::Deploy).await
+    create_jobs(state, req, JobKind::Deploy, DeployMode::Replace).await
+}
+
+/// A deployment whose jobs deploy with `strategy` (a workflow step's). Blue-green is refused
+/// before anything is written when a selected target's kind has no executor that can switch
+/// (`BLUE_GREEN_TARGET_KINDS`): its agent would refuse the job, after the other targets had
+/// already switched.
+pub async fn create_with_strategy(
+    state: &AppState,
+    req: CreateDeployment,
+    strategy: DeployMode,
+) -> ApiResult<Deployment> {
+    create_jobs(state, req, JobKind::Deploy, strategy).await
 }
 
 /// Jobs of a workflow step that agents run themselves (an HTTP health probe, a script): a
@@ -129,13 +143,14 @@ pub async fn create_step_jobs(
             "a deploy is not a step job; use deployments::create".to_string(),
         ));
     }
-    create_jobs(state, req, step).await
+    create_jobs(state, req, step, DeployMode::Replace).await
 }
 
 async fn create_jobs(
     state: &AppState,
     req: CreateDeployment,
     kind: JobKind,
+    strategy: DeployMode,
 ) -> ApiResult<Deployment> {
     let release = releases::find(state, &req.release).await?;
     let env = environments::find(state, &req.env).await?;
@@ -151,6 +166,22 @@ async fn create_jobs(
             "environment {} has no targets; add one with `stella target create NAME --env {} --kind docker --agent AGENT`",
             env.name, env.name
         )));
+    }
+    if strategy == DeployMode::BlueGreen {
+        let unable: Vec<String> = env_targets
+            .iter()
+            .filter(|t| !BLUE_GREEN_TARGET_KINDS.contains(&t.kind.as_str()))
+            .map(|t| format!("{} ({})", t.name, t.kind))
+            .collect();
+        if !unable.is_empty() {
+            return Err(ApiError::Unprocessable(format!(
+                "the blue-green strategy needs targets of kind {}; environment {} has {}: deploy it \
+                 with strategy all-at-once or rolling",
+                BLUE_GREEN_TARGET_KINDS.join(", "),
+                env.name,
+                unable.join(", ")
+            )));
+        }
     }
     let agents = agents::records_for_environment(state, &env.id).await?;
     for t in &env_targets {
@@ -230,6 +261,7 @@ async fn create_jobs(
             not_after,
             sequence: sequence as u64,
             idempotency_key: format!("{deployment_id}/{}", t.id),
+            strategy,
         };
         let envelope = stella_pki::sign_job(&signing_key, &payload)?;
         let envelope_json =

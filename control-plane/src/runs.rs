@@ -11,7 +11,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use stella_pki::{
-    HealthCheckJob, HttpProbe, JobKind, MAX_HEALTHY_AFTER, MAX_STEP_JOB_TIMEOUT_MS, ScriptJob,
+    DeployMode, HealthCheckJob, HttpProbe, JobKind, MAX_HEALTHY_AFTER, MAX_STEP_JOB_TIMEOUT_MS,
+    ScriptJob,
 };
 use stella_workflow::{
     Action, DeployStrategy, Event, HealthProbe, RunOutcome, RunState, StepKind, StepStatus,
@@ -220,27 +221,11 @@ pub async fn view_for(state: &AppState, promotion_id: &str) -> ApiResult<Option<
     }))
 }
 
-/// Refuses templates this plane cannot run, so that the problem shows when the template is
-/// set, not in the middle of a promotion.
-pub fn check_supported(template: &WorkflowTemplate) -> Result<(), String> {
-    for step in template.steps() {
-        let unsupported = match &step.kind {
-            StepKind::Deploy(spec) if spec.strategy == DeployStrategy::BlueGreen => {
-                Some("the blue-green strategy needs executor support that no executor has yet")
-            }
-            _ => None,
-        };
-        if let Some(why) = unsupported {
-            return Err(format!("step {:?}: {why}", step.id));
-        }
-    }
-    Ok(())
-}
-
-/// Checks a workflow template when it is set: every error with its line, and steps this plane
-/// cannot run refused.
+/// Checks a workflow template when it is set: every error with its line. (Whether the
+/// environment's targets can deploy a step's strategy is checked when the step deploys,
+/// since targets come and go: `deployments::create_with_strategy`.)
 pub fn validate_workflow(yaml: &str) -> ApiResult<()> {
-    let template = WorkflowTemplate::parse("workflow.yaml", yaml).map_err(|e| {
+    WorkflowTemplate::parse("workflow.yaml", yaml).map_err(|e| {
         let details: Vec<serde_json::Value> = e
             .errors
             .iter()
@@ -251,8 +236,7 @@ pub fn validate_workflow(yaml: &str) -> ApiResult<()> {
             serde_json::json!({ "errors": details }),
         )
     })?;
-    check_supported(&template)
-        .map_err(|why| ApiError::Unprocessable(format!("workflow template: {why}")))
+    Ok(())
 }
 
 /// `stella rollback --env E`: the release deployed before the current one goes back on every
@@ -425,27 +409,35 @@ async fn deployment_status(state: &AppState, id: &str) -> ApiResult<Option<(Stri
     )
 }
 
+/// What one deployment of a step puts where, and how.
+struct StepDeployment<'a> {
+    release_id: &'a str,
+    environment_id: &'a str,
+    /// Empty: every target of the environment.
+    targets: Vec<String>,
+    strategy: DeployMode,
+}
+
 /// Creates the deployment for `key` unless it exists, and remembers which step started it.
 async fn ensure_deployment(
     state: &AppState,
     run: &LoadedRun,
     step_id: &str,
     key: &str,
-    release_id: &str,
-    environment_id: &str,
-    targets: Vec<String>,
+    what: StepDeployment<'_>,
 ) -> ApiResult<String> {
     let id = deployment_id_for(key);
     if deployment_status(state, &id).await?.is_none() {
-        deployments::create(
+        deployments::create_with_strategy(
             state,
             CreateDeployment {
-                release: release_id.to_string(),
-                env: environment_id.to_string(),
-                targets,
+                release: what.release_id.to_string(),
+                env: what.environment_id.to_string(),
+                targets: what.targets,
                 selector: Default::default(),
                 id: Some(id.clone()),
             },
+            what.strategy,
         )
         .await?;
         state.publish_event("deployment", &id);
@@ -657,9 +649,12 @@ async fn start_step(
                 run,
                 step_id,
                 &key,
-                &promotion.release_id,
-                &promotion.environment_id,
-                first_batch,
+                StepDeployment {
+                    release_id: &promotion.release_id,
+                    environment_id: &promotion.environment_id,
+                    targets: first_batch,
+                    strategy: job_strategy(spec.strategy),
+                },
             )
             .await;
             match created {
@@ -674,14 +669,19 @@ async fn start_step(
             started(run)?;
             match rollback_plan(state, run, promotion).await? {
                 Ok((release_id, targets)) => {
+                    // A rollback replaces in place whatever strategy deployed: it puts back
+                    // a release that already ran on these targets.
                     let created = ensure_deployment(
                         state,
                         run,
                         step_id,
                         key,
-                        &release_id,
-                        &promotion.environment_id,
-                        targets,
+                        StepDeployment {
+                            release_id: &release_id,
+                            environment_id: &promotion.environment_id,
+                            targets,
+                            strategy: DeployMode::Replace,
+                        },
                     )
                     .await;
                     match created {
@@ -719,6 +719,16 @@ async fn start_step(
         }
     }
     Ok(())
+}
+
+/// How each job of a deploy step changes its target. Blue-green deploys every target of the
+/// step at once, like all-at-once, and each target switches from blue to green by itself;
+/// rolling batches replace in place.
+fn job_strategy(strategy: DeployStrategy) -> DeployMode {
+    match strategy {
+        DeployStrategy::BlueGreen => DeployMode::BlueGreen,
+        DeployStrategy::AllAtOnce | DeployStrategy::Rolling { .. } => DeployMode::Replace,
+    }
 }
 
 fn batch_key(key: &str, strategy: DeployStrategy, batch: usize) -> String {
@@ -845,9 +855,12 @@ async fn poll_deploy(
                     run,
                     step_id,
                     &batch_key,
-                    &promotion.release_id,
-                    &promotion.environment_id,
-                    batch.clone(),
+                    StepDeployment {
+                        release_id: &promotion.release_id,
+                        environment_id: &promotion.environment_id,
+                        targets: batch.clone(),
+                        strategy: job_strategy(strategy),
+                    },
                 )
                 .await;
                 return Ok(created.err().map(|e| Err(e.to_string())));

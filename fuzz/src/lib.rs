@@ -98,6 +98,7 @@ pub fn sample_job() -> JobPayload {
         not_after: now() + time::Duration::minutes(10),
         sequence: 5,
         idempotency_key: "dep-1/agent-fuzz".into(),
+        strategy: Default::default(),
     }
 }
 
@@ -334,6 +335,7 @@ impl FuzzJob {
                 .expect("in range"),
             sequence: self.sequence,
             idempotency_key: self.idempotency_key.clone(),
+            strategy: Default::default(),
         }
     }
 }

@@ -29,6 +29,46 @@ pub struct JobPayload {
     /// Per agent, strictly increasing, starting at 1.
     pub sequence: u64,
     pub idempotency_key: String,
+    /// How a deploy changes the target. Left out of the payload when it is `replace`, so a
+    /// replace deploy signs exactly the bytes it signed before strategies existed, and a
+    /// payload without it (any older plane's) verifies as a replace.
+    #[serde(default, skip_serializing_if = "DeployMode::is_replace")]
+    pub strategy: DeployMode,
+}
+
+/// How a deploy job puts the release on its target.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeployMode {
+    /// Stop what runs, start the release in its place (every executor).
+    #[default]
+    Replace,
+    /// Start the release beside what runs, wait until it is healthy, switch to it, then stop
+    /// the old one; when the new one does not become healthy the old one keeps running.
+    BlueGreen,
+}
+
+/// Strategies this agent build understands (a payload naming another is
+/// `unsupported_strategy`).
+pub const DEPLOY_MODES: [&str; 2] = ["replace", "blue-green"];
+
+/// Target kinds whose executor can deploy blue-green. The plane refuses a blue-green
+/// deployment to any other kind before signing a job, and an agent refuses one its executor
+/// cannot run (`unsupported_strategy`) before touching the target.
+pub const BLUE_GREEN_TARGET_KINDS: [&str; 1] = ["docker"];
+
+impl DeployMode {
+    pub fn is_replace(&self) -> bool {
+        *self == DeployMode::Replace
+    }
+
+    /// The strategy's name on the wire: `replace` or `blue-green`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            DeployMode::Replace => "replace",
+            DeployMode::BlueGreen => "blue-green",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -222,6 +262,9 @@ pub enum JobRefusal {
     UnsupportedJobKind { kind: String },
     #[error("invalid {kind} job: {reason}")]
     InvalidParameters { kind: String, reason: String },
+    /// A deploy strategy this agent build does not know (a newer plane).
+    #[error("this agent does not know the deploy strategy {strategy:?}")]
+    UnsupportedStrategy { strategy: String },
 }
 
 impl JobRefusal {
@@ -239,6 +282,7 @@ impl JobRefusal {
             JobRefusal::InvalidDigest { .. } => "invalid_digest",
             JobRefusal::UnsupportedJobKind { .. } => "unsupported_job_kind",
             JobRefusal::InvalidParameters { .. } => "invalid_job_parameters",
+            JobRefusal::UnsupportedStrategy { .. } => "unsupported_strategy",
         }
     }
 }
@@ -303,6 +347,7 @@ impl JobVerifier {
         let payload = self.trusted.verify(&envelope, JOB_PAYLOAD_TYPE)?;
         let job: JobPayload = serde_json::from_slice(&payload).map_err(|e| {
             unknown_kind(&payload)
+                .or_else(|| unknown_strategy(&payload))
                 .unwrap_or_else(|| JobRefusal::Malformed(format!("payload is not a job: {e}")))
         })?;
         if job.agent_id != self.agent_id {
@@ -371,6 +416,9 @@ fn check_parameters(job: &JobPayload) -> Result<(), JobRefusal> {
         _ if !job.components.is_empty() => {
             Some("components (image digests) belong to deploy jobs only".to_string())
         }
+        _ if !job.strategy.is_replace() => {
+            Some("a deploy strategy belongs to deploy jobs only".to_string())
+        }
         JobKind::HealthCheck(check) => check.problem(),
         JobKind::Script(script) => script.problem(),
     };
@@ -388,6 +436,16 @@ fn unknown_kind(payload: &[u8]) -> Option<JobRefusal> {
     };
     (!JOB_KINDS.contains(&kind.as_str())).then(|| JobRefusal::UnsupportedJobKind {
         kind: kind.chars().take(64).collect(),
+    })
+}
+
+/// A signed payload that failed to parse only because its `strategy` is one this build does
+/// not know is refused as such, not as malformed.
+fn unknown_strategy(payload: &[u8]) -> Option<JobRefusal> {
+    let value: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    let strategy = value.get("strategy")?.as_str()?;
+    (!DEPLOY_MODES.contains(&strategy)).then(|| JobRefusal::UnsupportedStrategy {
+        strategy: strategy.chars().take(64).collect(),
     })
 }
 
@@ -425,6 +483,7 @@ mod tests {
             not_after: now() + time::Duration::minutes(10),
             sequence: 5,
             idempotency_key: "dep-1/agent-1".into(),
+            strategy: DeployMode::Replace,
         }
     }
 
@@ -469,6 +528,76 @@ mod tests {
         assert_eq!(payload["kind"], "deploy");
         assert_eq!(payload["not_after"], "2030-01-01T12:10:00Z");
         assert_eq!(payload["target"]["config"]["network"], "bridge");
+    }
+
+    /// A replace deploy signs the bytes it signed before strategies existed, so agents of any
+    /// age read it; a payload without the field verifies as a replace.
+    #[test]
+    fn a_replace_deploy_carries_no_strategy_and_blue_green_travels_signed() {
+        let key = SigningKey::generate();
+        let plain = serde_json::to_value(job()).unwrap();
+        assert!(plain.get("strategy").is_none(), "{plain}");
+        let (payload, _) = verifier(&key)
+            .verify(&signed(&key, &job()), now(), 0)
+            .unwrap();
+        assert_eq!(payload.strategy, DeployMode::Replace);
+
+        let blue_green = JobPayload {
+            strategy: DeployMode::BlueGreen,
+            ..job()
+        };
+        let value = serde_json::to_value(&blue_green).unwrap();
+        assert_eq!(value["strategy"], "blue-green");
+        let (payload, _) = verifier(&key)
+            .verify(&signed(&key, &blue_green), now(), 0)
+            .unwrap();
+        assert_eq!(payload.strategy, DeployMode::BlueGreen);
+        assert_eq!(DeployMode::BlueGreen.name(), "blue-green");
+        assert_eq!(
+            DEPLOY_MODES,
+            [DeployMode::Replace.name(), DeployMode::BlueGreen.name()]
+        );
+    }
+
+    /// A newer plane's strategy is refused by name, not as a malformed payload; it is signed
+    /// like anything else, so the refusal only comes after the signature checked out.
+    #[test]
+    fn a_strategy_this_build_does_not_know_is_unsupported() {
+        let key = SigningKey::generate();
+        let mut value = serde_json::to_value(job()).unwrap();
+        value["strategy"] = serde_json::json!("canary");
+        let envelope = key.sign(JOB_PAYLOAD_TYPE, &serde_json::to_vec(&value).unwrap());
+        let err = verifier(&key)
+            .verify(&serde_json::to_vec(&envelope).unwrap(), now(), 0)
+            .unwrap_err();
+        assert_eq!(
+            err,
+            JobRefusal::UnsupportedStrategy {
+                strategy: "canary".into()
+            }
+        );
+        assert_eq!(err.reason_code(), "unsupported_strategy");
+
+        value["strategy"] = serde_json::json!(7);
+        let envelope = key.sign(JOB_PAYLOAD_TYPE, &serde_json::to_vec(&value).unwrap());
+        let err = verifier(&key)
+            .verify(&serde_json::to_vec(&envelope).unwrap(), now(), 0)
+            .unwrap_err();
+        assert_eq!(err.reason_code(), "malformed");
+    }
+
+    #[test]
+    fn a_step_job_with_a_strategy_is_refused() {
+        let job = JobPayload {
+            strategy: DeployMode::BlueGreen,
+            ..health_job()
+        };
+        let key = SigningKey::generate();
+        let err = step_verifier(&key, &["health-check"])
+            .verify(&signed(&key, &job), now(), 0)
+            .unwrap_err();
+        assert_eq!(err.reason_code(), "invalid_job_parameters");
+        assert!(err.to_string().contains("strategy"), "{err}");
     }
 
     #[test]

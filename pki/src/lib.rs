@@ -34,9 +34,10 @@ pub use identity::{
     is_valid_trust_domain, spiffe_agent_uri,
 };
 pub use job::{
-    HealthCheckJob, HttpProbe, JOB_KINDS, JOB_PAYLOAD_TYPE, JobComponent, JobKind, JobPayload,
-    JobRefusal, JobTarget, JobVerifier, MAX_ENVELOPE_BYTES, MAX_HEALTHY_AFTER,
-    MAX_STEP_JOB_TIMEOUT_MS, STEP_CAPABILITIES, ScriptJob, envelope_digest, sign_job,
+    BLUE_GREEN_TARGET_KINDS, DEPLOY_MODES, DeployMode, HealthCheckJob, HttpProbe, JOB_KINDS,
+    JOB_PAYLOAD_TYPE, JobComponent, JobKind, JobPayload, JobRefusal, JobTarget, JobVerifier,
+    MAX_ENVELOPE_BYTES, MAX_HEALTHY_AFTER, MAX_STEP_JOB_TIMEOUT_MS, STEP_CAPABILITIES, ScriptJob,
+    envelope_digest, sign_job,
 };
 pub use receipt::{
     RECEIPT_PAYLOAD_TYPE, ReceiptError, ReceiptPayload, result_digest, sign_receipt,

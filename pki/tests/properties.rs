@@ -422,6 +422,7 @@ fn step_job(kind: stella_pki::JobKind, with_components: bool) -> stella_pki::Job
         not_after: issued_at + time::Duration::minutes(10),
         sequence: 2,
         idempotency_key: "dep-1/t".into(),
+        strategy: Default::default(),
     }
 }
 

@@ -192,6 +192,7 @@ mod tests {
                 config: serde_json::Value::Null,
             },
             components: Vec::new(),
+            strategy: Default::default(),
         }
     }
 

@@ -19,7 +19,7 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, EventsOptions, ListContainersOptions,
-    ListImagesOptions, LogsOptions, RemoveContainerOptions,
+    ListImagesOptions, LogsOptions, RemoveContainerOptions, RenameContainerOptions,
 };
 use bollard::{API_DEFAULT_VERSION, Docker};
 use futures_util::StreamExt;
@@ -31,10 +31,10 @@ use stella_plugin_sdk::readiness::{
 };
 use stella_plugin_sdk::validate::{self, DistinctNames};
 use stella_plugin_sdk::{
-    ChangeSink, ComponentAction, ComponentOutcome, ComponentSpec, DeployOutcome, DeploySpec,
-    Executor, ExecutorContext, InventoryItem, ObservedWorkload, PluginError, ProgressSink,
-    STICKER_FILE_NAME, TargetLocks, TargetRef, VersionSticker, WatchEnd, engine, files, labels,
-    millis, sort_inventory,
+    ChangeSink, ComponentAction, ComponentOutcome, ComponentSpec, DeployMode, DeployOutcome,
+    DeploySpec, Executor, ExecutorContext, InventoryItem, ObservedWorkload, PluginError,
+    ProgressSink, STICKER_FILE_NAME, TargetLocks, TargetRef, VersionSticker, WatchEnd, engine,
+    files, labels, millis, sort_inventory,
 };
 use tracing::{debug, info, warn};
 
@@ -153,10 +153,15 @@ impl DockerExecutor {
     }
 
     /// A container name held by something that is not this target's component would make the
-    /// create fail after the old container is already gone; refuse up front instead.
-    async fn check_name_free(&self, target: &str, component: &str) -> Result<(), PluginError> {
-        let name = container_name(target, component);
-        match self.docker.inspect_container(&name, None).await {
+    /// create (or a blue-green rename) fail after the old container is already gone; refuse up
+    /// front instead.
+    async fn check_name_free(
+        &self,
+        name: &str,
+        target: &str,
+        component: &str,
+    ) -> Result<(), PluginError> {
+        match self.docker.inspect_container(name, None).await {
             Ok(info) => {
                 let labels = info.config.and_then(|c| c.labels).unwrap_or_default();
                 let ours = labels.get(LABEL_TARGET).map(String::as_str) == Some(target)
@@ -282,10 +287,12 @@ impl DockerExecutor {
         }
     }
 
-    /// Whether `id` already is exactly what this component of this release should be.
+    /// Whether `id` already is exactly what this component of this release should be, under
+    /// the container name `name`.
     async fn is_current(
         &self,
         id: &str,
+        name: &str,
         spec: &DeploySpec,
         c: &ComponentSpec,
         image_id: &str,
@@ -308,7 +315,7 @@ impl DockerExecutor {
             .and_then(|c| c.env.clone())
             .unwrap_or_default();
         let host = info.host_config.clone().unwrap_or_default();
-        let expected_name = format!("/{}", container_name(&spec.target.name, &c.name));
+        let expected_name = format!("/{name}");
         Ok(running
             && !unhealthy
             && info.image.as_deref() == Some(image_id)
@@ -359,15 +366,17 @@ impl DockerExecutor {
         progress: &dyn ProgressSink,
     ) -> Result<(String, ComponentAction), PluginError> {
         let target = spec.target.name.as_str();
+        let name = container_name(target, &c.name);
         let mut keep = None;
         for id in previous.iter().filter_map(|s| s.id.as_deref()) {
-            if self.is_current(id, spec, c, image_id, cfg).await? {
+            if self.is_current(id, &name, spec, c, image_id, cfg).await? {
                 keep = Some(id.to_string());
                 break;
             }
         }
         if let Some(id) = keep {
-            // Duplicates can only come from tampering; they would run next to the real one.
+            // Duplicates come from an interrupted blue-green switch or from tampering; they
+            // would run next to the real one.
             for stray in previous.iter().filter_map(|s| s.id.as_deref()) {
                 if stray != id {
                     progress.progress(&format!(
@@ -403,7 +412,303 @@ impl DockerExecutor {
             self.remove(old).await?;
         }
 
-        let name = container_name(target, &c.name);
+        progress.progress(&format!("{}: creating container {name}", c.name));
+        let id = self.create_and_start(spec, c, image_id, cfg, &name).await?;
+        let healthy = self
+            .wait_ready(&id, &c.name, cfg.health_timeout, Some(0))
+            .await?;
+        progress.progress(&format!(
+            "{}: {}",
+            c.name,
+            if healthy {
+                "running, healthy"
+            } else {
+                "running"
+            }
+        ));
+        Ok((id, action))
+    }
+
+    /// Blue-green on one engine: every component that changes first gets a *green* container
+    /// beside the running (*blue*) one, under [`green_name`]; only once every green is ready
+    /// does anything switch. A switch renames blue out of the way ([`retired_name`]), renames
+    /// green to the stable name, then stops and removes blue, so the stable name (and the DNS
+    /// name other containers on the network use) moves to the new release while the old one
+    /// still runs. A green that does not become ready is removed with the others of this job,
+    /// and the blue containers were never touched.
+    ///
+    /// Every state an interrupted run can leave converges on a re-run: a retired blue without
+    /// a stable container is renamed back first, a green of this release that still runs is
+    /// reused, and any other green is replaced.
+    async fn deploy_blue_green(
+        &self,
+        spec: &DeploySpec,
+        cfg: &TargetConfig,
+        image_ids: &[String],
+        existing: &[ContainerSummary],
+        progress: &dyn ProgressSink,
+    ) -> Result<Vec<ComponentOutcome>, PluginError> {
+        let target = spec.target.name.as_str();
+        let mut plans = Vec::with_capacity(spec.components.len());
+        for (c, image_id) in spec.components.iter().zip(image_ids) {
+            let t0 = Instant::now();
+            let plan = match self
+                .prepare_green(spec, c, image_id, cfg, existing, progress)
+                .await
+            {
+                Ok(plan) => plan,
+                Err(e) => {
+                    // The greens of this job go; the blues keep serving as they were.
+                    for (earlier, _) in &plans {
+                        self.discard_green(target, earlier, progress).await;
+                    }
+                    return Err(e);
+                }
+            };
+            plans.push((plan, t0));
+        }
+
+        let mut outcomes = Vec::with_capacity(plans.len());
+        for (plan, t0) in plans {
+            let workload_id = self.switch(target, &plan, progress).await?;
+            outcomes.push(ComponentOutcome {
+                name: plan.component.clone(),
+                digest: plan.digest.clone(),
+                workload_id,
+                action: plan.action,
+                duration_ms: millis(t0.elapsed()),
+            });
+        }
+        Ok(outcomes)
+    }
+
+    /// Phase one for component `c`: the container that will serve it, ready. Changes nothing
+    /// but the component's green container (and renames a retired blue back, see
+    /// [`DockerExecutor::deploy_blue_green`]).
+    async fn prepare_green(
+        &self,
+        spec: &DeploySpec,
+        c: &ComponentSpec,
+        image_id: &str,
+        cfg: &TargetConfig,
+        existing: &[ContainerSummary],
+        progress: &dyn ProgressSink,
+    ) -> Result<GreenPlan, PluginError> {
+        let target = spec.target.name.as_str();
+        let stable = container_name(target, &c.name);
+        let green = green_name(target, &c.name);
+        let retired = retired_name(target, &c.name);
+        let mut blue = None;
+        let mut greens = Vec::new();
+        let mut leftovers = Vec::new();
+        let mut retired_blue = None;
+        for s in of_component(existing, &c.name) {
+            let Some(id) = s.id.clone() else { continue };
+            match summary_name(s) {
+                Some(n) if n == stable => blue = Some(id),
+                Some(n) if n == green => greens.push(id),
+                Some(n) if n == retired && retired_blue.is_none() => retired_blue = Some(id),
+                _ => leftovers.push(id),
+            }
+        }
+        // A run interrupted between its two renames left the old release serving under the
+        // retired name and nothing under the stable one: it is blue again.
+        if blue.is_none()
+            && let Some(id) = retired_blue.take()
+        {
+            progress.progress(&format!(
+                "{}: renaming {} back to {stable} (an earlier switch was interrupted)",
+                c.name,
+                short_id(&id)
+            ));
+            self.rename(&id, &stable).await?;
+            blue = Some(id);
+        }
+        leftovers.extend(retired_blue);
+
+        let mut plan = GreenPlan {
+            component: c.name.clone(),
+            digest: c.digest.clone(),
+            stable,
+            action: if blue.is_some() {
+                ComponentAction::Replaced
+            } else {
+                ComponentAction::Created
+            },
+            blue: None,
+            green: None,
+            leftovers,
+        };
+        if let Some(id) = &blue
+            && self
+                .is_current(id, &plan.stable, spec, c, image_id, cfg)
+                .await?
+        {
+            progress.progress(&format!(
+                "{}: container {} already runs this release, unchanged",
+                c.name,
+                short_id(id)
+            ));
+            plan.leftovers.extend(greens);
+            self.wait_ready(id, &c.name, cfg.health_timeout, None)
+                .await?;
+            plan.action = ComponentAction::Unchanged;
+            plan.blue = Some(id.clone());
+            return Ok(plan);
+        }
+        plan.blue = blue;
+
+        let mut reusable = None;
+        for id in greens {
+            if reusable.is_none() && self.is_current(&id, &green, spec, c, image_id, cfg).await? {
+                reusable = Some(id);
+            } else {
+                progress.progress(&format!(
+                    "{}: removing green {} left by an earlier run",
+                    c.name,
+                    short_id(&id)
+                ));
+                self.remove(&id).await?;
+            }
+        }
+        let (id, baseline_restarts) = match reusable {
+            Some(id) => {
+                progress.progress(&format!(
+                    "{}: reusing green {} left by an earlier run of this release",
+                    c.name,
+                    short_id(&id)
+                ));
+                (id, None)
+            }
+            None => {
+                progress.progress(&format!("{}: starting green {green}", c.name));
+                let created = self.create_and_start(spec, c, image_id, cfg, &green).await;
+                let id = match created {
+                    Ok(id) => id,
+                    Err(e) => {
+                        // A create that got as far as a container leaves it under the green
+                        // name; it must not outlive the failed job.
+                        if let Err(cleanup) = self.remove(&green).await {
+                            warn!(target, component = %c.name, error = %cleanup, "could not remove failed green");
+                        }
+                        return Err(e);
+                    }
+                };
+                (id, Some(0))
+            }
+        };
+        plan.green = Some(id.clone());
+        match self
+            .wait_ready(&id, &c.name, cfg.health_timeout, baseline_restarts)
+            .await
+        {
+            Ok(healthy) => {
+                progress.progress(&format!(
+                    "{}: {}",
+                    c.name,
+                    if healthy {
+                        "green healthy"
+                    } else {
+                        "green running (no health check)"
+                    }
+                ));
+                Ok(plan)
+            }
+            Err(e) => {
+                self.discard_green(target, &plan, progress).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes the green of `plan` after a failure; best effort, since the failure being
+    /// reported matters more, and a green left behind is replaced by the next run.
+    async fn discard_green(&self, target: &str, plan: &GreenPlan, progress: &dyn ProgressSink) {
+        let Some(id) = &plan.green else { return };
+        progress.progress(&format!(
+            "{}: removing green {}; {} keeps running",
+            plan.component,
+            short_id(id),
+            plan.blue.as_deref().map_or_else(
+                || "nothing".to_string(),
+                |b| format!("blue {}", short_id(b))
+            )
+        ));
+        if let Err(e) = self.remove(id).await {
+            warn!(target, component = %plan.component, container = %id, error = %e, "could not remove green");
+        }
+    }
+
+    /// Phase two for one component: green takes the stable name, then blue and whatever else
+    /// of the component is left stop. Returns the id of the container that now serves.
+    async fn switch(
+        &self,
+        target: &str,
+        plan: &GreenPlan,
+        progress: &dyn ProgressSink,
+    ) -> Result<String, PluginError> {
+        let component = plan.component.as_str();
+        let Some(green) = &plan.green else {
+            // Unchanged: blue stays; leftovers of interrupted runs go.
+            for id in &plan.leftovers {
+                progress.progress(&format!(
+                    "{component}: removing stray container {}",
+                    short_id(id)
+                ));
+                self.remove(id).await?;
+            }
+            return plan.blue.clone().ok_or_else(|| {
+                PluginError::Backend(format!("component {component}: no container to keep"))
+            });
+        };
+        let retired = retired_name(target, component);
+        if let Some(blue) = &plan.blue {
+            self.rename(blue, &retired).await?;
+        }
+        self.rename(green, &plan.stable).await?;
+        info!(target, component, container = %green, "switched to green");
+        progress.progress(&format!(
+            "{component}: switched: {} now runs {}",
+            plan.stable,
+            short_id(green)
+        ));
+        if let Some(blue) = &plan.blue {
+            self.remove(blue).await?;
+            progress.progress(&format!("{component}: stopped blue {}", short_id(blue)));
+        }
+        for id in &plan.leftovers {
+            progress.progress(&format!(
+                "{component}: removing stray container {}",
+                short_id(id)
+            ));
+            self.remove(id).await?;
+        }
+        Ok(green.clone())
+    }
+
+    async fn rename(&self, id: &str, name: &str) -> Result<(), PluginError> {
+        self.docker
+            .rename_container(
+                id,
+                RenameContainerOptions {
+                    name: name.to_string(),
+                },
+            )
+            .await
+            .map_err(|e| backend(&format!("rename container {} to {name}", short_id(id)), e))
+    }
+
+    /// Creates and starts the container of component `c` under `name`, from the image id the
+    /// digest resolved to, and checks that the engine runs exactly that image.
+    async fn create_and_start(
+        &self,
+        spec: &DeploySpec,
+        c: &ComponentSpec,
+        image_id: &str,
+        cfg: &TargetConfig,
+        name: &str,
+    ) -> Result<String, PluginError> {
+        let target = spec.target.name.as_str();
         let labels: HashMap<String, String> = labels::container_labels(spec, c)
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -422,12 +727,11 @@ impl DockerExecutor {
             }),
             ..Default::default()
         };
-        progress.progress(&format!("{}: creating container {name}", c.name));
         let created = self
             .docker
             .create_container(
                 Some(CreateContainerOptions {
-                    name: Some(name.clone()),
+                    name: Some(name.to_string()),
                     ..Default::default()
                 }),
                 body,
@@ -458,20 +762,7 @@ impl DockerExecutor {
                 actual,
             });
         }
-
-        let healthy = self
-            .wait_ready(&id, &c.name, cfg.health_timeout, Some(0))
-            .await?;
-        progress.progress(&format!(
-            "{}: {}",
-            c.name,
-            if healthy {
-                "running, healthy"
-            } else {
-                "running"
-            }
-        ));
-        Ok((id, action))
+        Ok(id)
     }
 
     /// Polls until the container runs (and is healthy if it has a health check). Returns whether
@@ -591,6 +882,10 @@ impl Executor for DockerExecutor {
         config::parse(&target.config).map(|_| ())
     }
 
+    fn supports(&self, mode: DeployMode) -> bool {
+        matches!(mode, DeployMode::Replace | DeployMode::BlueGreen)
+    }
+
     async fn deploy(
         &self,
         spec: &DeploySpec,
@@ -618,8 +913,18 @@ impl Executor for DockerExecutor {
         for c in &spec.components {
             image_ids.push(engine::resolve_image(&Images(self), c, progress).await?);
         }
+        if spec.strategy == DeployMode::BlueGreen {
+            check_blue_green_network(&cfg)?;
+        }
         for c in &spec.components {
-            self.check_name_free(target, &c.name).await?;
+            self.check_name_free(&container_name(target, &c.name), target, &c.name)
+                .await?;
+            if spec.strategy == DeployMode::BlueGreen {
+                self.check_name_free(&green_name(target, &c.name), target, &c.name)
+                    .await?;
+                self.check_name_free(&retired_name(target, &c.name), target, &c.name)
+                    .await?;
+            }
         }
         // Only what Stella created is replaced or removed: a container someone labelled with
         // the target by hand is foreign (drift reports it as an unmanaged extra), and a deploy
@@ -631,24 +936,30 @@ impl Executor for DockerExecutor {
             .filter(|s| summary_label(s, LABEL_MANAGED) == Some("true"))
             .collect();
 
-        let mut outcomes = Vec::with_capacity(spec.components.len());
-        for (c, image_id) in spec.components.iter().zip(&image_ids) {
-            let t0 = Instant::now();
-            let previous: Vec<&ContainerSummary> = existing
-                .iter()
-                .filter(|s| summary_label(s, LABEL_COMPONENT) == Some(c.name.as_str()))
-                .collect();
-            let (workload_id, action) = self
-                .ensure_component(spec, c, image_id, &cfg, &previous, progress)
-                .await?;
-            outcomes.push(ComponentOutcome {
-                name: c.name.clone(),
-                digest: c.digest.clone(),
-                workload_id,
-                action,
-                duration_ms: millis(t0.elapsed()),
-            });
-        }
+        let outcomes = match spec.strategy {
+            DeployMode::Replace => {
+                let mut outcomes = Vec::with_capacity(spec.components.len());
+                for (c, image_id) in spec.components.iter().zip(&image_ids) {
+                    let t0 = Instant::now();
+                    let previous = of_component(&existing, &c.name);
+                    let (workload_id, action) = self
+                        .ensure_component(spec, c, image_id, &cfg, &previous, progress)
+                        .await?;
+                    outcomes.push(ComponentOutcome {
+                        name: c.name.clone(),
+                        digest: c.digest.clone(),
+                        workload_id,
+                        action,
+                        duration_ms: millis(t0.elapsed()),
+                    });
+                }
+                outcomes
+            }
+            DeployMode::BlueGreen => {
+                self.deploy_blue_green(spec, &cfg, &image_ids, &existing, progress)
+                    .await?
+            }
+        };
 
         // A release is the full set: what the previous one ran beyond it must go. Done last so
         // that a failed deploy never removes more than it replaced.
@@ -782,6 +1093,63 @@ impl DockerExecutor {
             .join(path_segment(&target.name))
             .join(STICKER_FILE_NAME)
     }
+}
+
+/// One component's blue-green switch, prepared: `green` is ready (or `None` when `blue`
+/// already runs this release).
+#[derive(Debug)]
+struct GreenPlan {
+    component: String,
+    digest: String,
+    stable: String,
+    action: ComponentAction,
+    blue: Option<String>,
+    green: Option<String>,
+    /// Other containers of the component (greens or retired blues of interrupted runs) that
+    /// go once the switch is done.
+    leftovers: Vec<String>,
+}
+
+/// The name a green container has while it starts beside blue. Stable names start with
+/// `stella-`, so a green or retired name can never be one of them.
+pub fn green_name(target: &str, component: &str) -> String {
+    format!("stella_green-{}-{}", sanitize(target), sanitize(component))
+}
+
+/// The name blue has for the moment between the two renames of a switch.
+pub fn retired_name(target: &str, component: &str) -> String {
+    format!("stella_blue-{}-{}", sanitize(target), sanitize(component))
+}
+
+/// Blue and green run at once; sharing one network namespace they would fight over the ports
+/// the workload listens on, and green would fail on what blue holds. (The executor publishes
+/// no host ports, so on a bridge or user-defined network they never collide.)
+fn check_blue_green_network(cfg: &TargetConfig) -> Result<(), PluginError> {
+    match cfg.network.as_deref() {
+        Some(n) if n == "host" || n.starts_with("container:") => {
+            Err(PluginError::InvalidConfig(format!(
+                "network: {n:?} makes blue and green share one network namespace, so the new \
+                 release could not listen where the old one does; blue-green needs a bridge or \
+                 user-defined network (or deploy this target with strategy all-at-once)"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn of_component<'a>(
+    existing: &'a [ContainerSummary],
+    component: &str,
+) -> Vec<&'a ContainerSummary> {
+    existing
+        .iter()
+        .filter(|s| summary_label(s, LABEL_COMPONENT) == Some(component))
+        .collect()
+}
+
+/// A container's name without the engine's leading slash.
+fn summary_name(s: &ContainerSummary) -> Option<&str> {
+    s.names.as_ref()?.first().map(|n| n.trim_start_matches('/'))
 }
 
 fn validate_components(components: &[ComponentSpec]) -> Result<(), PluginError> {

@@ -414,6 +414,7 @@ mod tests {
                     digest: digest(*d),
                 })
                 .collect(),
+            strategy: Default::default(),
         }
     }
 

@@ -207,6 +207,7 @@ mod tests {
                 image: "demo/app:1".to_string(),
                 digest: format!("sha256:{}", "c".repeat(64)),
             }],
+            strategy: Default::default(),
         };
         VersionSticker::for_deploy(&spec, "2025-01-01T00:00:00Z".to_string())
     }

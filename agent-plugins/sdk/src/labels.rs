@@ -65,6 +65,7 @@ mod tests {
                 config: serde_json::Value::Null,
             },
             components: vec![c.clone()],
+            strategy: Default::default(),
         };
         let labels = container_labels(&spec, &c);
         let get = |k: &str| labels.iter().find(|(key, _)| *key == k).map(|(_, v)| *v);

@@ -65,6 +65,33 @@ pub struct DeploySpec {
     pub release_name: String,
     pub target: TargetRef,
     pub components: Vec<ComponentSpec>,
+    /// How the release replaces what runs; the agent hands an executor only the modes it
+    /// [`supports`](Executor::supports).
+    #[serde(default)]
+    pub strategy: DeployMode,
+}
+
+/// How a deploy puts the release on its target (the signed job's `strategy`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeployMode {
+    /// Stop what runs and start the release in its place. Every executor does this.
+    #[default]
+    Replace,
+    /// Start the release beside what runs, wait until it is ready, switch to it, then stop the
+    /// old workload; a release that does not become ready is removed and the old one keeps
+    /// running.
+    BlueGreen,
+}
+
+impl DeployMode {
+    /// The name the job and the workflow template use: `replace`, `blue-green`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            DeployMode::Replace => "replace",
+            DeployMode::BlueGreen => "blue-green",
+        }
+    }
 }
 
 /// What happened to one component during a deploy.
@@ -252,6 +279,12 @@ pub enum PluginError {
     Backend(String),
     #[error("sticker I/O: {0}")]
     Sticker(String),
+    /// The executor cannot deploy this way; nothing on the target was touched.
+    #[error("the {kind} executor cannot deploy {strategy}")]
+    UnsupportedStrategy {
+        kind: String,
+        strategy: &'static str,
+    },
 }
 
 impl PluginError {
@@ -265,6 +298,7 @@ impl PluginError {
             PluginError::Timeout { .. } => "timeout",
             PluginError::Backend(_) => "backend_error",
             PluginError::Sticker(_) => "sticker_error",
+            PluginError::UnsupportedStrategy { .. } => "unsupported_strategy",
         }
     }
 }
@@ -278,9 +312,17 @@ pub trait Executor: Send + Sync {
     /// Checks a target's configuration without touching the target.
     fn validate_config(&self, target: &TargetRef) -> Result<(), PluginError>;
 
+    /// Whether [`Executor::deploy`] can honour `mode`. The agent refuses a job whose mode the
+    /// executor does not support before calling anything else, so an executor never sees
+    /// one. The default knows only [`DeployMode::Replace`].
+    fn supports(&self, mode: DeployMode) -> bool {
+        mode == DeployMode::Replace
+    }
+
     /// Makes the target run exactly `spec.components` at their digests, replacing what the
-    /// previous release ran, and waits until the workloads are running (and healthy where they
-    /// declare a health check). Refuses before changing anything when a digest cannot be honoured.
+    /// previous release ran (the way `spec.strategy` says), and waits until the workloads are
+    /// running (and healthy where they declare a health check). Refuses before changing
+    /// anything when a digest cannot be honoured.
     async fn deploy(
         &self,
         spec: &DeploySpec,

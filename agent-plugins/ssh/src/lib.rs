@@ -505,6 +505,7 @@ mod tests {
                 config: serde_json::Value::Null,
             },
             components,
+            strategy: Default::default(),
         }
     }
 

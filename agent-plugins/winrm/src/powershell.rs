@@ -263,6 +263,7 @@ mod tests {
                 image: "registry:5000/demo/web:1".into(),
                 digest: format!("sha256:{}", "a".repeat(64)),
             }],
+            strategy: Default::default(),
         };
         let s = deploy_script(&spec, "Write-Output $env:STELLA_RELEASE_ID").unwrap();
         assert!(s.starts_with(PREAMBLE));

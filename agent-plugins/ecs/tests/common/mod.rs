@@ -344,6 +344,7 @@ pub fn spec(target: &TargetRef, release: &str, components: Vec<ComponentSpec>) -
         release_name: format!("Release {release}"),
         target: target.clone(),
         components,
+        strategy: Default::default(),
     }
 }
 

@@ -100,6 +100,7 @@ pub fn release(config: &Value, n: u32, api: char, worker: char) -> DeploySpec {
                 digest: digest(worker),
             },
         ],
+        strategy: Default::default(),
     }
 }
 
