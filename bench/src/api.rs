@@ -40,6 +40,27 @@ impl Api {
         }
     }
 
+    /// One unlabelled sample of the plane's `/metrics` (Prometheus text); `None` when absent.
+    pub async fn metric(&self, name: &str) -> anyhow::Result<Option<f64>> {
+        let url = format!("{}/metrics", self.base);
+        let resp = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        if !status.is_success() {
+            anyhow::bail!("GET /metrics: HTTP {status}");
+        }
+        Ok(text.lines().find_map(|line| {
+            let (key, value) = line.split_once(' ')?;
+            (key == name).then(|| value.trim().parse().ok())?
+        }))
+    }
+
     /// Every item of a paginated list, following the `Link: <…>; rel="next"` headers.
     pub async fn list<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<Vec<T>> {
         let mut next = Some(format!("{path}?limit=1000"));

@@ -126,6 +126,10 @@ pub struct Common {
     /// The plane's heartbeat interval (`stella serve --heartbeat-interval`).
     #[arg(long, default_value = "10s")]
     heartbeat_interval: String,
+    /// The plane's bound on concurrent agent session setups and TLS handshakes
+    /// (`stella serve --max-session-setups`); unset: the plane's default (256).
+    #[arg(long)]
+    max_session_setups: Option<u32>,
     /// The plane's log filter (STELLA_LOG); `stella serve` defaults to info.
     #[arg(long, default_value = "info")]
     plane_log: String,

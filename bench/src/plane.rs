@@ -19,6 +19,7 @@ pub struct Plane {
     heartbeat_interval: String,
     log_level: String,
     log_path: PathBuf,
+    max_session_setups: Option<u32>,
     child: Option<Child>,
 }
 
@@ -29,6 +30,7 @@ impl Plane {
         log_path: PathBuf,
         heartbeat_interval: String,
         log_level: String,
+        max_session_setups: Option<u32>,
     ) -> anyhow::Result<Self> {
         let api_port = sys::free_port()?;
         let mut agent_port = sys::free_port()?;
@@ -43,6 +45,7 @@ impl Plane {
             heartbeat_interval,
             log_level,
             log_path,
+            max_session_setups,
             child: None,
         })
     }
@@ -83,6 +86,12 @@ impl Plane {
             .arg(sys::loopback(self.agent_port).to_string())
             .arg("--heartbeat-interval")
             .arg(&self.heartbeat_interval)
+            .args(
+                self.max_session_setups
+                    .map(|n| ["--max-session-setups".to_string(), n.to_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             .env("STELLA_LOG", &self.log_level)
             .stdin(Stdio::null())
             .stdout(log)

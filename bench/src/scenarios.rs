@@ -130,6 +130,7 @@ impl Bench {
             work.join("plane.log"),
             c.heartbeat_interval.clone(),
             c.plane_log.clone(),
+            c.max_session_setups,
         )?;
         plane.spawn()?;
         let api = Arc::new(plane.wait_ready(Duration::from_secs(60)).await?);
@@ -782,6 +783,16 @@ pub async fn storm(c: &Common, kill_at: f64) -> anyhow::Result<()> {
         }
         stop.store(true, Ordering::Relaxed);
         let peak = sampler.await.unwrap_or(0);
+        // The plane's own counts since its restart: exact, unlike the sampled TCP table.
+        let mut admission = Vec::new();
+        for name in [
+            "stella_session_setup_limit",
+            "stella_session_setups_peak",
+            "stella_tls_handshakes_peak",
+            "stella_session_setups_deferred_total",
+        ] {
+            admission.push(b.api.metric(name).await.ok().flatten().map(|v| v as u64));
+        }
         let failed_attempts = TRACKER.ended().saturating_sub(ended_before);
         let settled = if reconnect_s.is_some() {
             eprintln!("fleet back; waiting for every job of the interrupted fan-out to settle");
@@ -820,6 +831,29 @@ pub async fn storm(c: &Common, kill_at: f64) -> anyhow::Result<()> {
             "peak_handshakes",
             peak,
             "max TCP connections to the agent port without an established session, sampled every 100 ms",
+        );
+        let notes = [
+            ("session_setup_limit", "the plane's --max-session-setups"),
+            (
+                "peak_session_setups",
+                "most session setups in progress at once after the restart (plane metric)",
+            ),
+            (
+                "peak_tls_handshakes",
+                "most TLS handshakes in progress at once after the restart (plane metric)",
+            ),
+            (
+                "sessions_deferred",
+                "sessions told to come back later because the setup limit was reached",
+            ),
+        ];
+        for ((key, note), value) in notes.into_iter().zip(admission) {
+            r.add(key, value, note);
+        }
+        r.add(
+            "agents_back",
+            b.plane_connected().await.unwrap_or(0),
+            "agents the plane shows connected at the end of the reconnect wait",
         );
         r.add(
             "failed_session_attempts",
