@@ -11,6 +11,7 @@ pub mod executors;
 pub mod identity;
 pub mod inventory;
 pub mod journal;
+pub mod relay;
 pub mod runtime;
 pub mod steps;
 pub mod transport;

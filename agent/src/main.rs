@@ -80,6 +80,162 @@ enum Command {
         #[arg(long, env = "STELLA_AGENT_INVENTORY_INTERVAL", default_value = "60s", value_parser = parse_interval)]
         inventory_interval: std::time::Duration,
     },
+    /// Relay for agents that cannot reach the plane: they connect here (mTLS, the plane's CA)
+    /// and the relay carries their sessions upstream, storing and forwarding both ways while
+    /// the uplink is down. Enroll the relay with a join token labelled role=relay.
+    #[command(args_conflicts_with_subcommands = true)]
+    Relay {
+        #[command(subcommand)]
+        command: Option<RelayCommand>,
+        #[command(flatten)]
+        run: RelayRunArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct RelayDataDir {
+    #[arg(
+        long,
+        env = "STELLA_AGENT_DATA_DIR",
+        default_value = "/var/lib/stella-agent"
+    )]
+    data_dir: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct RelayRunArgs {
+    #[command(flatten)]
+    dir: RelayDataDir,
+    /// Address downstream agents connect to (host:port).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// The plane's agent endpoint or an upstream relay (https://host:port or quic://host:port);
+    /// default: the endpoint from enrollment.
+    #[arg(long)]
+    upstream: Option<String>,
+    /// DNS name or IP address the relay's server certificate carries (repeatable); default:
+    /// the listen address.
+    #[arg(long = "server-name")]
+    server_names: Vec<String>,
+    /// URL agents enrolling through this relay are told to dial (default https://LISTEN).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Disk budget for what the relay stores while the uplink is down (bytes; K, M, G
+    /// suffixes). Beyond it inventory is dropped and new results and jobs are refused (the
+    /// agents keep their results spooled), never dropped.
+    #[arg(long, default_value = "256M", value_parser = parse_bytes)]
+    max_backlog_bytes: u64,
+}
+
+#[derive(Subcommand)]
+enum RelayCommand {
+    /// Store the signed jobs of an air-gap file (`stella airgap export`) for the agents
+    /// behind this relay; a running relay offers them within seconds.
+    Import {
+        file: PathBuf,
+        #[command(flatten)]
+        dir: RelayDataDir,
+    },
+    /// Write what the agents behind this relay reported (results with receipts, inventory),
+    /// signed by the relay, for `stella airgap import`.
+    ExportResults {
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        dir: RelayDataDir,
+    },
+    /// Show the relay's backlog.
+    Status {
+        #[command(flatten)]
+        dir: RelayDataDir,
+    },
+}
+
+/// A byte count with an optional K, M or G (binary) suffix.
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (digits, factor) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a byte count such as 512M"))?;
+    n.checked_mul(factor)
+        .filter(|b| *b > 0)
+        .ok_or_else(|| format!("{s:?}: must be more than 0 and fit in 64 bits"))
+}
+
+async fn relay_command(
+    command: Option<RelayCommand>,
+    run: RelayRunArgs,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    use stella_agent::relay::{self, RelayOptions, airgap, store::Store};
+    const STORE_FOR_FILES: u64 = u64::MAX;
+    match command {
+        None => {
+            let listen = run
+                .listen
+                .ok_or_else(|| anyhow::anyhow!("--listen ADDR is required to run a relay"))?;
+            relay::run(
+                DataDir::new(run.dir.data_dir),
+                RelayOptions {
+                    listen,
+                    upstream: run.upstream,
+                    names: run.server_names,
+                    advertise: run.advertise,
+                    max_backlog_bytes: run.max_backlog_bytes,
+                },
+                shutdown,
+            )
+            .await
+        }
+        Some(RelayCommand::Import { file, dir }) => {
+            let dir = DataDir::new(dir.data_dir);
+            // The operator's import is not refused for space: the budget governs what arrives
+            // unattended.
+            let store = Store::open(dir.root.join("relay"), STORE_FOR_FILES)?;
+            let summary = airgap::import_jobs(&dir, &store, &file)?;
+            println!(
+                "imported {} new jobs for {} agents ({} already here)",
+                summary.new_jobs, summary.agents, summary.known_jobs
+            );
+            Ok(())
+        }
+        Some(RelayCommand::ExportResults { out, dir }) => {
+            let dir = DataDir::new(dir.data_dir);
+            let store = Store::open(dir.root.join("relay"), STORE_FOR_FILES)?;
+            let summary = airgap::export_results(&dir, &store, &out)?;
+            println!(
+                "exported {} messages ({} results) of {} agents to {}",
+                summary.messages,
+                summary.results,
+                summary.agents,
+                out.display()
+            );
+            Ok(())
+        }
+        Some(RelayCommand::Status { dir }) => {
+            let dir = DataDir::new(dir.data_dir);
+            let store = Store::open(dir.root.join("relay"), STORE_FOR_FILES)?;
+            let backlog = store.backlog();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "backlog_messages": backlog.messages(),
+                    "to_plane_messages": backlog.to_plane_messages,
+                    "results": backlog.results,
+                    "to_agents_messages": backlog.to_agents_messages,
+                    "backlog_bytes": backlog.bytes,
+                    "agents": store.leaves().len(),
+                }))?
+            );
+            Ok(())
+        }
+    }
 }
 
 /// `N`, `Ns`, `Nm` or `Nh`, from one second to one day.
@@ -174,6 +330,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Relay { command, run } => relay_command(command, run, shutdown_signal()).await,
         Command::Run {
             data_dir,
             disabled,

@@ -473,7 +473,8 @@ async fn session(
                         }
                     }
                     Some(PlaneBody::Trust(update)) => apply_trust_bundle(shared, &update.bundle, &out_tx).await?,
-                    Some(PlaneBody::Welcome(_)) | Some(PlaneBody::Heartbeat(_)) | None => {}
+                    // Relay frames are for relays (`relay.rs`), never sent to a plain agent.
+                    Some(PlaneBody::Welcome(_)) | Some(PlaneBody::Heartbeat(_)) | Some(PlaneBody::Relayed(_)) | Some(PlaneBody::RelayCert(_)) | None => {}
                 }
             }
             Some(up) = uplink_rx.recv() => out_tx.send(up).await?,

@@ -137,7 +137,9 @@ pub fn api_routes() -> OpenApiRouter<SharedState> {
         .routes(routes!(list_drift))
         .routes(routes!(add_drift_ignore, list_drift_ignore))
         .routes(routes!(remove_drift_ignore))
-        .routes(routes!(show_drift_policy, set_drift_policy));
+        .routes(routes!(show_drift_policy, set_drift_policy))
+        .routes(routes!(airgap_export))
+        .routes(routes!(airgap_import));
     OpenApiRouter::with_openapi(ApiDoc::openapi()).nest(API_PREFIX, v1)
 }
 
@@ -1235,4 +1237,35 @@ async fn set_drift_policy(
     Ok(Json(
         crate::drift::set_policy(&state, &name, req, &actor.user).await?,
     ))
+}
+
+/// The signed jobs waiting for the agents behind a relay, for a site with no link at all
+/// (`stella-agent relay import`): a DSSE envelope signed by the job-signing key.
+#[utoipa::path(post, path = "/relays/{id}/airgap-export", tag = "agents", security(("bearer" = [])),
+    params(("id" = String, Path, description = "relay agent id or name")),
+    responses((status = 200, description = "The jobs file (DSSE envelope JSON)"),
+        (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn airgap_export(
+    State(state): State<SharedState>,
+    actor: Actor,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    actor.require(Permission::Administer)?;
+    Ok(Json(crate::airgap::export(&state, &id).await?))
+}
+
+/// Import a relay's results file (`stella-agent relay export-results`): results are checked
+/// against their agents' receipts exactly as on a live session; a file imported before changes
+/// nothing.
+#[utoipa::path(post, path = "/airgap/import", tag = "agents", security(("bearer" = [])),
+    request_body = crate::airgap::SignedResults,
+    responses((status = 200, body = crate::airgap::ImportSummary), (status = 400, body = ErrorBody),
+        (status = 422, body = ErrorBody)))]
+async fn airgap_import(
+    State(state): State<SharedState>,
+    actor: Actor,
+    Body(file): Body<crate::airgap::SignedResults>,
+) -> ApiResult<impl IntoResponse> {
+    actor.require(Permission::Administer)?;
+    Ok(Json(crate::airgap::import(&state, file).await?))
 }

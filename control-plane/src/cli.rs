@@ -25,6 +25,7 @@ use stella_control_plane::{duration, server};
 
 use crate::dev;
 
+mod airgap;
 mod drift;
 mod releasing;
 
@@ -140,6 +141,10 @@ enum Command {
     /// Drift: what runs on targets vs what should (`stella drift [--env E]`), ignore rules and
     /// remediation policy.
     Drift(drift::DriftArgs),
+    /// Air-gapped sites: export the signed jobs for a relay's agents to a file, import their
+    /// results back.
+    #[command(subcommand)]
+    Airgap(airgap::AirgapCommand),
     /// Evidence: signed, hash-chained packets of every decision, deployment and rollback;
     /// export a bundle and verify it offline.
     #[command(subcommand)]
@@ -806,6 +811,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rollback(args) => {
             let client = ApiClient::connect(&conn)?;
             releasing::rollback(&client, out, args).await
+        }
+        Command::Airgap(command) => {
+            let client = ApiClient::connect(&conn)?;
+            airgap::run(&client, command).await
         }
         Command::Drift(args) => {
             let client = ApiClient::connect(&conn)?;

@@ -6,6 +6,7 @@
 //! and records work.
 
 pub mod agents;
+pub mod airgap;
 pub mod api;
 pub mod audit;
 pub mod client;
@@ -24,6 +25,7 @@ pub mod keys;
 pub mod metrics;
 pub mod promotions;
 pub mod quic;
+pub mod relays;
 pub mod releases;
 pub mod runs;
 pub mod server;

@@ -8,18 +8,19 @@
 //! they are created (the hub wakes the session), and re-offered after a reconnect until the agent
 //! reports an outcome. Results are persisted before they are acknowledged.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt as _};
+use prost::Message as _;
 use stella_proto::agent_message::Body as AgentBody;
 use stella_proto::agent_session_server::AgentSession;
 use stella_proto::plane_message::Body as PlaneBody;
 use stella_proto::{
-    AgentMessage, Drain, JobOffer, JobStatus, PlaneMessage, RenewResponse, ResultAck, TargetInfo,
-    TrustBundleUpdate, Welcome,
+    AgentMessage, Drain, JobOffer, JobStatus, PlaneMessage, RelayedAgentMessage,
+    RelayedPlaneMessage, RenewResponse, ResultAck, TargetInfo, TrustBundleUpdate, Welcome,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -29,7 +30,7 @@ use crate::error::ApiError;
 use crate::hub::{SetupInProgress, SetupPermit};
 use crate::state::SharedState;
 use crate::store::now_ms;
-use crate::{agents, deployments, targets, trust};
+use crate::{agents, deployments, relays, targets, trust};
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Outbound messages queued per session before the session task waits for the agent.
@@ -84,6 +85,8 @@ pub(crate) struct Opened {
     agent_id: String,
     leaf_der: Vec<u8>,
     admitted: Admitted,
+    /// The relay carrying this session, when it is a virtual session.
+    relayed_by: Option<String>,
 }
 
 /// Admission and identity checks of a new session, from the verified client certificate alone.
@@ -148,28 +151,39 @@ pub(crate) async fn open(state: &SharedState, leaf: &[u8]) -> Result<Opening, Re
             _permit: permit,
             _setup: setup,
         },
+        relayed_by: None,
     }))
 }
 
 /// Runs an opened session to its end over any transport: `inbound` yields the agent's messages
 /// (an `Err` is a broken stream), `tx` carries the plane's.
-pub(crate) async fn serve_opened<S>(
+///
+/// The future is boxed and named `Send` here because a relay's session starts virtual sessions
+/// with this same function: without the explicit type the compiler cannot prove the recursive
+/// future `Send`.
+pub(crate) fn serve_opened<S>(
     state: SharedState,
     opened: Opened,
     inbound: S,
     tx: mpsc::Sender<PlaneMessage>,
-) where
-    S: Stream<Item = Result<AgentMessage, String>> + Unpin + Send,
+) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+where
+    S: Stream<Item = Result<AgentMessage, String>> + Unpin + Send + 'static,
 {
-    let Opened {
-        agent_id,
-        leaf_der,
-        admitted,
-    } = opened;
-    let agent_id_for_log = agent_id.clone();
-    if let Err(e) = run_session(state, agent_id, leaf_der, inbound, tx, admitted).await {
-        tracing::info!(agent_id = %agent_id_for_log, reason = %e, "session ended");
-    }
+    Box::pin(async move {
+        let Opened {
+            agent_id,
+            leaf_der,
+            admitted,
+            relayed_by,
+        } = opened;
+        let agent_id_for_log = agent_id.clone();
+        if let Err(e) =
+            run_session(state, agent_id, leaf_der, relayed_by, inbound, tx, admitted).await
+        {
+            tracing::info!(agent_id = %agent_id_for_log, reason = %e, "session ended");
+        }
+    })
 }
 
 #[tonic::async_trait]
@@ -245,6 +259,7 @@ async fn run_session<S>(
     state: SharedState,
     agent_id: String,
     leaf_der: Vec<u8>,
+    relayed_by: Option<String>,
     mut inbound: S,
     tx: mpsc::Sender<PlaneMessage>,
     admitted: Admitted,
@@ -277,7 +292,7 @@ where
         .await;
     state.hub.record_heartbeat(&agent_id, now_ms());
     let registration = state.hub.register(&agent_id);
-    tracing::info!(agent_id, version = %hello.agent_version, last_sequence = hello.last_sequence, in_flight = hello.in_flight_job_ids.len(), "agent connected");
+    tracing::info!(agent_id, relay = relayed_by.as_deref().unwrap_or(""), version = %hello.agent_version, last_sequence = hello.last_sequence, in_flight = hello.in_flight_job_ids.len(), "agent connected");
     state
         .writes
         .trust_ack(&agent_id, hello.trust_bundle_version)
@@ -288,6 +303,8 @@ where
         leaf_der: &leaf_der,
         tx: &tx,
         last_inventory: std::sync::Mutex::new(None),
+        relayed_by: relayed_by.as_deref(),
+        relay: RelayMux::default(),
     };
     let result = serve_session(
         &session,
@@ -344,6 +361,10 @@ struct Session<'a> {
     tx: &'a mpsc::Sender<PlaneMessage>,
     /// Digest of the last inventory written and when: an unchanged report is not rewritten.
     last_inventory: std::sync::Mutex<Option<(String, i64)>>,
+    /// The relay carrying this session, when it is a virtual one.
+    relayed_by: Option<&'a str>,
+    /// The virtual sessions this session carries, when its agent is a relay.
+    relay: RelayMux,
 }
 
 /// An unchanged inventory is still rewritten this often, so `reported_at` says the agent is
@@ -521,6 +542,20 @@ async fn handle_message(session: &Session<'_>, msg: AgentMessage) -> Result<(), 
             }
         }
         Some(AgentBody::TrustAck(ack)) => state.writes.trust_ack(agent_id, ack.version).await,
+        Some(AgentBody::Renew(_)) if session.relayed_by.is_some() => {
+            // The relay could have swapped the CSR for one of its own key: in-band renewal is
+            // end to end only on a direct session. Behind a relay the agent renews over the
+            // API with a signature by its previous key, which the relay cannot make.
+            tracing::info!(agent_id, "in-band renewal through a relay refused");
+            send(
+                tx,
+                PlaneBody::Renewed(RenewResponse {
+                    cert_pem: String::new(),
+                    error: "in-band renewal is not accepted through a relay; the agent renews over the API with a proof of its previous key".to_string(),
+                }),
+            )
+            .await?;
+        }
         Some(AgentBody::Renew(req)) => {
             let presented = x509_serial_hex(session.leaf_der).unwrap_or_default();
             let response =
@@ -538,6 +573,11 @@ async fn handle_message(session: &Session<'_>, msg: AgentMessage) -> Result<(), 
                     }
                 };
             send(tx, PlaneBody::Renewed(response)).await?;
+        }
+        Some(AgentBody::Relayed(frame)) => relay_frame(session, frame).await?,
+        Some(AgentBody::RelayCert(req)) => {
+            let answer = relays::issue_server_certificate(state, agent_id, &req).await;
+            send(tx, PlaneBody::RelayCert(answer)).await?;
         }
         Some(AgentBody::Hello(_)) => tracing::warn!(agent_id, "second hello on a session ignored"),
         None => tracing::warn!(agent_id, "empty message ignored"),
@@ -644,4 +684,244 @@ async fn verify_receipt(
         return Err("receipt does not attest this result".to_string());
     }
     Ok(json)
+}
+
+/// The virtual sessions a relay's session carries: per leaf agent, the relay's link number and
+/// the leaf's inbound queue. Dropping it (the relay's session ends) ends them all.
+#[derive(Default)]
+struct RelayMux {
+    links: std::sync::Mutex<HashMap<String, (u64, mpsc::Sender<Result<AgentMessage, String>>)>>,
+    /// Whether this session's agent may relay, looked up once.
+    authorized: tokio::sync::OnceCell<bool>,
+}
+
+/// Frames queued towards one virtual session before the relay's session waits for it.
+const VIRTUAL_INBOUND_QUEUE: usize = 64;
+
+fn relayed_closed(agent_id: &str, link: u64, refused: bool, reason: String) -> PlaneBody {
+    PlaneBody::Relayed(RelayedPlaneMessage {
+        agent_id: agent_id.to_string(),
+        plane_message: Vec::new(),
+        closed: true,
+        reason,
+        link,
+        refused,
+    })
+}
+
+/// One frame of a leaf's session, carried by the relay this session belongs to. A hello opens
+/// (or replaces) the leaf's virtual session; anything else goes to the open one.
+async fn relay_frame(session: &Session<'_>, frame: RelayedAgentMessage) -> Result<(), SessionEnd> {
+    let (state, relay_id, tx) = (session.state, session.agent_id, session.tx);
+    let leaf_id = frame.agent_id.clone();
+    if frame.close {
+        let mut links = lock(&session.relay.links);
+        if links
+            .get(&leaf_id)
+            .is_some_and(|(link, _)| *link == frame.link)
+        {
+            links.remove(&leaf_id);
+        }
+        return Ok(());
+    }
+    let message = match AgentMessage::decode(frame.agent_message.as_slice()) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(relay_id, agent_id = %leaf_id, error = %e, "undecodable relayed frame");
+            let reason = format!("relayed frame is not an agent message: {e}");
+            return send(tx, relayed_closed(&leaf_id, frame.link, false, reason)).await;
+        }
+    };
+    if !matches!(message.body, Some(AgentBody::Hello(_))) {
+        let target = lock(&session.relay.links)
+            .get(&leaf_id)
+            .filter(|(link, _)| *link == frame.link)
+            .map(|(_, queue)| queue.clone());
+        let delivered = match target {
+            Some(queue) => queue.send(Ok(message)).await.is_ok(),
+            None => false,
+        };
+        if !delivered {
+            // The relay believes in a virtual session that is gone: tell it, so it opens a new
+            // one (with a hello) and keeps the frame's content until then.
+            lock(&session.relay.links).remove(&leaf_id);
+            let reason = "no open virtual session for this agent".to_string();
+            send(tx, relayed_closed(&leaf_id, frame.link, false, reason)).await?;
+        }
+        return Ok(());
+    }
+
+    let authorized = *session
+        .relay
+        .authorized
+        .get_or_try_init(|| relays::is_relay(state, relay_id))
+        .await?;
+    if !authorized {
+        state.count_session_refusal("not_a_relay");
+        tracing::warn!(relay_id, agent_id = %leaf_id, "relayed session refused: the agent is not a relay");
+        let reason = format!(
+            "agent {relay_id} is not a relay (its join token has no {}={} label)",
+            relays::RELAY_LABEL.0,
+            relays::RELAY_LABEL.1
+        );
+        return send(tx, relayed_closed(&leaf_id, frame.link, true, reason)).await;
+    }
+    match open_virtual(state, relay_id, &frame.leaf_cert_der, &leaf_id).await {
+        Err(reason) => send(tx, relayed_closed(&leaf_id, frame.link, true, reason)).await,
+        Ok(Opening::Deferred(drain)) => {
+            send(tx, relayed_body(&leaf_id, frame.link, &drain)).await?;
+            let reason = "admission control deferred the session".to_string();
+            send(tx, relayed_closed(&leaf_id, frame.link, false, reason)).await
+        }
+        Ok(Opening::Admitted(opened)) => {
+            let (in_tx, in_rx) = mpsc::channel(VIRTUAL_INBOUND_QUEUE);
+            // Cannot fail: the receiver is right here and the queue is empty.
+            let _ = in_tx.send(Ok(message)).await;
+            // Replacing an older link drops its queue, which ends that virtual session.
+            lock(&session.relay.links).insert(leaf_id.clone(), (frame.link, in_tx));
+            let (out_tx, out_rx) = mpsc::channel::<PlaneMessage>(OUTBOUND_QUEUE);
+            tokio::spawn(forward_virtual(
+                leaf_id.clone(),
+                frame.link,
+                out_rx,
+                tx.clone(),
+            ));
+            tokio::spawn(serve_opened(
+                state.clone(),
+                opened,
+                ReceiverStream::new(in_rx),
+                out_tx,
+            ));
+            let (state, relay_id) = (state.clone(), relay_id.to_string());
+            tokio::spawn(async move {
+                if let Err(e) = relays::record_relayed(&state, &leaf_id, &relay_id).await {
+                    tracing::warn!(agent_id = %leaf_id, relay_id, error = %e, "cannot record the agent's relay");
+                }
+            });
+            Ok(())
+        }
+    }
+}
+
+fn relayed_body(agent_id: &str, link: u64, message: &PlaneMessage) -> PlaneBody {
+    PlaneBody::Relayed(RelayedPlaneMessage {
+        agent_id: agent_id.to_string(),
+        plane_message: message.encode_to_vec(),
+        closed: false,
+        reason: String::new(),
+        link,
+        refused: false,
+    })
+}
+
+/// Carries a virtual session's plane messages to its relay, then says it ended.
+async fn forward_virtual(
+    agent_id: String,
+    link: u64,
+    mut from_session: mpsc::Receiver<PlaneMessage>,
+    relay_tx: mpsc::Sender<PlaneMessage>,
+) {
+    while let Some(message) = from_session.recv().await {
+        if relay_tx
+            .send(plane(relayed_body(&agent_id, link, &message)))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+    let _ = relay_tx
+        .send(plane(relayed_closed(
+            &agent_id,
+            link,
+            false,
+            "session ended".to_string(),
+        )))
+        .await;
+}
+
+/// The checks of a direct session, for a leaf a relay (or an air-gap file) presents: its
+/// certificate must chain to this plane's CA — TLS did not check it — and name `claimed_id`;
+/// then `open` checks identity, enrollment, revocation and admission as for anyone.
+async fn open_virtual(
+    state: &SharedState,
+    relay_id: &str,
+    leaf_der: &[u8],
+    claimed_id: &str,
+) -> Result<Opening, String> {
+    if let Err(e) = relays::verify_leaf_certificate(state, leaf_der) {
+        state.count_session_refusal("bad_relayed_certificate");
+        tracing::warn!(relay_id, agent_id = claimed_id, error = %e, "relayed session refused");
+        return Err(e);
+    }
+    match open(state, leaf_der).await {
+        Ok(Opening::Admitted(mut opened)) => {
+            if opened.agent_id != claimed_id {
+                state.count_session_refusal("bad_relayed_certificate");
+                return Err(format!(
+                    "the certificate is agent {}'s, not {claimed_id}'s",
+                    opened.agent_id
+                ));
+            }
+            if opened.agent_id == relay_id {
+                return Err("a relay cannot carry its own session".to_string());
+            }
+            opened.relayed_by = Some(relay_id.to_string());
+            Ok(Opening::Admitted(opened))
+        }
+        Ok(deferred) => Ok(deferred),
+        Err(Refusal::Internal(m)) => Err(format!("the plane could not check the agent: {m}")),
+        Err(Refusal::Unauthenticated(m) | Refusal::PermissionDenied(m)) => Err(m),
+    }
+}
+
+/// What feeding a stored leaf session through the plane did.
+pub(crate) struct VirtualOutcome {
+    /// Plane messages the session produced (welcome, acknowledgements, offers...).
+    pub messages: Vec<PlaneMessage>,
+}
+
+/// Runs one complete session of a leaf from stored messages (an air-gap file): the same checks
+/// and the same code as a live session, so receipts are verified against the leaf's
+/// certificates and results are recorded once. Returns when every message was handled and
+/// every write committed.
+pub(crate) async fn serve_stored(
+    state: &SharedState,
+    relay_id: &str,
+    leaf_der: &[u8],
+    claimed_id: &str,
+    messages: Vec<AgentMessage>,
+) -> Result<VirtualOutcome, String> {
+    let opened = match open_virtual(state, relay_id, leaf_der, claimed_id).await? {
+        Opening::Admitted(opened) => opened,
+        Opening::Deferred(_) => {
+            return Err("the plane is busy admitting sessions; import again shortly".to_string());
+        }
+    };
+    let (in_tx, in_rx) = mpsc::channel(messages.len().max(1));
+    for message in messages {
+        // Cannot fail: capacity for every message and the receiver is alive.
+        let _ = in_tx.send(Ok(message)).await;
+    }
+    drop(in_tx);
+    let (out_tx, mut out_rx) = mpsc::channel::<PlaneMessage>(OUTBOUND_QUEUE);
+    let serving = tokio::spawn(serve_opened(
+        state.clone(),
+        opened,
+        ReceiverStream::new(in_rx),
+        out_tx,
+    ));
+    let mut outcome = VirtualOutcome {
+        messages: Vec::new(),
+    };
+    while let Some(message) = out_rx.recv().await {
+        outcome.messages.push(message);
+    }
+    let _ = serving.await;
+    state.writes.barrier().await;
+    Ok(outcome)
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -230,6 +230,43 @@ impl CertificateAuthority {
         })
     }
 
+    /// TLS server certificate for a relay's own key (from its CSR, whose self-signature is
+    /// checked): SANs = `dns_names` + `ips` chosen by the plane, EKU serverAuth only. The key
+    /// never leaves the relay, unlike [`Self::issue_server_cert`] for the plane's own use.
+    pub fn sign_relay_server_csr(
+        &self,
+        csr_pem: &str,
+        dns_names: &[String],
+        ips: &[IpAddr],
+        validity: Duration,
+    ) -> Result<String, PkiError> {
+        let cn = match (dns_names.first(), ips.first()) {
+            (Some(name), _) => name.clone(),
+            (None, Some(ip)) => ip.to_string(),
+            (None, None) => return Err(PkiError::NoSubjectAltNames),
+        };
+        let mut sans = Vec::with_capacity(dns_names.len() + ips.len());
+        for name in dns_names {
+            let ia5 = Ia5String::try_from(name.as_str())
+                .map_err(|_| PkiError::InvalidDnsName(name.clone()))?;
+            sans.push(SanType::DnsName(ia5));
+        }
+        sans.extend(ips.iter().copied().map(SanType::IpAddress));
+        let (not_before, not_after) = validity_window(validity)?;
+        let public_key = verified_csr_public_key(csr_pem)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = common_name(&cn);
+        params.subject_alt_names = sans;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(random_serial());
+        params.not_before = not_before;
+        params.not_after = not_after;
+        Ok(params.signed_by(&public_key, &self.issuer)?.pem())
+    }
+
     /// Signs an agent's CSR after verifying the CSR's self-signature (proof the requester holds
     /// the key).
     ///

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod postgres;
+pub mod relay;
 mod transport;
 pub use transport::{LinkProxy, TcpProxy, Transport, UdpProxy, free_udp_port};
 
