@@ -320,7 +320,9 @@ fn a_relay_cannot_forge_alter_or_replay_results() {
     assert_eq!(refusals(), 0);
 
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
+    // The harness's blocking helpers run their own runtimes: the session's steps run in
+    // separate `block_on`s, the checks between them outside.
+    let (mut session, offer) = rt.block_on(async {
         let mut session = RawSession::open(&plane, &relay.dir, hello(&["relay"])).await;
         assert!(matches!(
             session.next().await.body,
@@ -383,12 +385,14 @@ fn a_relay_cannot_forge_alter_or_replay_results() {
         // None is acknowledged.
         let answer = session.quiet_for(Duration::from_secs(2)).await;
         assert!(answer.is_none(), "a forged result was answered: {answer:?}");
-        wait_until(Duration::from_secs(10), "three receipt refusals", || {
-            (refusals() == 3).then_some(())
-        });
-        let d = plane.json(&["deployments", "show", dep["id"].as_str().unwrap()]);
-        assert_eq!(d["status"], "running", "{d:#}");
-
+        (session, offer)
+    });
+    wait_until(Duration::from_secs(10), "three receipt refusals", || {
+        (refusals() == 3).then_some(())
+    });
+    let d = plane.json(&["deployments", "show", dep["id"].as_str().unwrap()]);
+    assert_eq!(d["status"], "running", "{d:#}");
+    rt.block_on(async {
         // The leaf's own result, carried by the same relay, is recorded and acknowledged.
         let honest = signed_result(
             &leaf.dir,
@@ -424,10 +428,11 @@ fn a_relay_cannot_forge_alter_or_replay_results() {
             .send(relayed(&other.id, 8, &[], &result_msg(honest)))
             .await
             .unwrap();
-        wait_until(Duration::from_secs(10), "a fourth receipt refusal", || {
-            (refusals() == 4).then_some(())
-        });
-
+    });
+    wait_until(Duration::from_secs(10), "a fourth receipt refusal", || {
+        (refusals() == 4).then_some(())
+    });
+    rt.block_on(async {
         // A leaf certificate the plane's CA did not issue opens nothing.
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::default();
