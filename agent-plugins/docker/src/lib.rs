@@ -439,7 +439,8 @@ impl DockerExecutor {
     ///
     /// Every state an interrupted run can leave converges on a re-run: a retired blue without
     /// a stable container is renamed back first, a green of this release that still runs is
-    /// reused, and any other green is replaced.
+    /// reused, any other green is replaced, and a retired blue beside a stable container goes
+    /// before the switch.
     async fn deploy_blue_green(
         &self,
         spec: &DeploySpec,
@@ -507,7 +508,7 @@ impl DockerExecutor {
             match summary_name(s) {
                 Some(n) if n == stable => blue = Some(id),
                 Some(n) if n == green => greens.push(id),
-                Some(n) if n == retired && retired_blue.is_none() => retired_blue = Some(id),
+                Some(n) if n == retired => retired_blue = Some(id),
                 _ => leftovers.push(id),
             }
         }
@@ -639,8 +640,8 @@ impl DockerExecutor {
         }
     }
 
-    /// Phase two for one component: green takes the stable name, then blue and whatever else
-    /// of the component is left stop. Returns the id of the container that now serves.
+    /// Phase two for one component: leftovers of interrupted runs go, green takes the stable
+    /// name, then blue stops. Returns the id of the container that now serves.
     async fn switch(
         &self,
         target: &str,
@@ -661,6 +662,14 @@ impl DockerExecutor {
                 PluginError::Backend(format!("component {component}: no container to keep"))
             });
         };
+        // First, since one of them may hold the retired name blue is about to take.
+        for id in &plan.leftovers {
+            progress.progress(&format!(
+                "{component}: removing stray container {}",
+                short_id(id)
+            ));
+            self.remove(id).await?;
+        }
         let retired = retired_name(target, component);
         if let Some(blue) = &plan.blue {
             self.rename(blue, &retired).await?;
@@ -675,13 +684,6 @@ impl DockerExecutor {
         if let Some(blue) = &plan.blue {
             self.remove(blue).await?;
             progress.progress(&format!("{component}: stopped blue {}", short_id(blue)));
-        }
-        for id in &plan.leftovers {
-            progress.progress(&format!(
-                "{component}: removing stray container {}",
-                short_id(id)
-            ));
-            self.remove(id).await?;
         }
         Ok(green.clone())
     }

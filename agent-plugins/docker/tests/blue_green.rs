@@ -297,6 +297,49 @@ async fn a_switch_interrupted_between_its_renames_converges() {
     );
 }
 
+/// A run killed after green took the stable name but before blue was removed left blue under
+/// the retired name; the next blue-green deploy (of another release) removes it first, since
+/// the current container is about to need that name.
+#[tokio::test]
+async fn a_retired_blue_left_after_a_switch_goes_with_the_next_one() {
+    let fx = Fixture::new();
+    let v1 = fx.sleeper("v1", 3600);
+    let v2 = fx.sleeper("v2", 3602);
+    let v3 = fx.healthy("v3");
+    let target = fx.target(Value::Null);
+    let exec = fx.executor().await;
+    let r1 = deploy(&exec, &target, "r1", vec![fx.component("web", "v1", &v1)]).await;
+    let old_blue = r1.components[0].workload_id.clone();
+    docker(&["rename", &old_blue, &retired_name(&target.name, "web")]);
+    let s2 = spec(&target, "r2", vec![fx.component("web", "v2", &v2)]);
+    let current = run_like_the_executor(
+        &format!("stella-{}-web", target.name),
+        &s2,
+        &s2.components[0],
+        &v2,
+    );
+
+    let s3 = blue_green(&target, "r3", vec![fx.component("web", "v3", &v3)]);
+    let progress = Recorder::default();
+    let out = exec.deploy(&s3, &progress).await.unwrap();
+
+    let c = &out.components[0];
+    expect::stella_container(&inspect(&c.workload_id), &s3, &s3.components[0], &v3);
+    assert!(!exists(&old_blue));
+    assert!(!exists(&current));
+    assert_eq!(containers_of(&target), vec![c.workload_id.clone()]);
+    assert_in_order(
+        &progress.lines(),
+        &[
+            "web: starting green",
+            "web: green healthy",
+            "web: removing stray container",
+            "web: switched",
+            "web: stopped blue",
+        ],
+    );
+}
+
 /// A run killed while its green (of the wanted release) was starting: the next run reuses that
 /// green instead of starting another, and a run after that changes nothing.
 #[tokio::test]
