@@ -70,6 +70,9 @@ struct VirtualSession {
     retry_at: tokio::time::Instant,
 }
 
+/// Told the plane's answer to a virtual session's hello: its welcome, or why it refused.
+type WelcomeWaiter = oneshot::Sender<Result<Welcome, String>>;
+
 /// A leaf connected to this relay right now.
 struct LeafConn {
     conn: u64,
@@ -89,7 +92,7 @@ pub struct Relay {
     uplink_up: AtomicBool,
     virtual_sessions: Mutex<HashMap<String, VirtualSession>>,
     leaves: Mutex<HashMap<String, LeafConn>>,
-    welcome_waiters: Mutex<HashMap<String, Vec<oneshot::Sender<Result<Welcome, String>>>>>,
+    welcome_waiters: Mutex<HashMap<String, Vec<WelcomeWaiter>>>,
     next_link: AtomicU64,
     /// The downstream TLS configuration, replaced when a new server certificate arrives.
     tls: Mutex<Option<Arc<rustls::ServerConfig>>>,
@@ -335,7 +338,7 @@ impl Relay {
     }
 
     /// One frame of a virtual session from the plane.
-    fn from_plane(&self, frame: RelayedPlaneMessage) {
+    fn plane_frame(&self, frame: RelayedPlaneMessage) {
         let agent_id = frame.agent_id.clone();
         let current = lock(&self.virtual_sessions)
             .get(&agent_id)
@@ -639,7 +642,7 @@ async fn uplink_session(relay: &Arc<Relay>) -> anyhow::Result<UplinkEnd> {
                 };
                 last_heard = tokio::time::Instant::now();
                 match incoming.body {
-                    Some(PlaneBody::Relayed(frame)) => relay.from_plane(frame),
+                    Some(PlaneBody::Relayed(frame)) => relay.plane_frame(frame),
                     Some(PlaneBody::RelayCert(answer)) if cert_pending => {
                         cert_pending = false;
                         if let Err(e) = install_server_cert(relay, &answer) {

@@ -690,10 +690,13 @@ async fn verify_receipt(
 /// the leaf's inbound queue. Dropping it (the relay's session ends) ends them all.
 #[derive(Default)]
 struct RelayMux {
-    links: std::sync::Mutex<HashMap<String, (u64, mpsc::Sender<Result<AgentMessage, String>>)>>,
+    links: std::sync::Mutex<HashMap<String, (u64, VirtualInbound)>>,
     /// Whether this session's agent may relay, looked up once.
     authorized: tokio::sync::OnceCell<bool>,
 }
+
+/// The queue feeding one virtual session the leaf's messages.
+type VirtualInbound = mpsc::Sender<Result<AgentMessage, String>>;
 
 /// Frames queued towards one virtual session before the relay's session waits for it.
 const VIRTUAL_INBOUND_QUEUE: usize = 64;
