@@ -268,10 +268,14 @@ pub async fn update(
     merge(&mut settings.variables, req.variables);
     merge(&mut settings.secret_refs, req.secret_refs);
     merge(&mut settings.policies, req.policies);
+    let workflow_set = req.workflow.is_some();
     if let Some(workflow) = req.workflow {
         settings.workflow = (!workflow.trim().is_empty()).then_some(workflow);
     }
     validate_settings(&settings)?;
+    if workflow_set && let Some(template) = &settings.workflow {
+        crate::runs::check_strategies(state, &current.id, template).await?;
+    }
     let required_approvals = req.required_approvals.unwrap_or(current.required_approvals);
     if required_approvals > MAX_REQUIRED_APPROVALS {
         return Err(ApiError::BadRequest(format!(

@@ -239,6 +239,38 @@ pub fn validate_workflow(yaml: &str) -> ApiResult<()> {
     Ok(())
 }
 
+/// Refuses, when a template is set on an environment, a blue-green deploy step the
+/// environment's current targets cannot run, naming them (targets added later are checked when
+/// the step deploys: `deployments::create_with_strategy`).
+pub async fn check_strategies(state: &AppState, environment_id: &str, yaml: &str) -> ApiResult<()> {
+    let Ok(template) = WorkflowTemplate::parse("workflow.yaml", yaml) else {
+        // `validate_workflow` reports the template's errors.
+        return Ok(());
+    };
+    let blue_green = template.steps().iter().find(
+        |s| matches!(&s.kind, StepKind::Deploy(spec) if spec.strategy == DeployStrategy::BlueGreen),
+    );
+    let Some(step) = blue_green else {
+        return Ok(());
+    };
+    let unable: Vec<String> = crate::targets::list(state, Some(environment_id))
+        .await?
+        .into_iter()
+        .filter(|t| !stella_pki::BLUE_GREEN_TARGET_KINDS.contains(&t.kind.as_str()))
+        .map(|t| format!("{} ({})", t.name, t.kind))
+        .collect();
+    if unable.is_empty() {
+        return Ok(());
+    }
+    Err(ApiError::Unprocessable(format!(
+        "workflow template: step {:?} deploys blue-green, which only targets of kind {} can; \
+         this environment has {}",
+        step.id,
+        stella_pki::BLUE_GREEN_TARGET_KINDS.join(", "),
+        unable.join(", ")
+    )))
+}
+
 /// `stella rollback --env E`: the release deployed before the current one goes back on every
 /// target of the environment, as a normal deployment of signed jobs.
 pub async fn rollback_environment(

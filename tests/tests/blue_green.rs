@@ -196,19 +196,43 @@ fn a_blue_green_release_that_does_not_come_up_leaves_the_old_one_running() {
     assert_eq!(c["State"]["StartedAt"], started_at, "blue was restarted");
 }
 
-/// A compose target cannot switch blue-green: the plane says so, naming the target, before a
-/// single job is signed, so no target of the environment changes.
+/// A compose target cannot switch blue-green: the plane says so, naming the target, when the
+/// template is set on its environment, and (for a target added afterwards) when the step
+/// deploys, before a single job is signed, so no target of the environment changes.
 #[test]
 fn blue_green_to_a_target_that_cannot_switch_is_refused_before_any_job() {
     let stack = Stack::new();
     let plane = &stack.plane;
-    let (compose_target, _cleanup) = compose_target(&stack);
-    set_workflow(plane, stack.tmp.path(), "stage");
+    plane.ok(&["env", "create", "stage"]);
+    let (refused_target, _cleanup) = compose_target(&stack, "stage");
+    let file = stack.tmp.path().join("stage-blue-green.yaml");
+    std::fs::write(&file, BLUE_GREEN).unwrap();
+    let refused = plane.fails(&[
+        "env",
+        "set",
+        "stage",
+        "--workflow",
+        &file.display().to_string(),
+    ]);
+    assert!(
+        refused.contains("blue-green") && refused.contains(&format!("{refused_target} (compose)")),
+        "{refused}"
+    );
+    let env = plane.json(&["env", "show", "stage"]);
+    assert!(
+        env["settings"]["workflow"].is_null(),
+        "the refused template was stored: {env}"
+    );
+
+    // Targets come and go: one added after the template was set is caught at deploy time.
+    plane.ok(&["env", "create", "qa"]);
+    set_workflow(plane, stack.tmp.path(), "qa");
+    let (late_target, _late_cleanup) = compose_target(&stack, "qa");
     let repo = unique("stella-e2e/bgcmp");
     let v1 = TestImage::busybox_sleeper(&repo, "1");
     release(plane, "cmp-1", &v1);
 
-    let out = plane.cli(&["promote", "cmp-1", "--to", "stage"]);
+    let out = plane.cli(&["promote", "cmp-1", "--to", "qa"]);
     assert!(!out.status.success());
 
     let p = promotion_of(plane, "cmp-1");
@@ -217,7 +241,7 @@ fn blue_green_to_a_target_that_cannot_switch_is_refused_before_any_job() {
     let message = deploy["message"].as_str().unwrap_or_default();
     assert!(message.contains("blue-green"), "{deploy}");
     assert!(
-        message.contains(&format!("{compose_target} (compose)")),
+        message.contains(&format!("{late_target} (compose)")),
         "{deploy}"
     );
     assert_eq!(deploy["deployments"], serde_json::json!([]), "{deploy}");
@@ -225,16 +249,15 @@ fn blue_green_to_a_target_that_cannot_switch_is_refused_before_any_job() {
     assert_eq!(deployments, serde_json::json!([]), "{deployments}");
 }
 
-/// A compose target in environment `stage` of `stack`.
-fn compose_target(stack: &Stack) -> (String, TargetCleanup) {
-    stack.plane.ok(&["env", "create", "stage"]);
+/// A compose target in environment `env` of `stack`.
+fn compose_target(stack: &Stack, env: &str) -> (String, TargetCleanup) {
     let target = unique("cmp");
     stack.plane.ok(&[
         "target",
         "create",
         &target,
         "--env",
-        "stage",
+        env,
         "--kind",
         "compose",
         "--agent",
@@ -249,7 +272,8 @@ fn compose_target(stack: &Stack) -> (String, TargetCleanup) {
 #[test]
 fn an_agent_refuses_a_blue_green_job_its_executor_cannot_run() {
     let mut stack = Stack::new();
-    let (target, _cleanup) = compose_target(&stack);
+    stack.plane.ok(&["env", "create", "stage"]);
+    let (target, _cleanup) = compose_target(&stack, "stage");
     let repo = unique("stella-e2e/bgrefuse");
     let v1 = TestImage::busybox_sleeper(&repo, "1");
     release(&stack.plane, "cmp-1", &v1);
