@@ -178,6 +178,10 @@ fn a_blue_green_release_that_does_not_come_up_leaves_the_old_one_running() {
 
     let p = promotion_of(plane, "bad-2");
     assert_eq!(step(&p, "deploy")["status"], "failed", "{p}");
+    // The workflow's rollback runs as usual; the target already runs release 1, so it finds
+    // nothing to change (the container is not even restarted, see below).
+    assert_eq!(step(&p, "rollback")["status"], "succeeded", "{p}");
+    assert_eq!(p["status"], "rolled_back", "{p}");
     let events = deploy_job_events(plane, &p);
     assert!(
         events
