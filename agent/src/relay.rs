@@ -101,6 +101,8 @@ pub struct Relay {
     pub dropped: AtomicU64,
     /// Results not acknowledged to a leaf because the store was full.
     pub refused_results: AtomicU64,
+    /// A new CA is being rolled out: renew the relay's own certificate under it.
+    renew_now: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -140,6 +142,7 @@ impl Relay {
             tls_ready: Notify::new(),
             dropped: AtomicU64::new(0),
             refused_results: AtomicU64::new(0),
+            renew_now: AtomicBool::new(false),
         }))
     }
 
@@ -610,20 +613,20 @@ async fn uplink_session(relay: &Arc<Relay>) -> anyhow::Result<UplinkEnd> {
     relay.uplink_up.store(true, Ordering::Relaxed);
     tracing::info!(upstream = %relay.upstream, "uplink established");
 
+    if !welcome.trust_bundle.is_empty()
+        && let Some(version) = apply_trust_bundle(relay, &welcome.trust_bundle)
+    {
+        link.outbound.send(trust_ack(version)).await?;
+    }
     let mut cert_pending = false;
     if relay.server_cert_due() {
-        let (key_pem, csr_pem) = stella_pki::generate_key_and_csr(&relay.config.agent_id)?;
-        let staged = relay.store.root().join("server.next.key");
-        stella_pki::write_secret_file(&staged, key_pem.as_bytes())
-            .with_context(|| format!("writing {}", staged.display()))?;
-        link.outbound
-            .send(msg(AgentBody::RelayCert(RelayCertRequest {
-                csr_pem,
-                names: relay.server_names(),
-            })))
-            .await?;
+        request_server_cert(relay, &link.outbound).await?;
         cert_pending = true;
     }
+    // In-band renewal of the relay's own certificate, as an agent does; refused when this
+    // relay is itself behind a relay, then it renews over the API once the certificate lapses.
+    let mut renewal_pending = false;
+    let mut next_renewal_try = tokio::time::Instant::now();
     for record in relay.store.leaves() {
         relay.open_virtual(&record.agent_id);
     }
@@ -655,6 +658,23 @@ async fn uplink_session(relay: &Arc<Relay>) -> anyhow::Result<UplinkEnd> {
                     Some(PlaneBody::Offer(offer)) => {
                         tracing::warn!(job_id = %offer.job_id, "a job for the relay itself ignored: relays run no jobs");
                     }
+                    Some(PlaneBody::Trust(update)) => {
+                        if let Some(version) = apply_trust_bundle(relay, &update.bundle) {
+                            link.outbound.send(trust_ack(version)).await?;
+                        }
+                    }
+                    Some(PlaneBody::Renewed(answer)) if renewal_pending => {
+                        renewal_pending = false;
+                        if !answer.error.is_empty() {
+                            tracing::warn!(error = %answer.error, "in-band renewal of the relay's certificate refused; retrying later");
+                            next_renewal_try = tokio::time::Instant::now() + RENEWAL_RETRY;
+                            continue;
+                        }
+                        let cfg = &relay.config;
+                        identity::install_renewed(&relay.dir, &cfg.agent_id, &cfg.trust_domain, &answer.cert_pem)?;
+                        tracing::info!("relay certificate renewed in-band; reconnecting with it");
+                        return Ok(UplinkEnd::Closed);
+                    }
                     _ => {}
                 }
             }
@@ -664,6 +684,20 @@ async fn uplink_session(relay: &Arc<Relay>) -> anyhow::Result<UplinkEnd> {
             _ = tick.tick() => {
                 let beat = msg(AgentBody::Heartbeat(Heartbeat { sent_at_unix_ms: now_ms() }));
                 link.outbound.send(beat.clone()).await?;
+                if !cert_pending && relay.server_cert_due() {
+                    request_server_cert(relay, &link.outbound).await?;
+                    cert_pending = true;
+                }
+                let renew_now = relay.renew_now.load(Ordering::Relaxed);
+                if !renewal_pending
+                    && tokio::time::Instant::now() >= next_renewal_try
+                    && (ident.renewal_due(now_ms() / 1000) || renew_now)
+                {
+                    let csr_pem = identity::stage_new_key(&relay.dir, &relay.config.agent_id)?;
+                    link.outbound.send(msg(AgentBody::Renew(stella_proto::RenewRequest { csr_pem }))).await?;
+                    relay.renew_now.store(false, Ordering::Relaxed);
+                    renewal_pending = true;
+                }
                 let now = tokio::time::Instant::now();
                 let (open, due): (Vec<String>, Vec<String>) = {
                     let sessions = lock(&relay.virtual_sessions);
@@ -682,6 +716,84 @@ async fn uplink_session(relay: &Arc<Relay>) -> anyhow::Result<UplinkEnd> {
             }
         }
     }
+}
+
+/// How long the relay waits after a refused in-band renewal of its own certificate.
+const RENEWAL_RETRY: Duration = Duration::from_secs(600);
+
+fn trust_ack(version: u64) -> AgentMessage {
+    msg(AgentBody::TrustAck(stella_proto::TrustBundleAck {
+        version,
+    }))
+}
+
+/// Adopts a newer trust bundle signed by a key the relay already trusts (job-key or CA
+/// rotation), as an agent does: `relay import` verifies files with these keys, and leaves'
+/// certificates are checked against these CAs. Returns the version to acknowledge.
+fn apply_trust_bundle(relay: &Relay, bundle: &[u8]) -> Option<u64> {
+    let current = relay.dir.load_trust_version();
+    let envelope: stella_pki::Envelope = serde_json::from_slice(bundle).ok()?;
+    let trusted = relay.dir.load_trust().ok()?;
+    match stella_pki::verify_bundle(&trusted, current, &envelope) {
+        Ok(doc) => {
+            let keys = stella_pki::TrustedKeys {
+                keys: doc.job_signing_keys,
+            };
+            let written =
+                crate::config::write_json(&relay.dir.trust_file(), &keys).and_then(|()| {
+                    crate::config::write_atomic(
+                        &relay.dir.trust_version_file(),
+                        doc.version.to_string().as_bytes(),
+                    )
+                });
+            if let Err(e) = written {
+                tracing::error!(error = %e, "cannot store the trust bundle");
+                return None;
+            }
+            if let Some(newest) = doc.ca_pems.last() {
+                let all: String = doc.ca_pems.concat();
+                if let Err(e) = crate::config::write_atomic(&relay.dir.ca_file(), all.as_bytes()) {
+                    tracing::error!(error = %e, "cannot store the CA certificates");
+                    return None;
+                }
+                if let Err(e) = relay.load_tls() {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot reload the downstream TLS configuration");
+                }
+                let ours = identity::load(&relay.dir).ok()?;
+                if !stella_pki::issued_by(&ours.cert_der, newest) {
+                    tracing::info!(
+                        "a new CA is being rolled out; renewing the relay's certificates under it"
+                    );
+                    relay.renew_now.store(true, Ordering::Relaxed);
+                    let _ = std::fs::remove_file(relay.store.root().join("server.names"));
+                }
+            }
+            tracing::info!(version = doc.version, "trust bundle updated");
+            Some(doc.version)
+        }
+        Err(stella_pki::BundleError::Stale { .. }) => Some(current),
+        Err(e) => {
+            tracing::error!(error = %e, "trust bundle refused; keeping the keys pinned so far");
+            None
+        }
+    }
+}
+
+async fn request_server_cert(
+    relay: &Relay,
+    uplink: &mpsc::Sender<AgentMessage>,
+) -> anyhow::Result<()> {
+    let (key_pem, csr_pem) = stella_pki::generate_key_and_csr(&relay.config.agent_id)?;
+    let staged = relay.store.root().join("server.next.key");
+    stella_pki::write_secret_file(&staged, key_pem.as_bytes())
+        .with_context(|| format!("writing {}", staged.display()))?;
+    uplink
+        .send(msg(AgentBody::RelayCert(RelayCertRequest {
+            csr_pem,
+            names: relay.server_names(),
+        })))
+        .await?;
+    Ok(())
 }
 
 fn install_server_cert(

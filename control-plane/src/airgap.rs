@@ -275,6 +275,8 @@ pub async fn import(state: &SharedState, file: SignedResults) -> ApiResult<Impor
             summary.results_refused += results.len() as u64;
             continue;
         }
+        // Seen behind this relay, even if only ever through files: the next export has its jobs.
+        relays::record_relayed(state, &agent_id, &relay_id).await?;
         let after = finished_jobs(state, &agent_id, &results).await?;
         for job in &results {
             match (before.get(job), after.get(job)) {
