@@ -596,3 +596,107 @@ fn an_air_gapped_site_is_served_by_files_and_a_second_import_changes_nothing() {
         events_before
     );
 }
+
+/// The outer relay of a chain loses its uplink: the inner relay keeps its agent's results and
+/// delivers them, once, when the outer uplink is back.
+#[test]
+fn a_chain_whose_outer_uplink_is_cut_delivers_every_result_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plane = Plane::start(&tmp.path().join("plane"));
+    let proxy = TcpProxy::start(plane.agent_addr());
+    let mut outer = Relay::enroll(&plane, &plane.api_url(), &tmp.path().join("outer"), "outer");
+    outer.upstream = Some(format!("https://127.0.0.1:{}", proxy.port));
+    outer.start_and_wait();
+    let mut inner = Relay::enroll(&plane, &outer.url(), &tmp.path().join("inner"), "inner");
+    inner.start_and_wait();
+    let mut leaf = enroll_through(&plane, &inner.url(), &tmp.path().join("leaf"), "deep");
+    leaf.start();
+    plane.wait_agent(&leaf.id, "connected");
+
+    let targets: Vec<(String, TargetCleanup)> =
+        (0..2).map(|_| docker_target(&plane, &leaf)).collect();
+    let image = TestImage::busybox_sleeper(&unique("stella-e2e/chaincut"), "1");
+    release(&plane, "chain-cut-1", &image);
+    let dep = plane.json(&["deploy", "chain-cut-1", "--env", "dev", "--no-wait"]);
+    let dep_id = dep["id"].as_str().unwrap().to_string();
+    wait_until(
+        Duration::from_secs(60),
+        "the first job to be accepted",
+        || {
+            let d = plane.json(&["deployments", "show", &dep_id]);
+            d["jobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|j| j["status"] != "queued" && j["status"] != "offered")
+                .then_some(())
+        },
+    );
+    proxy.cut();
+    wait_until(
+        Duration::from_secs(60),
+        "the inner relay to hold both results",
+        || (inner.metric("stella_relay_backlog_results") == Some(2)).then_some(()),
+    );
+    assert_eq!(outer.metric("stella_relay_uplink_up"), Some(0));
+    assert_eq!(
+        plane.json(&["deployments", "show", &dep_id])["status"],
+        "running"
+    );
+
+    proxy.restore();
+    let done = plane.wait_deployment(&dep_id);
+    assert_eq!(done["status"], "succeeded", "{done:#}");
+    for job in done["jobs"].as_array().unwrap() {
+        assert_eq!(runs_of(&leaf, job["id"].as_str().unwrap()), 1);
+    }
+    wait_until(
+        Duration::from_secs(30),
+        "the inner relay's backlog to drain",
+        || (inner.metric("stella_relay_backlog_results") == Some(0)).then_some(()),
+    );
+    for (target, _) in &targets {
+        assert_eq!(containers_of(target).len(), 1);
+    }
+}
+
+/// Short-lived certificates behind a relay: the relay renews its own in-band (and its server
+/// certificate); the agent behind it, whose in-band renewal a relay cannot carry, renews over the
+/// passed-through API with a proof of its previous key, and work still flows.
+#[test]
+fn certificates_renew_behind_a_relay() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plane = Plane::start_with(
+        &tmp.path().join("plane"),
+        stella_e2e::free_port(),
+        stella_e2e::free_port(),
+        &["--agent-cert-ttl", "8s"],
+    );
+    let mut relay = Relay::enroll(
+        &plane,
+        &plane.api_url(),
+        &tmp.path().join("relay"),
+        "relay-r",
+    );
+    relay.start_and_wait();
+    let mut leaf = enroll_through(&plane, &relay.url(), &tmp.path().join("leaf"), "leaf-r");
+    leaf.start();
+    plane.wait_agent(&leaf.id, "connected");
+    wait_until(Duration::from_secs(90), "both certificates renewed", || {
+        (relay.log().contains("relay certificate renewed in-band")
+            && relay
+                .log()
+                .matches("relay server certificate installed")
+                .count()
+                >= 2
+            && leaf.log().contains("renewing with the previous key"))
+        .then_some(())
+    });
+    plane.wait_agent(&leaf.id, "connected");
+    let (target, _cleanup) = docker_target(&plane, &leaf);
+    let image = TestImage::busybox_sleeper(&unique("stella-e2e/renew"), "1");
+    release(&plane, "renew-1", &image);
+    let dep = plane.json(&["deploy", "renew-1", "--env", "dev"]);
+    assert_eq!(dep["status"], "succeeded", "{dep:#}");
+    assert_eq!(containers_of(&target).len(), 1);
+}
