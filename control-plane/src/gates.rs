@@ -67,6 +67,20 @@ async fn input(state: &AppState, promotion: &PromotionRecord) -> ApiResult<serde
     }))
 }
 
+/// Whether `user`'s approval of `promotion` would break separation of duties: the same rule
+/// the gate applies, asked before an approval is recorded, so that a self-approval is never on
+/// record as one.
+pub async fn separation_of_duties_violation(
+    state: &AppState,
+    promotion: &PromotionRecord,
+    user: &str,
+) -> ApiResult<Option<stella_policy::SeparationOfDutiesViolation>> {
+    let input: stella_policy::PromotionInput =
+        serde_json::from_value(input(state, promotion).await?)
+            .map_err(|e| ApiError::Internal(format!("gate input document invalid: {e}")))?;
+    Ok(input.separation_of_duties_violation(user))
+}
+
 /// Evaluates the gates for `promotion` and stores the decision record.
 pub async fn decide(state: &AppState, promotion: &PromotionRecord) -> ApiResult<DecisionView> {
     let env = crate::environments::find(state, &promotion.environment_id).await?;

@@ -326,27 +326,14 @@ async fn record_vote(
             "comment: at most 1000 characters".to_string(),
         ));
     }
-    let env: (bool,) = sqlx::query_as("SELECT separation_of_duties FROM environments WHERE id = ?")
-        .bind(&promotion.environment_id)
-        .fetch_one(&state.db)
-        .await?;
-    if env.0 && decision == "approve" {
+    if decision == "approve" {
         // Refused at the door, not just outvoted by the gate, so that a self-approval is never
         // on record as an approval.
-        let created_by: (String,) = sqlx::query_as("SELECT created_by FROM releases WHERE id = ?")
-            .bind(&promotion.release_id)
-            .fetch_one(&state.db)
-            .await?;
-        if actor.user == promotion.requested_by {
+        if let Some(violation) =
+            crate::gates::separation_of_duties_violation(state, &promotion, &actor.user).await?
+        {
             return Err(ApiError::Forbidden(format!(
-                "separation of duties: {} requested this promotion and may not approve it",
-                actor.user
-            )));
-        }
-        if actor.user == created_by.0 {
-            return Err(ApiError::Forbidden(format!(
-                "separation of duties: {} created the release and may not approve its promotion",
-                actor.user
+                "separation of duties: {violation}"
             )));
         }
     }
