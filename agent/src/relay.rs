@@ -633,6 +633,11 @@ async fn uplink_session(relay: &Arc<Relay>) -> anyhow::Result<UplinkEnd> {
 
     let mut tick = tokio::time::interval(heartbeat_every);
     tick.tick().await;
+    // Forwarding never waits for a slow uplink (a full queue drops the copy, the store keeps
+    // the original), so what the plane has not acknowledged is sent again now and then.
+    let resend_every =
+        (RESEND_UNACKNOWLEDGED.as_millis() / heartbeat_every.as_millis().max(1)).max(1);
+    let mut ticks: u128 = 0;
     let mut last_heard = tokio::time::Instant::now();
     loop {
         tokio::select! {
@@ -707,8 +712,12 @@ async fn uplink_session(relay: &Arc<Relay>) -> anyhow::Result<UplinkEnd> {
                     (open, due)
                 };
                 // The plane's silence limit applies to each virtual session too.
+                ticks += 1;
                 for agent_id in open {
                     relay.forward(&agent_id, &beat);
+                    if ticks.is_multiple_of(resend_every) {
+                        relay.flush(&agent_id);
+                    }
                 }
                 for agent_id in due {
                     relay.open_virtual(&agent_id);
@@ -717,6 +726,9 @@ async fn uplink_session(relay: &Arc<Relay>) -> anyhow::Result<UplinkEnd> {
         }
     }
 }
+
+/// Results the plane has not acknowledged this long after they were sent are sent again.
+const RESEND_UNACKNOWLEDGED: Duration = Duration::from_secs(30);
 
 /// How long the relay waits after a refused in-band renewal of its own certificate.
 const RENEWAL_RETRY: Duration = Duration::from_secs(600);
