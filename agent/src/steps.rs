@@ -356,6 +356,31 @@ fn kill_group(pid: Option<u32>) {
     }
 }
 
+/// A script must not outlive an agent that is killed (SIGKILL, OOM): `kill_on_drop` and the
+/// group kill never run then, and the orphan would go on unsupervised, with no timeout, finish
+/// its effect after the restarted agent failed its job as `script_interrupted`, and run beside a
+/// retry of the step. The kernel sends the script SIGKILL when the agent goes (parent-death
+/// signal; it is tied to the thread that spawned the script, a runtime worker thread, which lives
+/// as long as the agent). The signal is not inherited across fork: a command the script is
+/// running at that moment finishes, but nothing after it in the script starts.
+fn die_with_agent(command: &mut tokio::process::Command) {
+    // SAFETY: the closure runs in the forked child before exec and calls only async-signal-safe
+    // functions (prctl, getppid), allocating nothing.
+    let agent = std::process::id();
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The agent died between fork and prctl: the signal will never come.
+            if u32::try_from(libc::getppid()).ok() != Some(agent) {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Runs `script.command` as a child process (no shell unless the command names one), in its own
 /// process group, with a cleared environment, stdin closed, output captured (the tail of each
 /// stream) and the whole group killed when `timeout_ms` passes or when the script ends.
@@ -385,6 +410,7 @@ pub async fn run_script(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    die_with_agent(&mut command);
     if let Some(home) = std::env::var_os("HOME") {
         command.env("HOME", home);
     }

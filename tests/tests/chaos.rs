@@ -460,3 +460,144 @@ fn a_link_cut_for_two_minutes_mid_job_loses_nothing_and_needs_no_restart() {
     });
 }
 }
+
+fn promotion_of(plane: &Plane, release: &str) -> Value {
+    let all = plane.json(&["promotion", "list"]);
+    let id = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["release"] == release)
+        .unwrap_or_else(|| panic!("no promotion of {release}: {all}"))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    plane.json(&["promotion", "show", &id])
+}
+
+/// Whether a process runs (a zombie or a missing pid does not).
+fn process_alive(pid: &str) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit_once(") ")
+        .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'))
+}
+
+/// A script is not idempotent, so the agent runs it at most once: killed while its script runs,
+/// the restarted agent fails the job as `script_interrupted` instead of starting it again, and
+/// the script does not live on without its agent (unsupervised, it would finish its effect after
+/// its job was recorded as failed, with no timeout, and a retry of the step would run beside it).
+#[test]
+fn an_agent_killed_mid_script_fails_the_job_once_and_no_script_outlives_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plane = Plane::start(&tmp.path().join("plane"));
+    let mut agent = Agent::enroll(&plane, &tmp.path().join("agent"), "chaos-script");
+    agent.disabled = vec!["compose".to_string()];
+    agent.run_args = vec!["--allow-scripts".to_string()];
+    agent.start();
+    plane.wait_agent(&agent.id, "connected");
+    wait_until(
+        Duration::from_secs(30),
+        "the agent to offer scripts",
+        || {
+            let shown = plane.json(&["agents", "show", &agent.id]);
+            shown["capabilities"]
+                .as_array()
+                .unwrap()
+                .contains(&"script".into())
+                .then_some(())
+        },
+    );
+    plane.ok(&["env", "create", "dev"]);
+    let target = unique("chaos-script");
+    plane.ok(&[
+        "target", "create", &target, "--env", "dev", "--kind", "docker", "--agent", &agent.id,
+    ]);
+    let _cleanup = TargetCleanup(target.clone());
+    let (runs, gate, effect) = (
+        tmp.path().join("runs"),
+        tmp.path().join("gate"),
+        tmp.path().join("effect"),
+    );
+    let workflow = tmp.path().join("workflow.yaml");
+    std::fs::write(
+        &workflow,
+        format!(
+            "name: gated-script\nsteps:\n  - id: deploy\n    type: deploy\n  - id: gated\n    \
+             type: script\n    needs: [deploy]\n    with: {{ command: [\"/bin/sh\", \"-c\", \
+             \"echo $$ >> {runs}; while [ ! -f {gate} ]; do sleep 0.2; done; echo done >> {effect}\"] }}\n    \
+             timeout: 10m\n",
+            runs = runs.display(),
+            gate = gate.display(),
+            effect = effect.display()
+        ),
+    )
+    .unwrap();
+    plane.ok(&[
+        "env",
+        "set",
+        "dev",
+        "--workflow",
+        &workflow.display().to_string(),
+    ]);
+    let image = TestImage::busybox_sleeper(&unique("stella-e2e/chaos-script"), "1");
+    plane.ok(&[
+        "release",
+        "create",
+        "s1",
+        "--component",
+        &image.component("web"),
+    ]);
+    plane.ok(&["promote", "s1", "--to", "dev", "--no-wait"]);
+
+    let pid = wait_until(Duration::from_secs(120), "the script to start", || {
+        let runs = std::fs::read_to_string(&runs).ok()?;
+        runs.lines().next().map(str::to_string)
+    });
+    agent.kill();
+    let killed = Instant::now();
+    agent.start();
+    let p = wait_until(Duration::from_secs(120), "the promotion to end", || {
+        let p = promotion_of(&plane, "s1");
+        (!["pending", "awaiting_approval", "approved", "deploying"]
+            .contains(&p["status"].as_str().unwrap_or_default()))
+        .then_some(p)
+    });
+    eprintln!(
+        "killed mid-script: the promotion ended {:?} after the kill",
+        killed.elapsed()
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "the interrupted script to be gone",
+        || (!process_alive(&pid)).then_some(()),
+    );
+    // Nothing is left that could do the script's effect once the gate opens.
+    std::fs::write(&gate, b"open").unwrap();
+
+    assert_eq!(p["status"], "failed", "{p:#}");
+    let step = p["workflow"]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "gated")
+        .unwrap()
+        .clone();
+    assert_eq!(step["status"], "failed", "{p:#}");
+    let deployments = step["deployments"].as_array().unwrap();
+    assert_eq!(deployments.len(), 1, "one job, not a second run: {p:#}");
+    let dep = plane.wait_deployment(deployments[0].as_str().unwrap());
+    assert_eq!(dep["jobs"][0]["status"], "failed", "{dep:#}");
+    assert_eq!(
+        dep["jobs"][0]["reason_code"], "script_interrupted",
+        "{dep:#}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&runs).unwrap().lines().count(),
+        1,
+        "the script started once"
+    );
+    assert!(
+        !effect.exists(),
+        "the interrupted script finished its effect unsupervised"
+    );
+}
