@@ -231,7 +231,8 @@ impl RawSession {
             ))
             .domain_name("127.0.0.1");
         let channel =
-            tonic::transport::Endpoint::from_shared(format!("https://{}", plane.agent_addr()))
+            // The gRPC endpoint, whatever transport the test run hands agents.
+            tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{}", plane.agent_port))
                 .expect("endpoint")
                 .tls_config(tls)
                 .expect("tls")

@@ -8,7 +8,8 @@ use std::time::Duration;
 use prost::Message as _;
 use stella_e2e::relay::{RawSession, Relay, cert_der, enroll_through, hello, relay_of};
 use stella_e2e::{
-    Agent, Plane, TargetCleanup, TcpProxy, TestImage, containers_of, sql_string, unique, wait_until,
+    Agent, LinkProxy, Plane, TargetCleanup, TestImage, containers_of, sql_string, unique,
+    wait_until,
 };
 use stella_proto::agent_message::Body as AgentBody;
 use stella_proto::plane_message::Body as PlaneBody;
@@ -132,14 +133,15 @@ fn relays_chain_and_an_agent_behind_two_relays_deploys() {
 fn a_relays_cut_uplink_loses_nothing_and_every_result_arrives_once() {
     let tmp = tempfile::tempdir().unwrap();
     let plane = Plane::start(&tmp.path().join("plane"));
-    let proxy = TcpProxy::start(plane.agent_addr());
+    // On the plane's transport: the uplink is gRPC or QUIC as the test run says.
+    let proxy = LinkProxy::start(&plane);
     let mut relay = Relay::enroll(
         &plane,
         &plane.api_url(),
         &tmp.path().join("relay"),
         "relay-cut",
     );
-    relay.upstream = Some(format!("https://127.0.0.1:{}", proxy.port));
+    relay.upstream = Some(proxy.url());
     relay.start_and_wait();
     let mut leaf = enroll_through(&plane, &relay.url(), &tmp.path().join("leaf"), "leaf-cut");
     leaf.start();
@@ -567,6 +569,41 @@ fn an_air_gapped_site_is_served_by_files_and_a_second_import_changes_nothing() {
         "exported results leave the backlog"
     );
 
+    // A results file changed after the relay signed it is refused and records nothing.
+    let mut forged: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&results_file).unwrap()).unwrap();
+    {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let raw = b64.decode(forged["payload"].as_str().unwrap()).unwrap();
+        let mut doc: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+        doc["created_at_unix_ms"] =
+            serde_json::json!(doc["created_at_unix_ms"].as_i64().unwrap() + 1);
+        forged["payload"] =
+            serde_json::Value::String(b64.encode(serde_json::to_vec(&doc).unwrap()));
+    }
+    let forged_file = tmp.path().join("forged-results.json");
+    std::fs::write(&forged_file, serde_json::to_vec(&forged).unwrap()).unwrap();
+    let refused = plane.fails(&["airgap", "import", forged_file.to_str().unwrap()]);
+    assert!(
+        refused.contains("signature does not verify") || refused.contains("base64"),
+        "{refused}"
+    );
+    assert_eq!(
+        plane.json(&["deployments", "show", &dep_id])["status"],
+        "running"
+    );
+    // Only relays have air-gap files.
+    let not_relay = plane.fails(&[
+        "airgap",
+        "export",
+        "--relay",
+        &leaf.id,
+        "--out",
+        "/dev/null",
+    ]);
+    assert!(not_relay.contains("is not a relay"), "{not_relay}");
+
     let first = plane.ok(&["airgap", "import", results_file.to_str().unwrap()]);
     assert!(
         first.contains("1 new, 0 already known, 0 refused"),
@@ -603,9 +640,10 @@ fn an_air_gapped_site_is_served_by_files_and_a_second_import_changes_nothing() {
 fn a_chain_whose_outer_uplink_is_cut_delivers_every_result_once() {
     let tmp = tempfile::tempdir().unwrap();
     let plane = Plane::start(&tmp.path().join("plane"));
-    let proxy = TcpProxy::start(plane.agent_addr());
+    // On the plane's transport: the uplink is gRPC or QUIC as the test run says.
+    let proxy = LinkProxy::start(&plane);
     let mut outer = Relay::enroll(&plane, &plane.api_url(), &tmp.path().join("outer"), "outer");
-    outer.upstream = Some(format!("https://127.0.0.1:{}", proxy.port));
+    outer.upstream = Some(proxy.url());
     outer.start_and_wait();
     let mut inner = Relay::enroll(&plane, &outer.url(), &tmp.path().join("inner"), "inner");
     inner.start_and_wait();
