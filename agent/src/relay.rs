@@ -357,7 +357,8 @@ impl Relay {
             };
             if let Some(vs) = lock(&self.virtual_sessions).get_mut(&agent_id) {
                 vs.open = false;
-                vs.retry_at = tokio::time::Instant::now() + wait;
+                // A drain that came first (admission control) may ask for longer.
+                vs.retry_at = vs.retry_at.max(tokio::time::Instant::now() + wait);
             }
             let reason = if frame.reason.is_empty() {
                 "the plane closed the session".to_string()
@@ -431,9 +432,17 @@ impl Relay {
                 // The plane has it committed: only now may the relay forget it.
                 self.store.remove_result(&agent_id, &ack.job_id);
             }
-            // The relay answers the leaf's heartbeats itself; drains are for the virtual
-            // session (the plane re-admits it later), not for the leaf's connection.
-            Some(PlaneBody::Heartbeat(_)) | Some(PlaneBody::Drain(_)) | None => {}
+            // Drains are for the virtual session (admission control, shutdown), not for the
+            // leaf's connection: the relay opens it again after the delay the plane asked for.
+            Some(PlaneBody::Drain(drain)) => {
+                let delay = Duration::from_millis(u64::from(drain.reconnect_after_ms));
+                if let Some(vs) = lock(&self.virtual_sessions).get_mut(&agent_id) {
+                    vs.open = false;
+                    vs.retry_at = tokio::time::Instant::now() + delay.max(REOPEN_AFTER);
+                }
+            }
+            // The relay answers the leaf's heartbeats itself.
+            Some(PlaneBody::Heartbeat(_)) | None => {}
             Some(body) => self.to_leaf(&agent_id, PlaneMessage { body: Some(body) }),
         }
     }
