@@ -103,6 +103,8 @@ pub struct Relay {
     pub refused_results: AtomicU64,
     /// A new CA is being rolled out: renew the relay's own certificate under it.
     renew_now: AtomicBool,
+    /// Leaves with results the store had no room for (left in their spools).
+    owing: Mutex<std::collections::HashSet<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -143,6 +145,7 @@ impl Relay {
             dropped: AtomicU64::new(0),
             refused_results: AtomicU64::new(0),
             renew_now: AtomicBool::new(false),
+            owing: Mutex::new(Default::default()),
         }))
     }
 
@@ -321,6 +324,11 @@ impl Relay {
         }
     }
 
+    /// A result of this leaf could not be stored: it stays in the leaf's spool.
+    pub fn owes_results(&self, agent_id: &str) {
+        lock(&self.owing).insert(agent_id.to_string());
+    }
+
     fn kick_leaf(&self, agent_id: &str) {
         if let Some(conn) = lock(&self.leaves).get(agent_id) {
             conn.kick.notify_one();
@@ -412,6 +420,15 @@ impl Relay {
                 }
                 tracing::info!(agent_id, "virtual session open");
                 self.flush(&agent_id);
+                if lock(&self.owing).remove(&agent_id) {
+                    // Results the store had no room for are still in the leaf's spool, which
+                    // it re-sends on a new session: give it one, now that they can go through.
+                    tracing::info!(
+                        agent_id,
+                        "asking the agent to reconnect and re-send the results the relay could not store"
+                    );
+                    self.kick_leaf(&agent_id);
+                }
             }
             Some(PlaneBody::Offer(offer)) => {
                 match self.store.put_offer(&agent_id, &offer) {
@@ -429,8 +446,16 @@ impl Relay {
                 );
             }
             Some(PlaneBody::ResultAck(ack)) => {
-                // The plane has it committed: only now may the relay forget it.
+                // The plane has it committed: only now may the relay forget it. The leaf gets
+                // the acknowledgement too, for a result the relay had no room to store (it
+                // stayed in the leaf's spool); for the others it is a harmless repeat.
                 self.store.remove_result(&agent_id, &ack.job_id);
+                self.to_leaf(
+                    &agent_id,
+                    PlaneMessage {
+                        body: Some(PlaneBody::ResultAck(ack)),
+                    },
+                );
             }
             // Drains are for the virtual session (admission control, shutdown), not for the
             // leaf's connection: the relay opens it again after the delay the plane asked for.

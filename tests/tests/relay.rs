@@ -738,3 +738,67 @@ fn certificates_renew_behind_a_relay() {
     assert_eq!(dep["status"], "succeeded", "{dep:#}");
     assert_eq!(containers_of(&target).len(), 1);
 }
+
+/// A relay whose store is full stores nothing and says so, but loses nothing either: results it
+/// has no room for stay in the agent's spool (the relay does not acknowledge them) and reach
+/// the plane, once, when the uplink is back.
+#[test]
+fn a_full_relay_refuses_results_into_the_agents_spool_and_they_still_arrive_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plane = Plane::start(&tmp.path().join("plane"));
+    let proxy = LinkProxy::start(&plane);
+    let mut relay = Relay::enroll(&plane, &plane.api_url(), &tmp.path().join("relay"), "full");
+    relay.upstream = Some(proxy.url());
+    relay.extra_args = vec!["--max-backlog-bytes".to_string(), "1".to_string()];
+    relay.start_and_wait();
+    let mut leaf = enroll_through(&plane, &relay.url(), &tmp.path().join("leaf"), "spooler");
+    leaf.start();
+    plane.wait_agent(&leaf.id, "connected");
+    let targets: Vec<(String, TargetCleanup)> =
+        (0..2).map(|_| docker_target(&plane, &leaf)).collect();
+    let image = TestImage::busybox_sleeper(&unique("stella-e2e/full"), "1");
+    release(&plane, "full-1", &image);
+    let dep = plane.json(&["deploy", "full-1", "--env", "dev", "--no-wait"]);
+    let dep_id = dep["id"].as_str().unwrap().to_string();
+    wait_until(
+        Duration::from_secs(60),
+        "the first job to be accepted",
+        || {
+            let d = plane.json(&["deployments", "show", &dep_id]);
+            d["jobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|j| j["status"] != "queued" && j["status"] != "offered")
+                .then_some(())
+        },
+    );
+    proxy.cut();
+    wait_until(
+        Duration::from_secs(60),
+        "both results refused by the full relay",
+        || {
+            (relay.metric("stella_relay_refused_results_total") >= Some(2)
+                && relay.metric("stella_relay_uplink_up") == Some(0))
+            .then_some(())
+        },
+    );
+    assert_eq!(relay.metric("stella_relay_backlog_results"), Some(0));
+    let spooled = std::fs::read_dir(leaf.dir.join("spool")).unwrap().count();
+    assert!(spooled >= 1, "the agent keeps what the relay refused");
+
+    proxy.restore();
+    let done = plane.wait_deployment(&dep_id);
+    assert_eq!(done["status"], "succeeded", "{done:#}");
+    for job in done["jobs"].as_array().unwrap() {
+        assert_eq!(runs_of(&leaf, job["id"].as_str().unwrap()), 1);
+    }
+    for (target, _) in &targets {
+        assert_eq!(containers_of(target).len(), 1);
+    }
+    wait_until(
+        Duration::from_secs(30),
+        "the agent's spool to empty",
+        || (std::fs::read_dir(leaf.dir.join("spool")).unwrap().count() == 0).then_some(()),
+    );
+}

@@ -374,6 +374,12 @@ async fn from_leaf(
                 }
                 Err(e) => {
                     relay.refused_results.fetch_add(1, Ordering::Relaxed);
+                    // Not acknowledged: the leaf keeps it. Passed on if the plane can be
+                    // reached (its acknowledgement reaches the leaf); otherwise the leaf is
+                    // asked to send it again once its virtual session is open.
+                    if !relay.forward(agent_id, &message) {
+                        relay.owes_results(agent_id);
+                    }
                     tracing::error!(agent_id, job_id, error = %e, "result not stored; the agent keeps it in its spool");
                 }
             }
