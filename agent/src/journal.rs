@@ -99,12 +99,37 @@ impl Journal {
                 }
             }
         }
-        Ok(Self {
+        let mut journal = Self {
             dir,
             spool,
             last_sequence,
             entries,
-        })
+        };
+        journal.settle_interrupted_finishes()?;
+        Ok(journal)
+    }
+
+    /// `finish` writes the spool before the entry, so an agent killed between the two leaves a
+    /// result in the spool for an entry still marked accepted. The spool is the truth: the job
+    /// ran to its end. Without this the restart would run it again — a script would then be
+    /// failed as interrupted and its spooled success overwritten by that failure.
+    fn settle_interrupted_finishes(&mut self) -> std::io::Result<()> {
+        for result in self.spooled() {
+            let Some(entry) = self.entries.get_mut(&result.job_id) else {
+                continue;
+            };
+            if entry.status != JournalStatus::Accepted {
+                continue;
+            }
+            let Some(name) = safe_name(&result.job_id) else {
+                continue;
+            };
+            tracing::warn!(job_id = %result.job_id, "the agent stopped while recording this job's result; the spooled result stands");
+            entry.status = JournalStatus::Finished;
+            entry.result = Some(result);
+            write_json(&self.dir.join(format!("{name}.json")), &*entry)?;
+        }
+        Ok(())
     }
 
     pub fn last_sequence(&self) -> u64 {
@@ -247,6 +272,42 @@ mod tests {
         let journal = Journal::open(j, s).unwrap();
         assert!(journal.spooled().is_empty());
         assert_eq!(journal.last_sequence(), 7);
+    }
+
+    /// Killed between the two writes of `finish` (spool written, entry still accepted): the
+    /// reopened journal counts the job as finished with the spooled result, so it is not run
+    /// again, and a re-offer gets that result.
+    #[test]
+    fn a_result_spooled_before_its_entry_was_updated_counts_as_finished() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (j, s) = (tmp.path().join("journal"), tmp.path().join("spool"));
+        let mut journal = Journal::open(j.clone(), s.clone()).unwrap();
+        journal
+            .accept(JournalEntry {
+                job_id: "job_3".into(),
+                sequence: 3,
+                envelope_digest: "sha256:aa".into(),
+                status: JournalStatus::Accepted,
+                result: None,
+                envelope: "{}".into(),
+            })
+            .unwrap();
+        drop(journal);
+        // The first of finish's two writes, and then the crash.
+        write_json(&s.join("job_3.json"), &result("job_3")).unwrap();
+
+        let journal = Journal::open(j.clone(), s.clone()).unwrap();
+        assert!(journal.in_flight().is_empty(), "the job would run again");
+        let entry = journal.get("job_3").unwrap();
+        assert_eq!(entry.status, JournalStatus::Finished);
+        assert_eq!(entry.result, Some(result("job_3")));
+        assert_eq!(journal.spooled(), vec![result("job_3")]);
+        drop(journal);
+        let journal = Journal::open(j, s).unwrap();
+        assert_eq!(
+            journal.get("job_3").unwrap().status,
+            JournalStatus::Finished
+        );
     }
 
     #[test]
