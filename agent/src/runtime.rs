@@ -576,16 +576,12 @@ async fn handle_offer(
     let known = lock(&shared.journal).get(&offer.job_id).cloned();
     if let Some(entry) = known {
         if entry.envelope_digest != digest {
-            let r = refusal(
-                &offer.job_id,
-                &digest,
-                "duplicate_job_id",
-                format!(
-                    "job {} was already accepted with another envelope; this one is refused",
-                    offer.job_id
-                ),
-            );
-            return send_refusal(shared, r, out).await;
+            // Never run (nor verified), and not refused either: a refusal would be journaled
+            // and spooled over this job's own record and become its outcome at the plane — a
+            // "nothing executed" for a job that ran or still runs. The job id is the identity:
+            // answer with the accepted job's state, as for any re-offer.
+            tracing::warn!(job_id = %offer.job_id, accepted = %entry.envelope_digest, offered = %digest,
+                "another envelope under the id of an accepted job is ignored; answering with that job's state");
         }
         match (&entry.status, &entry.result) {
             (JournalStatus::Finished, Some(result)) => {
@@ -1048,6 +1044,80 @@ mod tests {
             let answer = out_rx.try_recv().expect("an answer per offer");
             assert!(matches!(answer.body, Some(AgentBody::Accepted(a)) if a.job_id == "job_2"));
         }
+    }
+
+    /// Another envelope under the id of a job already accepted (a job re-signed by a key
+    /// rotation, or an older envelope replayed) is never run, and it must not become that job's
+    /// outcome either: a "refused" recorded for a job that ran — or still runs — would be the
+    /// wrong one. The answer is the accepted job's own state, and its journal and spool stay.
+    #[tokio::test]
+    async fn another_envelope_under_an_accepted_job_id_does_not_replace_its_outcome() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let key = stella_pki::SigningKey::generate();
+        let (shared, mut work_rx) = test_shared(tmp.path(), &key);
+        let (out, mut out_rx) = mpsc::channel(8);
+        let genuine = signed_offer(&key, "job_4", 1);
+        handle_offer(&shared, genuine.clone(), &out)
+            .await
+            .expect("offer");
+        assert!(matches!(
+            out_rx.try_recv().expect("answer").body,
+            Some(AgentBody::Accepted(_))
+        ));
+        assert!(work_rx.try_recv().is_ok(), "scheduled");
+        let other = signed_offer(&key, "job_4", 2);
+
+        // While it runs.
+        handle_offer(&shared, other.clone(), &out)
+            .await
+            .expect("other envelope");
+        let answer = out_rx.try_recv().expect("an answer");
+        assert!(
+            matches!(answer.body, Some(AgentBody::Accepted(ref a)) if a.job_id == "job_4"),
+            "{answer:?}"
+        );
+        let entry = lock(&shared.journal)
+            .get("job_4")
+            .cloned()
+            .expect("journaled");
+        assert_eq!(entry.status, JournalStatus::Accepted);
+        assert_eq!(
+            entry.envelope_digest,
+            stella_pki::envelope_digest(&genuine.envelope)
+        );
+        assert!(
+            lock(&shared.journal).spooled().is_empty(),
+            "nothing to report yet"
+        );
+
+        // Once it finished.
+        let done = StoredResult {
+            job_id: "job_4".to_string(),
+            status: "succeeded".to_string(),
+            reason_code: String::new(),
+            message: String::new(),
+            outcome_json: "{}".to_string(),
+            envelope_digest: entry.envelope_digest.clone(),
+            started_at_unix_ms: 1,
+            finished_at_unix_ms: 2,
+            receipt: String::new(),
+        };
+        lock(&shared.journal).finish(done.clone()).expect("finish");
+        handle_offer(&shared, other, &out)
+            .await
+            .expect("other envelope");
+        let answer = out_rx.try_recv().expect("an answer");
+        assert!(
+            matches!(answer.body, Some(AgentBody::Result(ref r)) if r.status == JobStatus::Succeeded as i32),
+            "{answer:?}"
+        );
+        assert_eq!(lock(&shared.journal).spooled(), vec![done.clone()]);
+        assert_eq!(
+            lock(&shared.journal)
+                .get("job_4")
+                .and_then(|e| e.result.clone()),
+            Some(done)
+        );
     }
 
     #[test]
