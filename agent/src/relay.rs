@@ -213,10 +213,12 @@ impl Relay {
             return None;
         }
         // Records made by `relay import` for leaves never seen have no certificate yet.
+        // A leaf that moved elsewhere is opened again only when it connects here (which clears
+        // the mark before calling this).
         let record = self
             .store
             .leaf(agent_id)
-            .filter(|r| !r.cert_der.is_empty())?;
+            .filter(|r| !r.cert_der.is_empty() && !r.moved_away)?;
         let hello = AgentMessage::decode(record.hello.as_slice())
             .ok()
             .filter(|m| matches!(m.body, Some(AgentBody::Hello(_))))?;
@@ -254,6 +256,7 @@ impl Relay {
             .unwrap_or_default();
         let mut record = record;
         record.welcome = cached;
+        record.moved_away = false;
         if let Err(e) = self.store.put_leaf(&record) {
             tracing::warn!(agent_id, error = %e, "cannot store the leaf's record");
         }
@@ -385,6 +388,19 @@ impl Relay {
                     reason,
                     "the plane refuses this agent; closing its connection"
                 );
+                self.kick_leaf(&agent_id);
+            } else if frame.replaced {
+                // Opening it again would take the agent's session from wherever it is now.
+                tracing::info!(
+                    agent_id,
+                    "the agent's session moved elsewhere; not carrying it until it connects here again"
+                );
+                if let Some(mut record) = self.store.leaf(&agent_id) {
+                    record.moved_away = true;
+                    if let Err(e) = self.store.put_leaf(&record) {
+                        tracing::warn!(agent_id, error = %e, "cannot store the leaf's record");
+                    }
+                }
                 self.kick_leaf(&agent_id);
             } else {
                 tracing::info!(agent_id, reason, "virtual session closed by the plane");

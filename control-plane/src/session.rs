@@ -157,6 +157,7 @@ pub(crate) async fn open(state: &SharedState, leaf: &[u8]) -> Result<Opening, Re
 
 /// Runs an opened session to its end over any transport: `inbound` yields the agent's messages
 /// (an `Err` is a broken stream), `tx` carries the plane's.
+/// Resolves to whether a newer session of the same agent replaced this one.
 ///
 /// The future is boxed and named `Send` here because a relay's session starts virtual sessions
 /// with this same function: without the explicit type the compiler cannot prove the recursive
@@ -166,7 +167,7 @@ pub(crate) fn serve_opened<S>(
     opened: Opened,
     inbound: S,
     tx: mpsc::Sender<PlaneMessage>,
-) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+) -> Pin<Box<dyn std::future::Future<Output = bool> + Send>>
 where
     S: Stream<Item = Result<AgentMessage, String>> + Unpin + Send + 'static,
 {
@@ -178,10 +179,12 @@ where
             relayed_by,
         } = opened;
         let agent_id_for_log = agent_id.clone();
-        if let Err(e) =
-            run_session(state, agent_id, leaf_der, relayed_by, inbound, tx, admitted).await
-        {
-            tracing::info!(agent_id = %agent_id_for_log, reason = %e, "session ended");
+        match run_session(state, agent_id, leaf_der, relayed_by, inbound, tx, admitted).await {
+            Ok(()) => false,
+            Err(e) => {
+                tracing::info!(agent_id = %agent_id_for_log, reason = %e, "session ended");
+                matches!(e, SessionEnd::Replaced)
+            }
         }
     })
 }
@@ -709,6 +712,7 @@ fn relayed_closed(agent_id: &str, link: u64, refused: bool, reason: String) -> P
         reason,
         link,
         refused,
+        replaced: false,
     })
 }
 
@@ -783,18 +787,18 @@ async fn relay_frame(session: &Session<'_>, frame: RelayedAgentMessage) -> Resul
             // Replacing an older link drops its queue, which ends that virtual session.
             lock(&session.relay.links).insert(leaf_id.clone(), (frame.link, in_tx));
             let (out_tx, out_rx) = mpsc::channel::<PlaneMessage>(OUTBOUND_QUEUE);
+            let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
             tokio::spawn(forward_virtual(
                 leaf_id.clone(),
                 frame.link,
                 out_rx,
+                ended_rx,
                 tx.clone(),
             ));
-            tokio::spawn(serve_opened(
-                state.clone(),
-                opened,
-                ReceiverStream::new(in_rx),
-                out_tx,
-            ));
+            let serving = serve_opened(state.clone(), opened, ReceiverStream::new(in_rx), out_tx);
+            tokio::spawn(async move {
+                let _ = ended_tx.send(serving.await);
+            });
             let (state, relay_id) = (state.clone(), relay_id.to_string());
             tokio::spawn(async move {
                 if let Err(e) = relays::record_relayed(&state, &leaf_id, &relay_id).await {
@@ -814,14 +818,17 @@ fn relayed_body(agent_id: &str, link: u64, message: &PlaneMessage) -> PlaneBody 
         reason: String::new(),
         link,
         refused: false,
+        replaced: false,
     })
 }
 
-/// Carries a virtual session's plane messages to its relay, then says it ended.
+/// Carries a virtual session's plane messages to its relay, then says it ended (and whether a
+/// newer session of the agent replaced it).
 async fn forward_virtual(
     agent_id: String,
     link: u64,
     mut from_session: mpsc::Receiver<PlaneMessage>,
+    ended: tokio::sync::oneshot::Receiver<bool>,
     relay_tx: mpsc::Sender<PlaneMessage>,
 ) {
     while let Some(message) = from_session.recv().await {
@@ -833,14 +840,21 @@ async fn forward_virtual(
             return;
         }
     }
-    let _ = relay_tx
-        .send(plane(relayed_closed(
-            &agent_id,
-            link,
-            false,
-            "session ended".to_string(),
-        )))
-        .await;
+    let replaced = ended.await.unwrap_or(false);
+    let mut closed = relayed_closed(
+        &agent_id,
+        link,
+        false,
+        if replaced {
+            "a newer session of the agent replaced this one".to_string()
+        } else {
+            "session ended".to_string()
+        },
+    );
+    if let PlaneBody::Relayed(frame) = &mut closed {
+        frame.replaced = replaced;
+    }
+    let _ = relay_tx.send(plane(closed)).await;
 }
 
 /// The checks of a direct session, for a leaf a relay (or an air-gap file) presents: its

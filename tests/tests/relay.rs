@@ -802,3 +802,40 @@ fn a_full_relay_refuses_results_into_the_agents_spool_and_they_still_arrive_once
         || (std::fs::read_dir(leaf.dir.join("spool")).unwrap().count() == 0).then_some(()),
     );
 }
+
+/// An agent that leaves its relay and connects to the plane directly keeps that session: the
+/// relay, told its virtual session was replaced, stops carrying the agent until it comes back.
+#[test]
+fn an_agent_that_moves_off_its_relay_is_not_pulled_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plane = Plane::start(&tmp.path().join("plane"));
+    let mut relay = Relay::enroll(&plane, &plane.api_url(), &tmp.path().join("relay"), "left");
+    relay.start_and_wait();
+    let mut leaf = enroll_through(&plane, &relay.url(), &tmp.path().join("leaf"), "mover");
+    leaf.start();
+    plane.wait_agent(&leaf.id, "connected");
+    leaf.stop();
+    leaf.set_endpoint(&plane.agent_endpoint());
+    leaf.start();
+    wait_until(
+        Duration::from_secs(30),
+        "the relay to let the agent go",
+        || relay.log().contains("moved elsewhere").then_some(()),
+    );
+    plane.wait_agent(&leaf.id, "connected");
+    let sessions = leaf.sessions_established();
+    // An observation window, not a synchronisation: the relay would re-open the virtual
+    // session (and take the agent's session away) within 3 s if it did not let go.
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(
+        leaf.sessions_established(),
+        sessions,
+        "the agent's direct session was taken away"
+    );
+    let (target, _cleanup) = docker_target(&plane, &leaf);
+    let image = TestImage::busybox_sleeper(&unique("stella-e2e/mover"), "1");
+    release(&plane, "mover-1", &image);
+    let dep = plane.json(&["deploy", "mover-1", "--env", "dev"]);
+    assert_eq!(dep["status"], "succeeded", "{dep:#}");
+    assert_eq!(containers_of(&target).len(), 1);
+}

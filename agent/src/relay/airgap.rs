@@ -159,6 +159,7 @@ fn remember_targets(store: &Store, agent_id: &str, targets: &[AirgapTarget]) -> 
         cert_der: Vec::new(),
         hello: Vec::new(),
         welcome: Vec::new(),
+        moved_away: false,
     });
     let mut welcome = PlaneMessage::decode(record.welcome.as_slice())
         .ok()

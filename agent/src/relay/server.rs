@@ -272,6 +272,7 @@ impl AgentSession for LeafSessions {
             cert_der: cert,
             hello: hello.encode_to_vec(),
             welcome: Vec::new(),
+            moved_away: false,
         };
         let (welcome, conn, from_relay, kick) = self
             .relay
@@ -425,6 +426,7 @@ async fn from_leaf(
                     reason: "the relay's uplink is down".to_string(),
                     link: frame.link,
                     refused: false,
+                    replaced: false,
                 })))
                 .await?;
             }

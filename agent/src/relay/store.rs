@@ -63,6 +63,10 @@ pub struct LeafRecord {
     /// The plane's last welcome for it (an encoded `PlaneMessage`), served while offline.
     #[serde(default, with = "b64")]
     pub welcome: Vec<u8>,
+    /// The agent's session was taken over elsewhere (it connected to the plane or another
+    /// relay): its virtual session is not opened again until it connects here.
+    #[serde(default)]
+    pub moved_away: bool,
 }
 
 mod b64 {
