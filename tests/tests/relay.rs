@@ -839,3 +839,33 @@ fn an_agent_that_moves_off_its_relay_is_not_pulled_back() {
     assert_eq!(dep["status"], "succeeded", "{dep:#}");
     assert_eq!(containers_of(&target).len(), 1);
 }
+
+/// Revoking an agent that sits behind a relay cuts it off there too: its virtual session ends,
+/// the relay closes the agent's connection, and the agent is refused when it comes back.
+#[test]
+fn revoking_an_agent_behind_a_relay_cuts_it_off() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plane = Plane::start(&tmp.path().join("plane"));
+    let mut relay = Relay::enroll(&plane, &plane.api_url(), &tmp.path().join("relay"), "gate");
+    relay.start_and_wait();
+    let mut leaf = enroll_through(&plane, &relay.url(), &tmp.path().join("leaf"), "doomed");
+    leaf.start();
+    plane.wait_agent(&leaf.id, "connected");
+    plane.json(&[
+        "agents",
+        "revoke",
+        &leaf.id,
+        "--reason",
+        "host decommissioned",
+    ]);
+    wait_until(
+        Duration::from_secs(60),
+        "the agent to be refused at the relay",
+        || {
+            leaf.log()
+                .contains("the control plane refuses this agent")
+                .then_some(())
+        },
+    );
+    assert_eq!(plane.agent_status(&leaf.id), "revoked");
+}
