@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use stella_proto::plane_message::Body as PlaneBody;
 use stella_proto::{JobOffer, PlaneMessage, TargetInfo, Welcome};
 
-use super::store::{LeafRecord, Store, b64_decode, b64_encode};
+use super::store::{LeafRecord, Store, b64_encode};
 use crate::config::{DataDir, write_atomic};
 
 pub const JOBS_PAYLOAD_TYPE: &str = "application/vnd.stella.airgap-jobs+json";
@@ -258,9 +258,4 @@ pub fn export_results(dir: &DataDir, store: &Store, out: &Path) -> anyhow::Resul
         }
     }
     Ok(summary)
-}
-
-/// Decodes a base64 field of a results file (used by tests and by `relay status`).
-pub fn decode_field(field: &str) -> anyhow::Result<Vec<u8>> {
-    Ok(b64_decode(field)?)
 }

@@ -434,10 +434,6 @@ pub fn b64_encode(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-pub fn b64_decode(s: &str) -> Result<Vec<u8>, base64::DecodeError> {
-    base64::engine::general_purpose::STANDARD.decode(s.as_bytes())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
