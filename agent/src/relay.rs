@@ -738,7 +738,11 @@ async fn uplink_session(relay: &Arc<Relay>) -> anyhow::Result<UplinkEnd> {
             }
             _ = tick.tick() => {
                 let beat = msg(AgentBody::Heartbeat(Heartbeat { sent_at_unix_ms: now_ms() }));
-                link.outbound.send(beat.clone()).await?;
+                // Never wait on a full queue here: a black-holed uplink fills it, and this loop
+                // must stay free to notice the silence.
+                if let Err(mpsc::error::TrySendError::Closed(_)) = link.outbound.try_send(beat.clone()) {
+                    anyhow::bail!("uplink stream closed");
+                }
                 if !cert_pending && relay.server_cert_due() {
                     request_server_cert(relay, &link.outbound).await?;
                     cert_pending = true;
