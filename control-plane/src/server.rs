@@ -124,7 +124,11 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
     if opts.advertise_quic && opts.quic_listen.is_none() {
         anyhow::bail!("--advertise-quic needs --quic-listen");
     }
-    let quic_endpoint = opts.quic_listen.map(crate::quic::bind).transpose()?;
+    let reset_key_file = opts.data_dir.join("pki").join("quic-reset.key");
+    let quic_endpoint = opts
+        .quic_listen
+        .map(|addr| crate::quic::bind(addr, &reset_key_file))
+        .transpose()?;
     let api_addr = api_listener.local_addr()?;
     let agent_addr = agent_listener.local_addr()?;
     let api_url = format!("https://{}", advertised(&opts.advertise_host, api_addr));
