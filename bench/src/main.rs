@@ -126,6 +126,10 @@ pub struct Common {
     /// The plane's heartbeat interval (`stella serve --heartbeat-interval`).
     #[arg(long, default_value = "10s")]
     heartbeat_interval: String,
+    /// The agents' transport: `grpc` (HTTP/2 over TLS) or `quic` (the plane then also listens
+    /// on a UDP port and hands enrolling agents a `quic://` endpoint).
+    #[arg(long, default_value = "grpc", value_parser = ["grpc", "quic"])]
+    transport: String,
     /// The plane's bound on concurrent agent session setups and TLS handshakes
     /// (`stella serve --max-session-setups`); unset: the plane's default (256).
     #[arg(long)]

@@ -20,6 +20,8 @@ pub struct Plane {
     log_level: String,
     log_path: PathBuf,
     max_session_setups: Option<u32>,
+    /// UDP port of the QUIC agent endpoint, when agents use QUIC.
+    pub quic_port: Option<u16>,
     child: Option<Child>,
 }
 
@@ -31,6 +33,7 @@ impl Plane {
         heartbeat_interval: String,
         log_level: String,
         max_session_setups: Option<u32>,
+        quic: bool,
     ) -> anyhow::Result<Self> {
         let api_port = sys::free_port()?;
         let mut agent_port = sys::free_port()?;
@@ -46,6 +49,11 @@ impl Plane {
             log_level,
             log_path,
             max_session_setups,
+            quic_port: if quic {
+                Some(sys::free_udp_port()?)
+            } else {
+                None
+            },
             child: None,
         })
     }
@@ -89,6 +97,18 @@ impl Plane {
             .args(
                 self.max_session_setups
                     .map(|n| ["--max-session-setups".to_string(), n.to_string()])
+                    .into_iter()
+                    .flatten(),
+            )
+            .args(
+                self.quic_port
+                    .map(|p| {
+                        [
+                            "--quic-listen".to_string(),
+                            sys::loopback(p).to_string(),
+                            "--advertise-quic".to_string(),
+                        ]
+                    })
                     .into_iter()
                     .flatten(),
             )

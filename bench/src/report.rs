@@ -8,11 +8,16 @@ pub struct Report {
 
 impl Report {
     /// A report with the fields every scenario shares.
-    pub fn new(scenario: &str, agents: usize) -> Self {
+    pub fn new(scenario: &str, agents: usize, transport: &str) -> Self {
         let mut r = Self { rows: Vec::new() };
         r.add("scenario", scenario, "");
         r.add("agents", agents, "simulated agents, one mTLS session each");
-        r.add("transport", "grpc", "bidirectional stream over mTLS");
+        let how = if transport == "quic" {
+            "length-delimited protobuf on one QUIC stream, mTLS"
+        } else {
+            "gRPC bidirectional stream over mTLS"
+        };
+        r.add("transport", transport, how);
         r.add(
             "store",
             "sqlite",

@@ -25,6 +25,7 @@ const RELEASE: &str = "bench-1";
 
 struct Bench {
     agents: usize,
+    transport: String,
     timeout: Duration,
     settle_timeout: Duration,
     connect_wave: usize,
@@ -131,6 +132,7 @@ impl Bench {
             c.heartbeat_interval.clone(),
             c.plane_log.clone(),
             c.max_session_setups,
+            c.transport == "quic",
         )?;
         plane.spawn()?;
         let api = Arc::new(plane.wait_ready(Duration::from_secs(60)).await?);
@@ -146,6 +148,7 @@ impl Bench {
         let store = Store::open(&plane.data_dir.join("stella.db")).await?;
         Ok(Self {
             agents: c.agents,
+            transport: c.transport.clone(),
             timeout: Duration::from_secs(c.timeout),
             settle_timeout: Duration::from_secs(c.settle_timeout),
             connect_wave: c.connect_wave,
@@ -419,7 +422,7 @@ pub async fn hold(c: &Common, idle_seconds: u64) -> anyhow::Result<()> {
         );
         let plane_sessions_end = b.plane_connected().await?;
         let n = b.agents as f64;
-        let mut r = Report::new("hold", b.agents);
+        let mut r = Report::new("hold", b.agents, &b.transport);
         r.add(
             "sessions",
             TRACKER.up(),
@@ -532,7 +535,7 @@ pub async fn fanout(c: &Common, n_rounds: usize) -> anyhow::Result<()> {
                 last - created
             })
             .collect();
-        let mut r = Report::new("fanout", b.agents);
+        let mut r = Report::new("fanout", b.agents, &b.transport);
         r.add("rounds", rs.len(), "deployments, one after the other");
         add_latency(&mut r, "", &lat, "job created -> result stored, per agent");
         r.add(
@@ -574,7 +577,7 @@ pub async fn pickup(c: &Common, n_rounds: usize) -> anyhow::Result<()> {
                 .map(|e| e.first_start_ms - j.created_at)
         });
         let accepted = latencies(&all, |j| j.accepted_at.map(|a| a - j.created_at));
-        let mut r = Report::new("pickup", b.agents);
+        let mut r = Report::new("pickup", b.agents, &b.transport);
         r.add("rounds", rs.len(), "deployments to the idle fleet");
         add_latency(
             &mut r,
@@ -670,7 +673,7 @@ pub async fn throughput(c: &Common, seconds: u64, window: usize) -> anyhow::Resu
         let span_s = ((last - first) as f64 / 1000.0).max(0.001);
         let outcomes = check(&all, &b.fleet.executor.executions());
         let lat = latencies(&all, |j| j.finished_at.map(|f| f - j.created_at));
-        let mut r = Report::new("throughput", b.agents);
+        let mut r = Report::new("throughput", b.agents, &b.transport);
         r.add("seconds", seconds, "how long deployments were created");
         r.add("window", window, "deployments running at once");
         r.add("deployments", created.len(), "");
@@ -735,6 +738,7 @@ pub async fn storm(c: &Common, kill_at: f64) -> anyhow::Result<()> {
         let restart_s = t0.elapsed().as_secs_f64();
         let other = sys::OtherCpu::start(b.plane.sample()?)?;
         let ended_before = TRACKER.ended();
+        let silent_before = TRACKER.silent();
 
         // Sample the TCP table for connections to the agent port that have no session yet.
         let stop = Arc::new(AtomicBool::new(false));
@@ -806,7 +810,7 @@ pub async fn storm(c: &Common, kill_at: f64) -> anyhow::Result<()> {
         let jobs = b.store.jobs(&id).await?;
         let outcomes = check(&jobs, &b.fleet.executor.executions());
 
-        let mut r = Report::new("storm", b.agents);
+        let mut r = Report::new("storm", b.agents, &b.transport);
         r.add(
             "in_flight_at_kill",
             in_flight,
@@ -830,7 +834,7 @@ pub async fn storm(c: &Common, kill_at: f64) -> anyhow::Result<()> {
         r.add(
             "peak_handshakes",
             peak,
-            "max TCP connections to the agent port without an established session, sampled every 100 ms",
+            "max TCP connections to the agent port without an established session, sampled every 100 ms (gRPC only; see peak_tls_handshakes)",
         );
         let notes = [
             ("session_setup_limit", "the plane's --max-session-setups"),
@@ -854,6 +858,12 @@ pub async fn storm(c: &Common, kill_at: f64) -> anyhow::Result<()> {
             "agents_back",
             b.plane_connected().await.unwrap_or(0),
             "agents the plane shows connected at the end of the reconnect wait",
+        );
+        r.add(
+            "sessions_ended_by_silence",
+            TRACKER.silent().saturating_sub(silent_before),
+            "agents that noticed the killed plane only after three unanswered heartbeats, not \
+             from the transport (TCP reset, QUIC stateless reset)",
         );
         r.add(
             "failed_session_attempts",

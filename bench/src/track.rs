@@ -27,6 +27,7 @@ pub struct Tracker {
     agents: Mutex<Vec<AgentSession>>,
     up: AtomicUsize,
     ended: AtomicU64,
+    silent: AtomicU64,
 }
 
 pub static TRACKER: LazyLock<Tracker> = LazyLock::new(Tracker::default);
@@ -58,6 +59,12 @@ impl Tracker {
     /// Agents holding a session now.
     pub fn up(&self) -> usize {
         self.up.load(Ordering::Relaxed)
+    }
+
+    /// Sessions the agent dropped because the plane went silent (heartbeats unanswered for
+    /// three intervals): it noticed a dead plane only by waiting, not from the transport.
+    pub fn silent(&self) -> u64 {
+        self.silent.load(Ordering::Relaxed)
     }
 
     /// Sessions that ended or attempts that failed, since the start.
@@ -106,17 +113,24 @@ impl Visit for IdxVisitor {
 }
 
 #[derive(Default)]
-struct MessageVisitor(String);
+struct MessageVisitor {
+    message: String,
+    error: String,
+}
 
 impl Visit for MessageVisitor {
     fn record_str(&mut self, field: &Field, value: &str) {
-        if field.name() == "message" {
-            self.0 = value.to_string();
+        match field.name() {
+            "message" => self.message = value.to_string(),
+            "error" => self.error = value.to_string(),
+            _ => {}
         }
     }
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        if field.name() == "message" {
-            self.0 = format!("{value:?}");
+        match field.name() {
+            "message" => self.message = format!("{value:?}"),
+            "error" => self.error = format!("{value:?}"),
+            _ => {}
         }
     }
 }
@@ -143,7 +157,10 @@ where
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
         let mut m = MessageVisitor::default();
         event.record(&mut m);
-        let up = match m.0.as_str() {
+        if m.message == "session failed" && m.error.contains("heartbeats unanswered") {
+            TRACKER.silent.fetch_add(1, Ordering::Relaxed);
+        }
+        let up = match m.message.as_str() {
             "session established" => true,
             "session failed"
             | "session closed by the plane"

@@ -1,4 +1,4 @@
-//! Issue 6's reconnect storm, as a test: 200 lightweight agents in one process (the bench's
+//! Issue 6's reconnect storm, as a test, on each transport: 200 lightweight agents in one process (the bench's
 //! simulated fleet: real enrollment, keys, mTLS sessions, signed jobs, journal and spool; only the
 //! executor is a no-op) hold sessions to a real plane (debug `stella`, built by
 //! `cargo build --bins`) started with a small `--max-session-setups`. The plane is SIGKILLed with a
@@ -14,8 +14,7 @@ use std::process::Command;
 const AGENTS: u64 = 200;
 const LIMIT: u64 = 8;
 
-#[test]
-fn two_hundred_agents_reconnect_after_a_plane_restart_within_the_admission_limit() {
+fn storm(transport: &str) {
     let bench = env!("CARGO_BIN_EXE_stella-bench");
     let stella = Path::new(bench).with_file_name("stella");
     assert!(
@@ -25,6 +24,7 @@ fn two_hundred_agents_reconnect_after_a_plane_restart_within_the_admission_limit
     );
     let out = Command::new(bench)
         .args(["storm", "--json", "--agents", &AGENTS.to_string()])
+        .args(["--transport", transport])
         .args(["--max-session-setups", &LIMIT.to_string()])
         .args(["--timeout", "300", "--settle-timeout", "300"])
         .arg("--stella-bin")
@@ -45,20 +45,22 @@ fn two_hundred_agents_reconnect_after_a_plane_restart_within_the_admission_limit
         .unwrap_or_else(|| panic!("no JSON object on stdout:\n{stdout}\nstderr:\n{stderr}"));
     let report: serde_json::Value = serde_json::from_str(line).expect("the report is JSON");
     eprintln!(
-        "storm of {AGENTS} agents, limit {LIMIT}: plane restarted in {}s; every agent back after \
+        "storm of {AGENTS} {transport} agents, limit {LIMIT}: plane restarted in {}s; every agent back after \
          {}s (plane's view) / {}s (fleet's view); peak {} setups and {} TLS handshakes at once; \
-         {} sessions deferred; {} jobs in flight at the kill settled in {}s",
+         {} sessions deferred; {} sessions ended by silence; {} jobs in flight at the kill settled in {}s",
         report["plane_restart_s"],
         report["reconnect_s"],
         report["reconnect_fleet_s"],
         report["peak_session_setups"],
         report["peak_tls_handshakes"],
         report["sessions_deferred"],
+        report["sessions_ended_by_silence"],
         report["in_flight_at_kill"],
         report["settle_s"],
     );
     assert_eq!(report["scenario"], "storm");
     assert_eq!(report["agents"], AGENTS);
+    assert_eq!(report["transport"], transport);
     assert_eq!(report["session_setup_limit"], LIMIT, "{report}");
     let peak_setups = report["peak_session_setups"].as_u64().expect("setups peak");
     assert!(
@@ -74,8 +76,21 @@ fn two_hundred_agents_reconnect_after_a_plane_restart_within_the_admission_limit
         report["agents_back"], AGENTS,
         "every agent came back: {report}"
     );
+    // A restarted plane answers the old sessions' packets with a reset (TCP RST, or a QUIC
+    // stateless reset under the key it keeps across restarts): no agent waits out the silence.
+    assert_eq!(report["sessions_ended_by_silence"], 0, "{report}");
     assert!(report["reconnect_s"].is_number(), "{report}");
     assert_eq!(report["lost_jobs"], 0, "{report}");
     assert_eq!(report["duplicated_jobs"], 0, "{report}");
     assert_eq!(report["answered"], AGENTS, "{report}");
+}
+
+#[test]
+fn two_hundred_grpc_agents_reconnect_after_a_plane_restart_within_the_admission_limit() {
+    storm("grpc");
+}
+
+#[test]
+fn two_hundred_quic_agents_reconnect_after_a_plane_restart_within_the_admission_limit() {
+    storm("quic");
 }
