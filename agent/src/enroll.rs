@@ -70,6 +70,10 @@ struct EnrollResponse {
     trust_bundle_version: u64,
     cert_pem: String,
     agent_endpoint: String,
+    /// Every endpoint the plane advertises, `agent_endpoint` first (planes before this field
+    /// send none).
+    #[serde(default)]
+    agent_endpoints: Vec<String>,
     trust_bundle: TrustBundle,
     labels: BTreeMap<String, String>,
 }
@@ -178,6 +182,7 @@ pub async fn enroll(dir: &DataDir, opts: EnrollOptions) -> Result<AgentConfig, E
             answer.agent_id
         )));
     }
+    let endpoints = enrolled_endpoints(&answer.agent_endpoint, &answer.agent_endpoints)?;
     if answer.trust_bundle.job_signing_keys.is_empty() {
         return Err(EnrollError::BadResponse(
             "no job-signing keys in the trust bundle".to_string(),
@@ -207,11 +212,13 @@ pub async fn enroll(dir: &DataDir, opts: EnrollOptions) -> Result<AgentConfig, E
         answer.trust_bundle_version.to_string().as_bytes(),
     )
     .map_err(io_err(&version_file))?;
+    let (agent_endpoint, fallback_endpoints) = endpoints;
     let config = AgentConfig {
         agent_id: answer.agent_id,
         name: opts.name,
         api_url: server,
-        agent_endpoint: answer.agent_endpoint,
+        agent_endpoint,
+        fallback_endpoints,
         trust_domain: answer.trust_bundle.trust_domain,
         labels: answer.labels,
         ca_fingerprint: fingerprint,
@@ -222,6 +229,33 @@ pub async fn enroll(dir: &DataDir, opts: EnrollOptions) -> Result<AgentConfig, E
     let agent_file = dir.agent_file();
     write_json(&agent_file, &config).map_err(io_err(&agent_file))?;
     Ok(config)
+}
+
+/// The endpoints an enrollment answer hands the agent: `agent_endpoint` first, then the other
+/// advertised ones. The list counts only when it holds `agent_endpoint`: a relay rewrites that
+/// field to its own address and passes the plane's list through untouched, and an agent
+/// enrolled through a relay must keep dialling the relay.
+fn enrolled_endpoints(
+    agent_endpoint: &str,
+    advertised: &[String],
+) -> Result<(String, Vec<String>), EnrollError> {
+    let bad = |e: crate::config::ConfigError| {
+        EnrollError::BadResponse(format!(
+            "the plane hands out an unusable agent endpoint: {e}"
+        ))
+    };
+    let first = crate::config::validate_endpoints(&[agent_endpoint.to_string()])
+        .map_err(bad)?
+        .remove(0);
+    if advertised.is_empty() {
+        return Ok((first, Vec::new()));
+    }
+    let list = crate::config::validate_endpoints(advertised).map_err(bad)?;
+    if !list.contains(&first) {
+        return Ok((first, Vec::new()));
+    }
+    let rest = list.into_iter().filter(|e| *e != first).collect();
+    Ok((first, rest))
 }
 
 /// The identity directory holds the private key: owner-only from the start.
@@ -243,4 +277,54 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::enrolled_endpoints;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_advertised_list_follows_the_endpoint_it_contains() {
+        let (first, rest) = enrolled_endpoints(
+            "https://b:7444",
+            &strings(&["https://a:7444", "https://b:7444/", "quic://c:7445"]),
+        )
+        .unwrap();
+        assert_eq!(first, "https://b:7444");
+        assert_eq!(rest, strings(&["https://a:7444", "quic://c:7445"]));
+        // An older plane sends no list.
+        let (first, rest) = enrolled_endpoints("https://a:7444", &[]).unwrap();
+        assert_eq!((first.as_str(), rest.len()), ("https://a:7444", 0));
+    }
+
+    #[test]
+    fn a_relay_rewritten_endpoint_drops_the_planes_list() {
+        // The relay rewrote agent_endpoint and passed the plane's list through.
+        let (first, rest) = enrolled_endpoints(
+            "https://relay.site:7450",
+            &strings(&["https://a:7444", "https://b:7444"]),
+        )
+        .unwrap();
+        assert_eq!(first, "https://relay.site:7450");
+        assert!(rest.is_empty(), "{rest:?}");
+    }
+
+    #[test]
+    fn unusable_endpoints_refuse_the_answer() {
+        let e = enrolled_endpoints("http://a:7444", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unusable agent endpoint") && e.contains("http://a:7444"),
+            "{e}"
+        );
+        let e = enrolled_endpoints("https://a:7444", &strings(&["https://a:7444", "ftp://b:1"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ftp://b:1"), "{e}");
+    }
 }

@@ -79,6 +79,27 @@ enum Command {
         /// the executor can watch and finished jobs are reported at once anyway.
         #[arg(long, env = "STELLA_AGENT_INVENTORY_INTERVAL", default_value = "60s", value_parser = parse_interval)]
         inventory_interval: std::time::Duration,
+        /// Plane agent endpoint to dial before the stored ones (repeatable, in order;
+        /// https://host:port or quic://host:port). The agent fails over between all of them.
+        #[arg(
+            long = "endpoint",
+            env = "STELLA_AGENT_ENDPOINTS",
+            value_delimiter = ','
+        )]
+        endpoints: Vec<String>,
+    },
+    /// Show the plane endpoints this agent dials, or replace the stored list (`--set URL...`,
+    /// in order). A running agent picks the new list up at its next start.
+    Endpoints {
+        #[arg(
+            long,
+            env = "STELLA_AGENT_DATA_DIR",
+            default_value = "/var/lib/stella-agent"
+        )]
+        data_dir: PathBuf,
+        /// The new list, first preferred (https://host:port or quic://host:port).
+        #[arg(long, num_args = 1..)]
+        set: Vec<String>,
     },
     /// Relay for agents that cannot reach the plane: they connect here (mTLS, the plane's CA)
     /// and the relay carries their sessions upstream, storing and forwarding both ways while
@@ -323,7 +344,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     capabilities.join(", ")
                 }
             );
-            println!("agent endpoint: {}", config.agent_endpoint);
+            println!("agent endpoints: {}", config.endpoints().join(", "));
             println!(
                 "start it with: stella-agent run --data-dir {}",
                 dir.root.display()
@@ -331,18 +352,54 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Relay { command, run } => relay_command(command, run, shutdown_signal()).await,
+        Command::Endpoints { data_dir, set } => {
+            let dir = DataDir::new(data_dir);
+            let config = if set.is_empty() {
+                dir.load_config()?
+            } else {
+                let config = dir.set_endpoints(&set)?;
+                println!("stored; a running agent uses the new list from its next start");
+                config
+            };
+            println!("configured ({}):", dir.agent_file().display());
+            for url in config.endpoints() {
+                println!("  {url}");
+            }
+            let advertised = dir.load_plane_endpoints()?;
+            if !advertised.is_empty() {
+                println!(
+                    "advertised by the plane ({}):",
+                    dir.plane_endpoints_file().display()
+                );
+                for url in &advertised {
+                    println!("  {url}");
+                }
+            }
+            println!(
+                "dial order: {}",
+                stella_agent::config::dial_order(&[&config.endpoints(), &advertised]).join(", ")
+            );
+            Ok(())
+        }
         Command::Run {
             data_dir,
             disabled,
             allow_scripts,
             inventory_interval,
+            endpoints,
         } => {
+            // Refused before anything starts, with the URL and what is wrong with it.
+            if !endpoints.is_empty() {
+                stella_agent::config::validate_endpoints(&endpoints)
+                    .map_err(|e| anyhow::anyhow!("--endpoint: {e}"))?;
+            }
             runtime::run(
                 DataDir::new(data_dir),
                 RunOptions {
                     disabled_executors: disabled,
                     allow_scripts,
                     inventory_interval: Some(inventory_interval),
+                    endpoints,
                 },
                 shutdown_signal(),
             )

@@ -22,11 +22,11 @@ use stella_proto::{
 };
 use tokio::sync::mpsc;
 
-use crate::config::{AgentConfig, DataDir, read_json, write_json};
+use crate::config::{AgentConfig, DataDir, PlaneEndpoints, dial_order, read_json, write_json};
 use crate::executors::{self, Executors};
 use crate::identity;
 use crate::journal::{Journal, JournalEntry, JournalStatus, StoredResult};
-use crate::transport::{self, LinkError};
+use crate::transport::{self, AfterFailure, Failover, LinkError};
 
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
@@ -42,6 +42,8 @@ pub struct RunOptions {
     pub allow_scripts: bool,
     /// How often inventory is reported without a change or a job; `None`: every 60 s.
     pub inventory_interval: Option<Duration>,
+    /// Endpoints to dial before the configured ones (`stella-agent run --endpoint`).
+    pub endpoints: Vec<String>,
 }
 
 struct WorkItem {
@@ -70,6 +72,9 @@ struct Shared {
     /// Swapped when the certificate is renewed.
     receipts: Mutex<ReceiptSigner>,
     inventory_interval: Duration,
+    /// The agent endpoints the plane advertised (`plane-endpoints.json`), tried after the
+    /// configured ones.
+    advertised: Mutex<Vec<String>>,
 }
 
 fn now_ms() -> i64 {
@@ -156,6 +161,24 @@ async fn run_with(
 ) -> anyhow::Result<()> {
     stella_pki::install_crypto_provider();
     let config = dir.load_config()?;
+    let overrides = if options.endpoints.is_empty() {
+        Vec::new()
+    } else {
+        crate::config::validate_endpoints(&options.endpoints).context("--endpoint")?
+    };
+    let configured = config.endpoints();
+    let advertised = dir.load_plane_endpoints().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "ignoring the plane's stored endpoint list");
+        Vec::new()
+    });
+    let dial = |advertised: &[String]| dial_order(&[&overrides, &configured, advertised]);
+    let mut failover = Failover::new(dial(&advertised));
+    if failover.endpoints().is_empty() {
+        anyhow::bail!(
+            "{} names no agent endpoint; set one with `stella-agent endpoints --set URL`",
+            dir.agent_file().display()
+        );
+    }
     let trusted = dir.load_trust()?;
     let ident = identity::load(&dir)?;
     dir.read_text(&dir.ca_file())?;
@@ -197,8 +220,9 @@ async fn run_with(
             cert_der: ident.cert_der.clone(),
         }),
         inventory_interval: options.inventory_interval.unwrap_or(INVENTORY_INTERVAL),
+        advertised: Mutex::new(advertised),
     });
-    tracing::info!(agent_id = %shared.config.agent_id, endpoint = %shared.config.agent_endpoint,
+    tracing::info!(agent_id = %shared.config.agent_id, endpoints = ?failover.endpoints(),
         capabilities = ?lock(&shared.verifier).capabilities, "agent starting");
 
     // Jobs accepted before a restart and not finished: run them again (every step is an ensure).
@@ -221,39 +245,39 @@ async fn run_with(
     });
 
     tokio::pin!(shutdown);
-    let mut attempt: u32 = 0;
     loop {
+        let endpoint = failover.current().to_string();
+        let mut established = false;
         let outcome = tokio::select! {
             _ = &mut shutdown => break,
-            o = connect_and_serve(&shared, &mut uplink_rx) => o,
+            o = connect_and_serve(&shared, &endpoint, &mut established, &mut uplink_rx) => o,
         };
+        if established {
+            failover.established();
+        }
+        // The plane may have advertised endpoints in its welcome.
+        failover.set_endpoints(dial(&lock(&shared.advertised)));
         let delay = match outcome {
             Ok(SessionEnd::Drained(delay)) => {
-                attempt = 0;
-                tracing::info!(?delay, "plane asked us to reconnect later");
+                failover.sent_away();
+                tracing::info!(?delay, %endpoint, next = %failover.current(), "plane asked us to reconnect later");
                 delay + jitter(Duration::from_millis(500))
             }
-            Ok(SessionEnd::Renewed) => {
-                attempt = 0;
-                Duration::ZERO
-            }
+            Ok(SessionEnd::Renewed) => Duration::ZERO,
             Ok(SessionEnd::Refused(why)) => {
-                tracing::error!(reason = %why, "the control plane refuses this agent; if it was revoked, enroll again with a new join token");
+                failover.sent_away();
+                tracing::error!(reason = %why, %endpoint, "the control plane refuses this agent; if it was revoked, enroll again with a new join token");
                 BACKOFF_CAP + jitter(BACKOFF_CAP)
             }
-            Ok(SessionEnd::Closed { established }) => {
-                if established {
-                    attempt = 0;
-                }
-                tracing::warn!("session closed by the plane");
-                backoff(attempt)
+            Ok(SessionEnd::Closed) => {
+                tracing::warn!(%endpoint, "session closed by the plane");
+                after_failure(&mut failover, &endpoint, established)
             }
             Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "session failed");
-                backoff(attempt)
+                tracing::warn!(error = %format!("{e:#}"), %endpoint, "session failed");
+                after_failure(&mut failover, &endpoint, established)
             }
         };
-        attempt = attempt.saturating_add(1);
         tokio::select! {
             _ = &mut shutdown => break,
             _ = tokio::time::sleep(delay) => {}
@@ -264,6 +288,53 @@ async fn run_with(
     worker.abort();
     watcher.abort();
     Ok(())
+}
+
+/// The delay before the next attempt after `endpoint` failed: none when another endpoint of
+/// the round is left (a short jitter after a lost session, so a fleet that lost its plane at
+/// once does not arrive at the next address at once), the round's backoff otherwise.
+fn after_failure(failover: &mut Failover, endpoint: &str, established: bool) -> Duration {
+    match failover.failed() {
+        AfterFailure::Next => {
+            tracing::warn!(from = %endpoint, to = %failover.current(), "moving to the next plane endpoint");
+            if established {
+                jitter(BACKOFF_BASE)
+            } else {
+                Duration::ZERO
+            }
+        }
+        AfterFailure::BackOff(round) => {
+            let delay = backoff(round);
+            if failover.endpoints().len() > 1 {
+                tracing::warn!(endpoints = failover.endpoints().len(), ?delay, next = %failover.current(),
+                    "no plane endpoint answered; retrying after a pause");
+            }
+            delay
+        }
+    }
+}
+
+/// The plane's advertised endpoints to store, if the agent should adopt them: only when it
+/// reached the plane through one of them (a relay's or a proxy's address is not in the plane's
+/// list, so an agent behind one keeps dialling it), when they are all valid and when they
+/// differ from what is stored.
+fn advertised_to_adopt(
+    connected: &str,
+    advertised: &[String],
+    stored: &[String],
+) -> Option<Vec<String>> {
+    if advertised.is_empty() {
+        return None;
+    }
+    let list = match crate::config::validate_endpoints(advertised) {
+        Ok(list) => list,
+        Err(e) => {
+            tracing::warn!(error = %e, "the plane advertises an unusable endpoint list; ignored");
+            return None;
+        }
+    };
+    let connected = crate::config::normalize_endpoint(connected);
+    (list.contains(&connected) && list != stored).then_some(list)
 }
 
 /// Reports the targets an executor saw change (all of them when it cannot tell which).
@@ -307,9 +378,8 @@ enum SessionEnd {
     Renewed,
     /// The plane refuses this identity (revoked, unknown): retrying fast cannot help.
     Refused(String),
-    Closed {
-        established: bool,
-    },
+    /// The plane ended the stream (whether a session was established is reported apart).
+    Closed,
 }
 
 fn unix_now() -> i64 {
@@ -320,6 +390,8 @@ fn unix_now() -> i64 {
 /// serves one session with it.
 async fn connect_and_serve(
     shared: &Arc<Shared>,
+    endpoint: &str,
+    established: &mut bool,
     uplink_rx: &mut mpsc::UnboundedReceiver<AgentMessage>,
 ) -> anyhow::Result<SessionEnd> {
     // Read at every connection: a CA rotation changes which CAs this agent trusts.
@@ -342,7 +414,7 @@ async fn connect_and_serve(
         ident = identity::load(&shared.dir)?;
         use_identity(shared, &ident);
     }
-    session(shared, &ident, ca_pem, uplink_rx).await
+    session(shared, endpoint, established, &ident, ca_pem, uplink_rx).await
 }
 
 fn use_identity(shared: &Shared, ident: &identity::AgentIdentity) {
@@ -353,6 +425,8 @@ fn use_identity(shared: &Shared, ident: &identity::AgentIdentity) {
 
 async fn session(
     shared: &Arc<Shared>,
+    endpoint: &str,
+    established: &mut bool,
     ident: &identity::AgentIdentity,
     ca_pem: &str,
     uplink_rx: &mut mpsc::UnboundedReceiver<AgentMessage>,
@@ -371,7 +445,6 @@ async fn session(
     };
     // The transport comes from the endpoint URL (https:// gRPC, quic:// QUIC); everything
     // below is the same protocol on either.
-    let endpoint = &shared.config.agent_endpoint;
     let link = match transport::open(endpoint, ca_pem, ident, msg(AgentBody::Hello(hello))).await {
         Ok(link) => link,
         Err(LinkError::Refused(why)) => return Ok(SessionEnd::Refused(why)),
@@ -395,7 +468,23 @@ async fn session(
             _ => anyhow::bail!("the plane did not start with a welcome"),
         },
     };
-    tracing::info!(agent_id = %welcome.agent_id, "session established");
+    *established = true;
+    tracing::info!(agent_id = %welcome.agent_id, %endpoint, "session established");
+    let stored = lock(&shared.advertised).clone();
+    if let Some(list) = advertised_to_adopt(endpoint, &welcome.agent_endpoints, &stored) {
+        match write_json(
+            &shared.dir.plane_endpoints_file(),
+            &PlaneEndpoints {
+                endpoints: list.clone(),
+            },
+        ) {
+            Ok(()) => {
+                tracing::info!(endpoints = ?list, "the plane advertises these agent endpoints; stored");
+                *lock(&shared.advertised) = list;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot store the plane's endpoint list"),
+        }
+    }
     remember_targets(
         shared,
         welcome.targets.iter().map(|t| TargetRef {
@@ -437,7 +526,7 @@ async fn session(
         tokio::select! {
             incoming = inbound.inbound.next() => {
                 let incoming = match incoming {
-                    None => return Ok(SessionEnd::Closed { established: true }),
+                    None => return Ok(SessionEnd::Closed),
                     Some(Err(LinkError::Refused(why))) => return Ok(SessionEnd::Refused(why)),
                     Some(Err(LinkError::Broken(e))) => return Err(e.context("session stream")),
                     Some(Ok(m)) => m,
@@ -904,6 +993,39 @@ mod tests {
 
     const AGENT_ID: &str = "agt_test";
 
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_planes_endpoints_are_adopted_only_when_reached_through_one_of_them() {
+        let advertised = strings(&["https://a:7444", "quic://b:7445"]);
+        assert_eq!(
+            advertised_to_adopt("https://a:7444/", &advertised, &[]),
+            Some(advertised.clone())
+        );
+        // Already stored: nothing to write.
+        assert_eq!(
+            advertised_to_adopt("quic://b:7445", &advertised, &advertised),
+            None
+        );
+        // Behind a relay or a proxy the agent dials an address the plane does not list.
+        assert_eq!(
+            advertised_to_adopt("https://relay:7450", &advertised, &[]),
+            None
+        );
+        // A plane that advertises nothing, or something unusable, changes nothing.
+        assert_eq!(advertised_to_adopt("https://a:7444", &[], &[]), None);
+        assert_eq!(
+            advertised_to_adopt(
+                "https://a:7444",
+                &strings(&["https://a:7444", "http://c:1"]),
+                &[]
+            ),
+            None
+        );
+    }
+
     /// An agent's shared state over a temporary data directory, trusting `key`, with no
     /// executors (nothing runs: the tests read what was handed to the worker).
     fn test_shared(
@@ -919,6 +1041,7 @@ mod tests {
                 name: "test".to_string(),
                 api_url: String::new(),
                 agent_endpoint: String::new(),
+                fallback_endpoints: Vec::new(),
                 trust_domain: String::new(),
                 labels: BTreeMap::new(),
                 ca_fingerprint: String::new(),
@@ -949,6 +1072,7 @@ mod tests {
                 cert_der: Vec::new(),
             }),
             inventory_interval: INVENTORY_INTERVAL,
+            advertised: Mutex::new(Vec::new()),
         });
         (shared, work_rx)
     }

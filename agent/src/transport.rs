@@ -86,6 +86,112 @@ impl EndpointUrl {
     }
 }
 
+/// Which endpoint to dial next, when an agent knows several addresses of its plane.
+///
+/// The agent tries its endpoints in order. A failed connect or a lost session moves it to the
+/// next one at once; only when every endpoint of a round failed does it back off (the caller's
+/// capped, jittered backoff, indexed by the round), so a dead first address costs one connect
+/// timeout, not a growing delay. Each round starts at the endpoint that last held a session.
+#[derive(Debug, Clone)]
+pub struct Failover {
+    endpoints: Vec<String>,
+    /// Index of the endpoint that last held a session: rounds start there.
+    preferred: usize,
+    /// Index of the endpoint to dial next.
+    current: usize,
+    /// Endpoints that failed in the current round.
+    failed_in_round: usize,
+    /// Rounds in a row in which every endpoint failed.
+    rounds: u32,
+}
+
+/// What to do after the current endpoint failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterFailure {
+    /// Dial the next endpoint of this round now.
+    Next,
+    /// Every endpoint failed this round: back off (the value is the round, from 0) before the
+    /// next round.
+    BackOff(u32),
+}
+
+impl Failover {
+    /// `endpoints` in priority order; an empty list is refused by the caller's validation.
+    pub fn new(endpoints: Vec<String>) -> Self {
+        Self {
+            endpoints,
+            preferred: 0,
+            current: 0,
+            failed_in_round: 0,
+            rounds: 0,
+        }
+    }
+
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    /// The endpoint to dial now.
+    pub fn current(&self) -> &str {
+        self.endpoints
+            .get(self.current)
+            .map(String::as_str)
+            .unwrap_or_default()
+    }
+
+    /// A session was established on the current endpoint: prefer it from now on.
+    pub fn established(&mut self) {
+        self.preferred = self.current;
+        self.failed_in_round = 0;
+        self.rounds = 0;
+    }
+
+    /// The current endpoint failed (no session, or the session was lost).
+    pub fn failed(&mut self) -> AfterFailure {
+        self.failed_in_round += 1;
+        if self.failed_in_round >= self.endpoints.len() {
+            let round = self.rounds;
+            self.rounds = self.rounds.saturating_add(1);
+            self.failed_in_round = 0;
+            self.current = self.preferred;
+            AfterFailure::BackOff(round)
+        } else {
+            self.current = (self.current + 1) % self.endpoints.len();
+            AfterFailure::Next
+        }
+    }
+
+    /// The plane sent the agent away (drain, admission control) or refused it there: the
+    /// plane decides the delay; the next attempt goes to the next endpoint, and a new round
+    /// begins (the plane answered, so this is not a failed round).
+    pub fn sent_away(&mut self) {
+        self.failed_in_round = 0;
+        self.rounds = 0;
+        if !self.endpoints.is_empty() {
+            self.current = (self.current + 1) % self.endpoints.len();
+        }
+    }
+
+    /// Adopts a new list (e.g. the plane advertised more endpoints), keeping the current and
+    /// preferred endpoints by URL when they are still listed.
+    pub fn set_endpoints(&mut self, endpoints: Vec<String>) {
+        if endpoints == self.endpoints || endpoints.is_empty() {
+            return;
+        }
+        let find = |i: usize| {
+            self.endpoints
+                .get(i)
+                .and_then(|url| endpoints.iter().position(|e| e == url))
+        };
+        let preferred = find(self.preferred).unwrap_or(0);
+        let current = find(self.current).unwrap_or(preferred);
+        self.endpoints = endpoints;
+        self.preferred = preferred;
+        self.current = current;
+        self.failed_in_round = self.failed_in_round.min(self.endpoints.len() - 1);
+    }
+}
+
 /// Why a link could not be opened or broke.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -341,5 +447,94 @@ mod tests {
             let e = EndpointUrl::parse(url).unwrap_err().to_string();
             assert!(e.contains(expected) && e.contains(url), "{url}: {e}");
         }
+    }
+
+    fn failover(urls: &[&str]) -> Failover {
+        Failover::new(urls.iter().map(|s| s.to_string()).collect())
+    }
+
+    #[test]
+    fn a_failed_endpoint_moves_on_at_once_and_a_failed_round_backs_off() {
+        let mut f = failover(&["https://a:1", "https://b:2", "https://c:3"]);
+        assert_eq!(f.current(), "https://a:1");
+        assert_eq!(f.failed(), AfterFailure::Next);
+        assert_eq!(f.current(), "https://b:2");
+        assert_eq!(f.failed(), AfterFailure::Next);
+        assert_eq!(f.current(), "https://c:3");
+        // Only a whole round of failures counts towards the backoff, round by round.
+        assert_eq!(f.failed(), AfterFailure::BackOff(0));
+        assert_eq!(
+            f.current(),
+            "https://a:1",
+            "a round starts at the preferred one"
+        );
+        for _ in 0..2 {
+            assert_eq!(f.failed(), AfterFailure::Next);
+        }
+        assert_eq!(f.failed(), AfterFailure::BackOff(1));
+    }
+
+    #[test]
+    fn the_endpoint_that_worked_is_preferred_and_resets_the_backoff() {
+        let mut f = failover(&["https://a:1", "https://b:2", "https://c:3"]);
+        assert_eq!(f.failed(), AfterFailure::Next);
+        f.established(); // on b
+        assert_eq!(f.current(), "https://b:2");
+        // The session on b is lost: c next, then a, then the round is over and starts at b.
+        assert_eq!(f.failed(), AfterFailure::Next);
+        assert_eq!(f.current(), "https://c:3");
+        assert_eq!(f.failed(), AfterFailure::Next);
+        assert_eq!(f.current(), "https://a:1");
+        assert_eq!(f.failed(), AfterFailure::BackOff(0));
+        assert_eq!(f.current(), "https://b:2");
+    }
+
+    #[test]
+    fn one_endpoint_backs_off_every_time_as_before() {
+        let mut f = failover(&["quic://a:1"]);
+        for round in 0..4 {
+            assert_eq!(f.failed(), AfterFailure::BackOff(round));
+            assert_eq!(f.current(), "quic://a:1");
+        }
+        f.established();
+        assert_eq!(f.failed(), AfterFailure::BackOff(0));
+        f.sent_away();
+        assert_eq!(f.current(), "quic://a:1");
+    }
+
+    #[test]
+    fn being_sent_away_tries_the_next_endpoint_in_a_fresh_round() {
+        let mut f = failover(&["https://a:1", "https://b:2"]);
+        f.established();
+        assert_eq!(f.failed(), AfterFailure::Next);
+        assert_eq!(f.failed(), AfterFailure::BackOff(0));
+        // a drains us (shutdown, admission control): b next, and the round count starts over.
+        f.sent_away();
+        assert_eq!(f.current(), "https://b:2");
+        assert_eq!(f.failed(), AfterFailure::Next);
+        assert_eq!(f.failed(), AfterFailure::BackOff(0));
+    }
+
+    #[test]
+    fn a_new_list_keeps_the_current_and_preferred_endpoints() {
+        let mut f = failover(&["https://a:1", "https://b:2"]);
+        assert_eq!(f.failed(), AfterFailure::Next);
+        f.established(); // on b
+        f.set_endpoints(vec![
+            "https://c:3".to_string(),
+            "https://a:1".to_string(),
+            "https://b:2".to_string(),
+        ]);
+        assert_eq!(f.current(), "https://b:2");
+        assert_eq!(f.failed(), AfterFailure::Next);
+        assert_eq!(f.current(), "https://c:3");
+        assert_eq!(f.failed(), AfterFailure::Next);
+        assert_eq!(f.failed(), AfterFailure::BackOff(0));
+        assert_eq!(f.current(), "https://b:2");
+        // A list without them starts over at its first; an empty one changes nothing.
+        f.set_endpoints(vec!["https://d:4".to_string()]);
+        assert_eq!(f.current(), "https://d:4");
+        f.set_endpoints(Vec::new());
+        assert_eq!(f.endpoints(), ["https://d:4".to_string()]);
     }
 }

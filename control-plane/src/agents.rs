@@ -44,6 +44,9 @@ pub struct EnrollResponse {
     pub cert_not_after: String,
     pub spiffe_id: String,
     pub agent_endpoint: String,
+    /// Every agent endpoint of the plane, in order, `agent_endpoint` first: the agent fails
+    /// over between them.
+    pub agent_endpoints: Vec<String>,
     pub trust_bundle: TrustBundle,
     pub labels: BTreeMap<String, String>,
 }
@@ -201,6 +204,7 @@ pub async fn enroll(state: &AppState, req: EnrollRequest) -> ApiResult<EnrollRes
         cert_not_after: rfc3339(not_after_ms),
         spiffe_id: issued.spiffe_id,
         agent_endpoint: state.config.agent_endpoint.clone(),
+        agent_endpoints: state.config.agent_endpoints.clone(),
         trust_bundle_version: bundle_version,
         trust_bundle: TrustBundle {
             // The CA of the server chain first (the agent checks it against its pin), then any

@@ -177,6 +177,11 @@ pub struct PlaneListenArgs {
     /// Host name agents use to reach the agent endpoint (default: the listen address).
     #[arg(long)]
     pub advertise_host: Option<String>,
+    /// Agent endpoint URL handed to agents, in order (repeatable; https://host:port for gRPC,
+    /// quic://host:port for QUIC): every address or replica of this plane. Agents fail over
+    /// between them. Default: this plane's own endpoint (QUIC with --advertise-quic).
+    #[arg(long = "advertise-endpoint")]
+    pub advertise_endpoints: Vec<String>,
     /// SPIFFE trust domain of agent identities.
     #[arg(long, default_value = stella_pki::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
@@ -208,6 +213,7 @@ impl PlaneListenArgs {
             advertise_quic: self.advertise_quic,
             hostnames: self.hostnames.clone(),
             advertise_host: self.advertise_host.clone(),
+            advertise_endpoints: self.advertise_endpoints.clone(),
             trust_domain: self.trust_domain.clone(),
             heartbeat_interval: self.heartbeat_interval,
             job_ttl: self.job_ttl,

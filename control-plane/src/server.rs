@@ -39,6 +39,9 @@ pub struct ServeOptions {
     /// Host agents use to reach the agent endpoint; defaults to the listen address (or
     /// 127.0.0.1 when listening on all interfaces).
     pub advertise_host: Option<String>,
+    /// Agent endpoint URLs handed to agents, in order (`--advertise-endpoint`); empty: this
+    /// plane's own gRPC endpoint, or its QUIC one with `advertise_quic`.
+    pub advertise_endpoints: Vec<String>,
     pub trust_domain: String,
     pub heartbeat_interval: Duration,
     pub job_ttl: Duration,
@@ -74,6 +77,35 @@ fn advertised(host: &Option<String>, addr: SocketAddr) -> String {
     } else {
         format!("{host}:{}", addr.port())
     }
+}
+
+/// Checks `--advertise-endpoint` values: `https://host:port` (gRPC) or `quic://host:port`
+/// (QUIC), none twice. Returned without a trailing `/`, the form agents compare them in.
+fn advertised_endpoints(urls: &[String]) -> anyhow::Result<Vec<String>> {
+    let mut out: Vec<String> = Vec::with_capacity(urls.len());
+    for url in urls {
+        let url = url.trim().trim_end_matches('/').to_string();
+        let rest = url
+            .strip_prefix("https://")
+            .or_else(|| url.strip_prefix("quic://"))
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--advertise-endpoint {url:?}: use https://host:port (gRPC) or quic://host:port (QUIC)"
+                )
+            })?;
+        let valid = rest.rsplit_once(':').is_some_and(|(host, port)| {
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            !host.is_empty() && !rest.contains('/') && port.parse::<u16>().is_ok()
+        });
+        if !valid {
+            anyhow::bail!("--advertise-endpoint {url:?}: expected host:port after the scheme");
+        }
+        if out.contains(&url) {
+            anyhow::bail!("--advertise-endpoint {url:?} is given twice");
+        }
+        out.push(url);
+    }
+    Ok(out)
 }
 
 /// Writes the admin token file if it is missing (creating or replacing the token's hash).
@@ -141,6 +173,15 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
         None => None,
     };
 
+    let agent_endpoints = if opts.advertise_endpoints.is_empty() {
+        vec![match (&quic_url, opts.advertise_quic) {
+            (Some(quic_url), true) => quic_url.clone(),
+            _ => agent_url.clone(),
+        }]
+    } else {
+        advertised_endpoints(&opts.advertise_endpoints)?
+    };
+
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let handshake_refusals: RefusalCounts = Default::default();
     let state: SharedState = Arc::new(AppState {
@@ -151,10 +192,8 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
             ..AdmissionConfig::default()
         }),
         config: PlaneConfig {
-            agent_endpoint: match (&quic_url, opts.advertise_quic) {
-                (Some(quic_url), true) => quic_url.clone(),
-                _ => agent_url.clone(),
-            },
+            agent_endpoint: agent_endpoints[0].clone(),
+            agent_endpoints: agent_endpoints.clone(),
             heartbeat_interval: opts.heartbeat_interval,
             job_ttl: opts.job_ttl,
             agent_cert_validity: opts.agent_cert_validity,
@@ -217,7 +256,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
 
     std::fs::write(opts.data_dir.join(API_URL_FILE), format!("{api_url}\n"))
         .context("writing api.url")?;
-    tracing::info!(%api_url, %agent_url, quic_url = quic_url.as_deref().unwrap_or("disabled"), "control plane ready");
+    tracing::info!(%api_url, %agent_url, quic_url = quic_url.as_deref().unwrap_or("disabled"), advertised = ?agent_endpoints, "control plane ready");
     let mut plane = RunningPlane {
         api_url,
         agent_url,
@@ -370,4 +409,36 @@ fn tls_incoming(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::advertised_endpoints;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn advertised_endpoints_are_checked_and_kept_in_order() {
+        assert_eq!(
+            advertised_endpoints(&strings(&["quic://b:7445/", "https://[::1]:7444"])).unwrap(),
+            strings(&["quic://b:7445", "https://[::1]:7444"])
+        );
+        for (bad, expected) in [
+            ("http://a:1", "use https://host:port"),
+            ("https://a", "expected host:port"),
+            ("https://:1", "expected host:port"),
+            ("https://a:1/x", "expected host:port"),
+        ] {
+            let e = advertised_endpoints(&strings(&[bad]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(expected) && e.contains(bad), "{bad}: {e}");
+        }
+        let e = advertised_endpoints(&strings(&["https://a:1", "https://a:1/"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("given twice"), "{e}");
+    }
 }

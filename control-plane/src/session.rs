@@ -280,7 +280,7 @@ where
     };
     // The welcome first: it needs two reads, while the bookkeeping below is written in the
     // background (group commit), so an agent is never kept waiting on the write lock.
-    let bundle_sent = welcome(&state, &agent_id, &tx).await?;
+    let bundle_sent = welcome(&state, &agent_id, relayed_by.is_some(), &tx).await?;
     drop(admitted);
     let labels: BTreeMap<String, String> = hello.labels.clone().into_iter().collect();
     state
@@ -326,6 +326,7 @@ where
 async fn welcome(
     state: &SharedState,
     agent_id: &str,
+    relayed: bool,
     tx: &mpsc::Sender<PlaneMessage>,
 ) -> Result<u64, SessionEnd> {
     let targets = targets::list_for_agent(state, agent_id).await?;
@@ -349,6 +350,12 @@ async fn welcome(
                 .collect(),
             trust_bundle: bundle.into_bytes(),
             answers_heartbeats: true,
+            // An agent behind a relay keeps dialling its relay: no plane addresses for it.
+            agent_endpoints: if relayed {
+                Vec::new()
+            } else {
+                state.config.agent_endpoints.clone()
+            },
         }),
     )
     .await?;

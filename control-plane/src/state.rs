@@ -11,8 +11,11 @@ use crate::store::Db;
 
 #[derive(Debug, Clone)]
 pub struct PlaneConfig {
-    /// The agent endpoint URL handed to agents at enrollment (`https://host:port`).
+    /// The agent endpoint URL handed to agents at enrollment (`https://host:port`): the
+    /// first of `agent_endpoints`.
     pub agent_endpoint: String,
+    /// Every agent endpoint handed to agents (enrollment answer, welcome), in order.
+    pub agent_endpoints: Vec<String>,
     pub heartbeat_interval: Duration,
     pub job_ttl: Duration,
     pub agent_cert_validity: Duration,
