@@ -136,6 +136,8 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
             opts.trust_domain
         );
     }
+    // Checked before anything is created or bound.
+    let mut agent_endpoints = advertised_endpoints(&opts.advertise_endpoints)?;
     std::fs::create_dir_all(&opts.data_dir)
         .with_context(|| format!("creating data directory {}", opts.data_dir.display()))?;
     let db = store::open_sqlite(&opts.data_dir.join("stella.db")).await?;
@@ -173,14 +175,12 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
         None => None,
     };
 
-    let agent_endpoints = if opts.advertise_endpoints.is_empty() {
-        vec![match (&quic_url, opts.advertise_quic) {
+    if agent_endpoints.is_empty() {
+        agent_endpoints.push(match (&quic_url, opts.advertise_quic) {
             (Some(quic_url), true) => quic_url.clone(),
             _ => agent_url.clone(),
-        }]
-    } else {
-        advertised_endpoints(&opts.advertise_endpoints)?
-    };
+        });
+    }
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let handshake_refusals: RefusalCounts = Default::default();
