@@ -79,6 +79,40 @@ fn now_utc_seconds() -> OffsetDateTime {
     now.replace_nanosecond(0).unwrap_or(now)
 }
 
+/// A TLS server certificate's parameters: SANs = `dns_names` + `ips` (CN the first of them), EKU
+/// serverAuth only, no CA rights, a random serial, `validity` from now. The plane's own
+/// certificate and a relay's are issued from the same parameters, only the key differs.
+fn server_cert_params(
+    dns_names: &[String],
+    ips: &[IpAddr],
+    validity: Duration,
+) -> Result<CertificateParams, PkiError> {
+    let cn = match (dns_names.first(), ips.first()) {
+        (Some(name), _) => name.clone(),
+        (None, Some(ip)) => ip.to_string(),
+        (None, None) => return Err(PkiError::NoSubjectAltNames),
+    };
+    let mut sans = Vec::with_capacity(dns_names.len() + ips.len());
+    for name in dns_names {
+        let ia5 = Ia5String::try_from(name.as_str())
+            .map_err(|_| PkiError::InvalidDnsName(name.clone()))?;
+        sans.push(SanType::DnsName(ia5));
+    }
+    sans.extend(ips.iter().copied().map(SanType::IpAddress));
+    let (not_before, not_after) = validity_window(validity)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = common_name(&cn);
+    params.subject_alt_names = sans;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.use_authority_key_identifier_extension = true;
+    params.serial_number = Some(random_serial());
+    params.not_before = not_before;
+    params.not_after = not_after;
+    Ok(params)
+}
+
 fn validity_window(validity: Duration) -> Result<(OffsetDateTime, OffsetDateTime), PkiError> {
     if validity.is_zero() {
         return Err(PkiError::InvalidValidity(
@@ -198,31 +232,8 @@ impl CertificateAuthority {
         ips: &[IpAddr],
         validity: Duration,
     ) -> Result<IssuedKeyPair, PkiError> {
-        let cn = match (dns_names.first(), ips.first()) {
-            (Some(name), _) => name.clone(),
-            (None, Some(ip)) => ip.to_string(),
-            (None, None) => return Err(PkiError::NoSubjectAltNames),
-        };
-        let mut sans = Vec::with_capacity(dns_names.len() + ips.len());
-        for name in dns_names {
-            let ia5 = Ia5String::try_from(name.as_str())
-                .map_err(|_| PkiError::InvalidDnsName(name.clone()))?;
-            sans.push(SanType::DnsName(ia5));
-        }
-        sans.extend(ips.iter().copied().map(SanType::IpAddress));
-        let (not_before, not_after) = validity_window(validity)?;
-
+        let params = server_cert_params(dns_names, ips, validity)?;
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = common_name(&cn);
-        params.subject_alt_names = sans;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.use_authority_key_identifier_extension = true;
-        params.serial_number = Some(random_serial());
-        params.not_before = not_before;
-        params.not_after = not_after;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(IssuedKeyPair {
             cert_pem: cert.pem(),
@@ -240,30 +251,8 @@ impl CertificateAuthority {
         ips: &[IpAddr],
         validity: Duration,
     ) -> Result<String, PkiError> {
-        let cn = match (dns_names.first(), ips.first()) {
-            (Some(name), _) => name.clone(),
-            (None, Some(ip)) => ip.to_string(),
-            (None, None) => return Err(PkiError::NoSubjectAltNames),
-        };
-        let mut sans = Vec::with_capacity(dns_names.len() + ips.len());
-        for name in dns_names {
-            let ia5 = Ia5String::try_from(name.as_str())
-                .map_err(|_| PkiError::InvalidDnsName(name.clone()))?;
-            sans.push(SanType::DnsName(ia5));
-        }
-        sans.extend(ips.iter().copied().map(SanType::IpAddress));
-        let (not_before, not_after) = validity_window(validity)?;
+        let params = server_cert_params(dns_names, ips, validity)?;
         let public_key = verified_csr_public_key(csr_pem)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = common_name(&cn);
-        params.subject_alt_names = sans;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.use_authority_key_identifier_extension = true;
-        params.serial_number = Some(random_serial());
-        params.not_before = not_before;
-        params.not_after = not_after;
         Ok(params.signed_by(&public_key, &self.issuer)?.pem())
     }
 
