@@ -96,7 +96,7 @@ pub async fn enroll(state: &AppState, req: EnrollRequest) -> ApiResult<EnrollRes
     let hash = stella_pki::hash_token(&req.token);
     let mut tx = crate::store::write_tx(&state.db).await?;
     let row = sqlx::query(
-        "SELECT id, token_hash, labels, max_uses, uses, expires_at, revoked_at FROM join_tokens WHERE token_hash = ?",
+        "SELECT id, token_hash, labels, max_uses, uses, expires_at, revoked_at FROM join_tokens WHERE token_hash = $1",
     )
     .bind(&hash)
     .fetch_optional(&mut *tx)
@@ -155,7 +155,7 @@ pub async fn enroll(state: &AppState, req: EnrollRequest) -> ApiResult<EnrollRes
 
     // Consuming the token and creating the agent commit together: a failure leaves the token usable.
     let consumed =
-        sqlx::query("UPDATE join_tokens SET uses = uses + 1 WHERE id = ? AND uses < max_uses")
+        sqlx::query("UPDATE join_tokens SET uses = uses + 1 WHERE id = $1 AND uses < max_uses")
             .bind(&token_id)
             .execute(&mut *tx)
             .await?;
@@ -171,7 +171,7 @@ pub async fn enroll(state: &AppState, req: EnrollRequest) -> ApiResult<EnrollRes
     sqlx::query(
         "INSERT INTO agents (id, name, hostname, labels, capabilities, version, cert_serial,
             cert_not_after, cert_pem, status, join_token_id, next_sequence, enrolled_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'enrolled', ?, 0, ?)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'enrolled', $10, 0, $11)",
     )
     .bind(&agent_id)
     .bind(&req.name)
@@ -246,7 +246,7 @@ pub struct AgentRecord {
 const AGENT_COLUMNS: &str = "id, name, hostname, labels, capabilities, version, cert_serial, \
      previous_cert_serial, cert_not_after, status, last_heartbeat, enrolled_at";
 
-fn view_from_row(state: &AppState, row: &sqlx::sqlite::SqliteRow) -> AgentView {
+fn view_from_row(state: &AppState, row: &sqlx::any::AnyRow) -> AgentView {
     let id: String = row.get("id");
     let status: String = row.get("status");
     let status = if status == "revoked" {
@@ -287,7 +287,7 @@ pub async fn list(state: &AppState) -> ApiResult<Vec<AgentView>> {
 /// Finds an agent by id or, when unambiguous, by name.
 pub async fn find(state: &AppState, id_or_name: &str) -> ApiResult<AgentRecord> {
     let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {AGENT_COLUMNS} FROM agents WHERE id = ? OR name = ? ORDER BY enrolled_at"
+        "SELECT {AGENT_COLUMNS} FROM agents WHERE id = $1 OR name = $2 ORDER BY enrolled_at"
     )))
     .bind(id_or_name)
     .bind(id_or_name)
@@ -311,7 +311,7 @@ pub async fn find(state: &AppState, id_or_name: &str) -> ApiResult<AgentRecord> 
 pub async fn view(state: &AppState, id_or_name: &str) -> ApiResult<AgentView> {
     let record = find(state, id_or_name).await?;
     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?"
+        "SELECT {AGENT_COLUMNS} FROM agents WHERE id = $1"
     )))
     .bind(&record.id)
     .fetch_one(&state.db)
@@ -319,7 +319,7 @@ pub async fn view(state: &AppState, id_or_name: &str) -> ApiResult<AgentView> {
     Ok(view_from_row(state, &row))
 }
 
-fn record_from_row(row: &sqlx::sqlite::SqliteRow) -> AgentRecord {
+fn record_from_row(row: &sqlx::any::AnyRow) -> AgentRecord {
     AgentRecord {
         id: row.get("id"),
         name: row.get("name"),
@@ -332,7 +332,7 @@ fn record_from_row(row: &sqlx::sqlite::SqliteRow) -> AgentRecord {
 
 pub async fn get_record(state: &AppState, agent_id: &str) -> ApiResult<Option<AgentRecord>> {
     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?"
+        "SELECT {AGENT_COLUMNS} FROM agents WHERE id = $1"
     )))
     .bind(agent_id)
     .fetch_optional(&state.db)
@@ -348,7 +348,7 @@ pub async fn records_for_environment(
 ) -> ApiResult<std::collections::HashMap<String, AgentRecord>> {
     let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT {AGENT_COLUMNS} FROM agents
-         WHERE id IN (SELECT agent_id FROM targets WHERE environment_id = ?)"
+         WHERE id IN (SELECT agent_id FROM targets WHERE environment_id = $1)"
     )))
     .bind(environment_id)
     .fetch_all(&state.db)
@@ -365,7 +365,7 @@ pub async fn records_for_environment(
 /// Records what the agent announced in its hello, inside the caller's transaction (the group
 /// commit).
 pub async fn record_hello(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut sqlx::AnyConnection,
     agent_id: &str,
     capabilities: &[String],
     labels: &BTreeMap<String, String>,
@@ -375,7 +375,7 @@ pub async fn record_hello(
     let now = now_ms();
     // Labels given by the join token stay authoritative: merge the agent's over the stored ones
     // only for keys the agent owns (keys not yet set).
-    let stored: Option<(String,)> = sqlx::query_as("SELECT labels FROM agents WHERE id = ?")
+    let stored: Option<(String,)> = sqlx::query_as("SELECT labels FROM agents WHERE id = $1")
         .bind(agent_id)
         .fetch_optional(&mut *conn)
         .await?;
@@ -389,8 +389,8 @@ pub async fn record_hello(
     let capabilities = serde_json::to_string(capabilities).unwrap_or_else(|_| "[]".to_string());
     let merged = serde_json::to_string(&merged).unwrap_or_else(|_| "{}".to_string());
     sqlx::query(
-        "UPDATE agents SET capabilities = ?, labels = ?, version = ?, hostname = ?,
-            last_connected = ?, last_heartbeat = ? WHERE id = ?",
+        "UPDATE agents SET capabilities = $1, labels = $2, version = $3, hostname = $4,
+            last_connected = $5, last_heartbeat = $6 WHERE id = $7",
     )
     .bind(capabilities)
     .bind(merged)
@@ -406,11 +406,11 @@ pub async fn record_hello(
 
 /// Writes the heartbeat times the hub collected since the last flush (agent id, unix ms).
 pub async fn flush_heartbeats(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut sqlx::AnyConnection,
     heartbeats: &[(String, i64)],
 ) -> Result<(), sqlx::Error> {
     for (agent_id, at) in heartbeats {
-        sqlx::query("UPDATE agents SET last_heartbeat = ? WHERE id = ? AND (last_heartbeat IS NULL OR last_heartbeat < ?)")
+        sqlx::query("UPDATE agents SET last_heartbeat = $1 WHERE id = $2 AND (last_heartbeat IS NULL OR last_heartbeat < $3)")
             .bind(at)
             .bind(agent_id)
             .bind(at)
@@ -438,7 +438,7 @@ pub async fn revoke(state: &AppState, id_or_name: &str, req: RevokeAgent) -> Api
     if agent.status != "revoked" {
         crate::deployments::cancel_agent_jobs(state, &agent.id, &reason).await?;
         sqlx::query(
-            "UPDATE agents SET status = 'revoked', revoked_at = ?, revoked_reason = ? WHERE id = ?",
+            "UPDATE agents SET status = 'revoked', revoked_at = $1, revoked_reason = $2 WHERE id = $3",
         )
         .bind(now_ms())
         .bind(&reason)
@@ -461,12 +461,12 @@ async fn record_certificate<'e, E>(
     not_after_ms: i64,
 ) -> ApiResult<()>
 where
-    E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
 {
     let der = stella_pki::cert_der_from_pem(cert_pem)?;
     sqlx::query(
         "INSERT INTO agent_certificates (fingerprint, agent_id, serial, cert_pem, not_after, issued_at)
-         VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (fingerprint) DO NOTHING",
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (fingerprint) DO NOTHING",
     )
     .bind(stella_pki::fingerprint_der(&der))
     .bind(agent_id)
@@ -486,7 +486,7 @@ pub async fn certificate_by_fingerprint(
     fingerprint: &str,
 ) -> ApiResult<Option<(Vec<u8>, i64)>> {
     let row: Option<(String, i64)> = sqlx::query_as(
-        "SELECT cert_pem, not_after FROM agent_certificates WHERE agent_id = ? AND fingerprint = ?",
+        "SELECT cert_pem, not_after FROM agent_certificates WHERE agent_id = $1 AND fingerprint = $2",
     )
     .bind(agent_id)
     .bind(fingerprint)
@@ -527,9 +527,9 @@ pub async fn renew_certificate(
     // Keep valid the certificate the agent actually holds: if it never installed the last
     // renewal (it presented the previous serial), that previous one must stay the fallback.
     sqlx::query(
-        "UPDATE agents SET previous_cert_serial = CASE WHEN cert_serial = ? THEN cert_serial
+        "UPDATE agents SET previous_cert_serial = CASE WHEN cert_serial = $1 THEN cert_serial
                 ELSE previous_cert_serial END,
-            cert_serial = ?, cert_not_after = ?, cert_pem = ? WHERE id = ? AND status != 'revoked'",
+            cert_serial = $2, cert_not_after = $3, cert_pem = $4 WHERE id = $5 AND status != 'revoked'",
     )
     .bind(presented_serial)
     .bind(&issued.serial_hex)
@@ -553,7 +553,7 @@ pub async fn renew_certificate(
 /// The session presented the current certificate: the previous one is no longer needed.
 pub async fn retire_previous_certificate(state: &AppState, agent_id: &str) -> ApiResult<()> {
     sqlx::query(
-        "UPDATE agents SET previous_cert_serial = '' WHERE id = ? AND previous_cert_serial != ''",
+        "UPDATE agents SET previous_cert_serial = '' WHERE id = $1 AND previous_cert_serial != ''",
     )
     .bind(agent_id)
     .execute(&state.db)
@@ -614,7 +614,7 @@ pub async fn renew_offline(
     )
     .map_err(|_| refuse("the proof does not verify with the certificate's key"))?;
     let row: Option<(String, String, String)> =
-        sqlx::query_as("SELECT status, cert_serial, previous_cert_serial FROM agents WHERE id = ?")
+        sqlx::query_as("SELECT status, cert_serial, previous_cert_serial FROM agents WHERE id = $1")
             .bind(&req.agent_id)
             .fetch_optional(&state.db)
             .await?;

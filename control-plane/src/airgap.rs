@@ -220,7 +220,7 @@ pub async fn import(state: &SharedState, file: SignedResults) -> ApiResult<Impor
         ..Default::default()
     };
     if let Some(row) =
-        sqlx::query("SELECT results_new, results_known FROM airgap_imports WHERE digest = ?")
+        sqlx::query("SELECT results_new, results_known FROM airgap_imports WHERE digest = $1")
             .bind(&digest)
             .fetch_optional(&state.db)
             .await?
@@ -288,7 +288,7 @@ pub async fn import(state: &SharedState, file: SignedResults) -> ApiResult<Impor
     }
     sqlx::query(
         "INSERT INTO airgap_imports (digest, relay_id, imported_at, results_new, results_known)
-         VALUES (?, ?, ?, ?, ?) ON CONFLICT(digest) DO NOTHING",
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT(digest) DO NOTHING",
     )
     .bind(&digest)
     .bind(&relay_id)
@@ -316,7 +316,7 @@ async fn finished_jobs(
     let mut out = HashMap::new();
     for job_id in job_ids {
         let status: Option<(String,)> = sqlx::query_as(
-            "SELECT status FROM jobs WHERE id = ? AND agent_id = ?
+            "SELECT status FROM jobs WHERE id = $1 AND agent_id = $2
              AND status NOT IN ('queued', 'offered', 'accepted')",
         )
         .bind(job_id)

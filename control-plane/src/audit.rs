@@ -34,7 +34,7 @@ pub struct AuditRecord<'a> {
 pub async fn record(db: &Db, entry: AuditRecord<'_>) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO audit_log (id, at, actor, role, method, path, status, client_ip)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(new_id("au"))
     .bind(now_ms())
@@ -55,7 +55,7 @@ type AuditRow = (String, i64, String, String, String, String, i64, String);
 pub async fn list(state: &AppState, limit: u32) -> ApiResult<Vec<AuditEntry>> {
     let rows: Vec<AuditRow> = sqlx::query_as(
         "SELECT id, at, actor, role, method, path, status, client_ip FROM audit_log
-         ORDER BY at DESC, id DESC LIMIT ?",
+         ORDER BY at DESC, id DESC LIMIT $1",
     )
     .bind(i64::from(limit))
     .fetch_all(&state.db)

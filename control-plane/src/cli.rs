@@ -21,7 +21,7 @@ use stella_control_plane::server::ServeOptions;
 use stella_control_plane::targets::{Target, TargetDetail};
 use stella_control_plane::tokens::{JoinTokenCreated, JoinTokenView};
 use stella_control_plane::trust::TrustStatus;
-use stella_control_plane::{duration, server};
+use stella_control_plane::{duration, server, store};
 
 use crate::dev;
 
@@ -76,6 +76,9 @@ enum Command {
     Dev(DevArgs),
     /// Run the control plane server.
     Serve(ServeArgs),
+    /// Apply the database's pending schema migrations and exit (`stella serve` applies them at
+    /// start unless `--no-migrate`).
+    Migrate(DatabaseArgs),
     /// Join tokens for enrolling agents.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -220,6 +223,8 @@ impl PlaneListenArgs {
             agent_cert_validity: self.agent_cert_ttl,
             renewal_grace: self.renewal_grace,
             max_session_setups: self.max_session_setups as usize,
+            database: None,
+            migrate: true,
         }
     }
 }
@@ -240,6 +245,19 @@ pub struct DevArgs {
 struct ServeArgs {
     #[command(flatten)]
     listen: PlaneListenArgs,
+    #[command(flatten)]
+    database: DatabaseArgs,
+    /// Do not apply pending schema migrations at start (apply them with `stella migrate`).
+    #[arg(long)]
+    no_migrate: bool,
+}
+
+#[derive(Args)]
+struct DatabaseArgs {
+    /// The database: `postgres://USER:PASSWORD@HOST:PORT/DATABASE` (PostgreSQL, TLS with
+    /// `?sslmode=require`) or `sqlite:///PATH`; default: `stella.db` in the data directory.
+    #[arg(long, env = "STELLA_DATABASE_URL", hide_env_values = true)]
+    database: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -449,6 +467,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Dev(args) => dev::run(cli.data_dir, args).await,
         Command::Serve(args) => serve(cli.data_dir, args).await,
+        Command::Migrate(args) => migrate(cli.data_dir, args).await,
         Command::Token(TokenCommand::List) => {
             let client = ApiClient::connect(&conn)?;
             let tokens: Vec<JoinTokenView> = client.list("/api/v1/tokens").await?;
@@ -841,7 +860,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn serve(data_dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
-    let plane = server::start(args.listen.options(data_dir)).await?;
+    let mut options = args.listen.options(data_dir);
+    options.database = args.database.database;
+    options.migrate = !args.no_migrate;
+    let plane = server::start(options).await?;
     println!("Stella control plane");
     println!("  API:            {}", plane.api_url);
     println!("  agent endpoint: {}", plane.agent_url);
@@ -850,6 +872,22 @@ async fn serve(data_dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
     dev::wait_for_shutdown_signal().await?;
     println!("shutting down");
     plane.shutdown().await;
+    Ok(())
+}
+
+async fn migrate(data_dir: PathBuf, args: DatabaseArgs) -> anyhow::Result<()> {
+    let url = server::database_url(&data_dir, args.database.as_deref())?;
+    let db = store::open(&url, false).await?;
+    let applied = store::migrate(&db, &url).await?;
+    db.close().await;
+    if applied.is_empty() {
+        println!("{url}: the schema is current, nothing to apply");
+    } else {
+        println!("{url}: applied {} migration(s)", applied.len());
+        for (version, description) in applied {
+            println!("  {version:04} {description}");
+        }
+    }
     Ok(())
 }
 

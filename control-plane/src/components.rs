@@ -169,7 +169,7 @@ pub async fn create(state: &AppState, req: CreateComponent) -> ApiResult<Compone
     let inserted = sqlx::query(
         "INSERT INTO components (id, name, registry, repository, rules, username, password_ref,
              created_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (name) DO NOTHING",
     )
     .bind(&id)
     .bind(&req.name)
@@ -206,7 +206,7 @@ async fn row(state: &AppState, id_or_name: &str) -> ApiResult<ComponentRow> {
     sqlx::query_as(
         "SELECT id, name, registry, repository, rules, username, password_ref, created_at,
              synced_at
-         FROM components WHERE id = ? OR name = ?",
+         FROM components WHERE id = $1 OR name = $2",
     )
     .bind(id_or_name)
     .bind(id_or_name)
@@ -218,7 +218,7 @@ async fn row(state: &AppState, id_or_name: &str) -> ApiResult<ComponentRow> {
 async fn versions(state: &AppState, component_id: &str) -> ApiResult<Vec<ComponentVersionView>> {
     let rows: Vec<(String, String, String, String, i64)> = sqlx::query_as(
         "SELECT tag, digest, semver, channel, synced_at FROM component_versions
-         WHERE component_id = ?",
+         WHERE component_id = $1",
     )
     .bind(component_id)
     .fetch_all(&state.db)
@@ -314,7 +314,7 @@ pub async fn sync(state: &AppState, id_or_name: &str) -> ApiResult<SyncResult> {
         .await
         .map_err(|e| registry_failure(&r.1, e))?;
     let before: Vec<(String, String)> =
-        sqlx::query_as("SELECT tag, digest FROM component_versions WHERE component_id = ?")
+        sqlx::query_as("SELECT tag, digest FROM component_versions WHERE component_id = $1")
             .bind(&r.0)
             .fetch_all(&state.db)
             .await?;
@@ -328,7 +328,7 @@ pub async fn sync(state: &AppState, id_or_name: &str) -> ApiResult<SyncResult> {
         sqlx::query(
             "INSERT INTO component_versions (component_id, tag, digest, media_type, semver,
                  channel, synced_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
              ON CONFLICT (component_id, tag) DO UPDATE SET digest = excluded.digest,
                  media_type = excluded.media_type, semver = excluded.semver,
                  channel = excluded.channel, synced_at = excluded.synced_at",
@@ -343,7 +343,7 @@ pub async fn sync(state: &AppState, id_or_name: &str) -> ApiResult<SyncResult> {
         .execute(&mut *tx)
         .await?;
     }
-    sqlx::query("UPDATE components SET synced_at = ? WHERE id = ?")
+    sqlx::query("UPDATE components SET synced_at = $1 WHERE id = $2")
         .bind(now)
         .bind(&r.0)
         .execute(&mut *tx)
@@ -396,7 +396,7 @@ pub async fn resolve_reference(
     let tag = tag.unwrap_or_default();
     stella_registry::validate_tag(tag).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let synced: Option<(String,)> =
-        sqlx::query_as("SELECT digest FROM component_versions WHERE component_id = ? AND tag = ?")
+        sqlx::query_as("SELECT digest FROM component_versions WHERE component_id = $1 AND tag = $2")
             .bind(&r.0)
             .bind(tag)
             .fetch_optional(&state.db)

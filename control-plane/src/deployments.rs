@@ -215,7 +215,7 @@ async fn create_jobs(
     let mut tx = crate::store::write_tx(&state.db).await?;
     sqlx::query(
         "INSERT INTO deployments (id, kind, release_id, environment_id, status, message, created_at, updated_at)
-         VALUES (?, ?, ?, ?, 'running', '', ?, ?)",
+         VALUES ($1, $2, $3, $4, 'running', '', $5, $6)",
     )
     .bind(&deployment_id)
     .bind(kind.name())
@@ -277,25 +277,28 @@ async fn create_jobs(
     }
     // Many rows per statement: the plane pays per statement, not per row.
     for chunk in rows.chunks(INSERT_ROWS_PER_STATEMENT) {
-        let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+        let sql = format!(
             "INSERT INTO jobs (id, deployment_id, agent_id, target_id, kind, sequence, idempotency_key,
-                envelope, not_after, status, created_at, updated_at) ",
+                envelope, not_after, status, created_at, updated_at) VALUES {}",
+            crate::store::values_placeholders(chunk.len(), 12)
         );
-        insert.push_values(chunk, |mut row, job| {
-            row.push_bind(&job.id)
-                .push_bind(&deployment_id)
-                .push_bind(job.agent_id)
-                .push_bind(job.target_id)
-                .push_bind(kind.name())
-                .push_bind(job.sequence)
-                .push_bind(&job.idempotency_key)
-                .push_bind(&job.envelope)
-                .push_bind(now + ttl_ms)
-                .push_bind("queued")
-                .push_bind(now)
-                .push_bind(now);
-        });
-        insert.build().execute(&mut *tx).await?;
+        let mut insert = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for job in chunk {
+            insert = insert
+                .bind(&job.id)
+                .bind(&deployment_id)
+                .bind(job.agent_id)
+                .bind(job.target_id)
+                .bind(kind.name())
+                .bind(job.sequence)
+                .bind(&job.idempotency_key)
+                .bind(&job.envelope)
+                .bind(now + ttl_ms)
+                .bind("queued")
+                .bind(now)
+                .bind(now);
+        }
+        insert.execute(&mut *tx).await?;
     }
     tx.commit().await?;
     tracing::info!(deployment_id = %deployment_id, kind = kind.name(), release = %release.name, env = %env.name, jobs = env_targets.len(), "deployment created");
@@ -323,7 +326,7 @@ struct NewJob<'a> {
 /// with concurrent deployments. Agents serving one target of the deployment (the common case)
 /// are updated many per statement.
 async fn allocate_sequences(
-    tx: &mut sqlx::SqliteConnection,
+    tx: &mut sqlx::AnyConnection,
     targets: &[targets::Target],
 ) -> Result<Vec<i64>, sqlx::Error> {
     let mut per_agent: HashMap<&str, i64> = HashMap::new();
@@ -338,20 +341,21 @@ async fn allocate_sequences(
         .map(|(a, _)| *a)
         .collect();
     for chunk in single.chunks(500) {
-        let mut update = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "UPDATE agents SET next_sequence = next_sequence + 1 WHERE id IN (",
+        let sql = format!(
+            "UPDATE agents SET next_sequence = next_sequence + 1 WHERE id IN ({}) \
+             RETURNING id, next_sequence",
+            crate::store::list_placeholders(1, chunk.len())
         );
-        let mut ids = update.separated(", ");
+        let mut update = sqlx::query_as(sqlx::AssertSqlSafe(sql));
         for id in chunk {
-            ids.push_bind(*id);
+            update = update.bind(*id);
         }
-        update.push(") RETURNING id, next_sequence");
-        let allocated: Vec<(String, i64)> = update.build_query_as().fetch_all(&mut *tx).await?;
+        let allocated: Vec<(String, i64)> = update.fetch_all(&mut *tx).await?;
         last.extend(allocated);
     }
     for (agent_id, n) in per_agent.iter().filter(|(_, n)| **n > 1) {
         let (sequence,): (i64,) = sqlx::query_as(
-            "UPDATE agents SET next_sequence = next_sequence + ? WHERE id = ? RETURNING next_sequence",
+            "UPDATE agents SET next_sequence = next_sequence + $1 WHERE id = $2 RETURNING next_sequence",
         )
         .bind(n)
         .bind(agent_id)
@@ -383,7 +387,7 @@ const DEPLOYMENT_SELECT: &str = "SELECT d.id, d.kind, r.name AS release, r.id AS
      e.name AS environment, d.status, d.message, d.created_at, d.finished_at FROM deployments d \
      JOIN releases r ON r.id = d.release_id JOIN environments e ON e.id = d.environment_id";
 
-fn deployment_from_row(row: &sqlx::sqlite::SqliteRow) -> Deployment {
+fn deployment_from_row(row: &sqlx::any::AnyRow) -> Deployment {
     Deployment {
         id: row.get("id"),
         kind: row.get("kind"),
@@ -400,7 +404,7 @@ fn deployment_from_row(row: &sqlx::sqlite::SqliteRow) -> Deployment {
 
 pub async fn get(state: &AppState, id: &str) -> ApiResult<Deployment> {
     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "{DEPLOYMENT_SELECT} WHERE d.id = ?"
+        "{DEPLOYMENT_SELECT} WHERE d.id = $1"
     )))
     .bind(id)
     .fetch_optional(&state.db)
@@ -410,7 +414,7 @@ pub async fn get(state: &AppState, id: &str) -> ApiResult<Deployment> {
     let jobs = sqlx::query(
         "SELECT j.id, t.name AS target, j.agent_id, j.kind, j.sequence, j.status, j.reason_code,
             j.message, j.outcome, j.created_at, j.finished_at
-         FROM jobs j JOIN targets t ON t.id = j.target_id WHERE j.deployment_id = ? ORDER BY t.name",
+         FROM jobs j JOIN targets t ON t.id = j.target_id WHERE j.deployment_id = $1 ORDER BY t.name",
     )
     .bind(id)
     .fetch_all(&state.db)
@@ -421,7 +425,7 @@ pub async fn get(state: &AppState, id: &str) -> ApiResult<Deployment> {
         std::collections::HashMap::with_capacity(jobs.len());
     let events: Vec<(String, i64, String)> = sqlx::query_as(
         "SELECT e.job_id, e.at, e.message FROM job_events e
-         WHERE e.job_id IN (SELECT id FROM jobs WHERE deployment_id = ?) ORDER BY e.job_id, e.seq",
+         WHERE e.job_id IN (SELECT id FROM jobs WHERE deployment_id = $1) ORDER BY e.job_id, e.seq",
     )
     .bind(id)
     .fetch_all(&state.db)
@@ -475,7 +479,7 @@ pub struct PendingJob {
 pub async fn pending_for_agent(state: &AppState, agent_id: &str) -> ApiResult<Vec<PendingJob>> {
     let rows: Vec<(String, String, i64)> = sqlx::query_as(
         "SELECT id, envelope, not_after FROM jobs
-         WHERE agent_id = ? AND status IN ('queued', 'offered', 'accepted') ORDER BY sequence",
+         WHERE agent_id = $1 AND status IN ('queued', 'offered', 'accepted') ORDER BY sequence",
     )
     .bind(agent_id)
     .fetch_all(&state.db)
@@ -491,7 +495,7 @@ pub async fn pending_for_agent(state: &AppState, agent_id: &str) -> ApiResult<Ve
 }
 
 async fn add_event(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut sqlx::AnyConnection,
     job_id: &str,
     message: &str,
 ) -> Result<(), sqlx::Error> {
@@ -499,7 +503,7 @@ async fn add_event(
     // session writes go through the one group-commit writer.
     sqlx::query(
         "INSERT INTO job_events (job_id, seq, at, message)
-         VALUES (?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM job_events WHERE job_id = ?), ?, ?)",
+         VALUES ($1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM job_events WHERE job_id = $2), $3, $4)",
     )
     .bind(job_id)
     .bind(job_id)
@@ -514,12 +518,12 @@ async fn add_event(
 // `group_commit.rs`): agent sessions never commit one statement at a time.
 
 pub async fn mark_offered(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut sqlx::AnyConnection,
     agent_id: &str,
     job_id: &str,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE jobs SET status = 'offered', updated_at = ? WHERE id = ? AND agent_id = ? AND status = 'queued'",
+        "UPDATE jobs SET status = 'offered', updated_at = $1 WHERE id = $2 AND agent_id = $3 AND status = 'queued'",
     )
     .bind(now_ms())
     .bind(job_id)
@@ -530,12 +534,12 @@ pub async fn mark_offered(
 }
 
 pub async fn mark_accepted(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut sqlx::AnyConnection,
     agent_id: &str,
     job_id: &str,
 ) -> Result<(), sqlx::Error> {
     let updated = sqlx::query(
-        "UPDATE jobs SET status = 'accepted', updated_at = ? WHERE id = ? AND agent_id = ?
+        "UPDATE jobs SET status = 'accepted', updated_at = $1 WHERE id = $2 AND agent_id = $3
          AND status IN ('queued', 'offered')",
     )
     .bind(now_ms())
@@ -550,13 +554,13 @@ pub async fn mark_accepted(
 }
 
 pub async fn record_progress(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut sqlx::AnyConnection,
     agent_id: &str,
     job_id: &str,
     message: &str,
 ) -> Result<(), sqlx::Error> {
     let owned: Option<(String,)> =
-        sqlx::query_as("SELECT id FROM jobs WHERE id = ? AND agent_id = ?")
+        sqlx::query_as("SELECT id FROM jobs WHERE id = $1 AND agent_id = $2")
             .bind(job_id)
             .bind(agent_id)
             .fetch_optional(&mut *conn)
@@ -572,7 +576,7 @@ pub async fn record_progress(
 /// caller's transaction. Returns false when the job is unknown to this agent (nothing is
 /// written then).
 pub async fn record_result(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut sqlx::AnyConnection,
     agent_id: &str,
     status: &str,
     result: &stella_proto::JobResult,
@@ -580,7 +584,7 @@ pub async fn record_result(
 ) -> Result<bool, sqlx::Error> {
     let now = now_ms();
     let row: Option<(String, String)> =
-        sqlx::query_as("SELECT deployment_id, status FROM jobs WHERE id = ? AND agent_id = ?")
+        sqlx::query_as("SELECT deployment_id, status FROM jobs WHERE id = $1 AND agent_id = $2")
             .bind(&result.job_id)
             .bind(agent_id)
             .fetch_optional(&mut *conn)
@@ -594,8 +598,8 @@ pub async fn record_result(
     }
     let message: String = result.message.chars().take(8000).collect();
     sqlx::query(
-        "UPDATE jobs SET status = ?, reason_code = ?, message = ?, outcome = ?, receipt = ?,
-            updated_at = ?, finished_at = ? WHERE id = ?",
+        "UPDATE jobs SET status = $1, reason_code = $2, message = $3, outcome = $4, receipt = $5,
+            updated_at = $6, finished_at = $7 WHERE id = $8",
     )
     .bind(status)
     .bind(&result.reason_code)
@@ -616,7 +620,7 @@ pub async fn expire_job(state: &AppState, job_id: &str) -> ApiResult<()> {
     let now = now_ms();
     let mut tx = crate::store::write_tx(&state.db).await?;
     let row: Option<(String,)> = sqlx::query_as(
-        "SELECT deployment_id FROM jobs WHERE id = ? AND status IN ('queued', 'offered')",
+        "SELECT deployment_id FROM jobs WHERE id = $1 AND status IN ('queued', 'offered')",
     )
     .bind(job_id)
     .fetch_optional(&mut *tx)
@@ -626,8 +630,8 @@ pub async fn expire_job(state: &AppState, job_id: &str) -> ApiResult<()> {
     };
     sqlx::query(
         "UPDATE jobs SET status = 'failed', reason_code = 'expired_before_delivery',
-            message = 'the job expired before its agent received it', updated_at = ?, finished_at = ?
-         WHERE id = ?",
+            message = 'the job expired before its agent received it', updated_at = $1, finished_at = $2
+         WHERE id = $3",
     )
     .bind(now)
     .bind(now)
@@ -644,15 +648,15 @@ pub async fn cancel_agent_jobs(state: &AppState, agent_id: &str, reason: &str) -
     let now = now_ms();
     let mut tx = crate::store::write_tx(&state.db).await?;
     let affected: Vec<(String,)> = sqlx::query_as(
-        "SELECT DISTINCT deployment_id FROM jobs WHERE agent_id = ? AND status IN ('queued', 'offered', 'accepted')",
+        "SELECT DISTINCT deployment_id FROM jobs WHERE agent_id = $1 AND status IN ('queued', 'offered', 'accepted')",
     )
     .bind(agent_id)
     .fetch_all(&mut *tx)
     .await?;
     sqlx::query(
-        "UPDATE jobs SET status = 'cancelled', reason_code = 'agent_revoked', message = ?,
-            updated_at = ?, finished_at = ?
-         WHERE agent_id = ? AND status IN ('queued', 'offered', 'accepted')",
+        "UPDATE jobs SET status = 'cancelled', reason_code = 'agent_revoked', message = $1,
+            updated_at = $2, finished_at = $3
+         WHERE agent_id = $4 AND status IN ('queued', 'offered', 'accepted')",
     )
     .bind(format!("agent {agent_id} was revoked: {reason}"))
     .bind(now)
@@ -668,7 +672,7 @@ pub async fn cancel_agent_jobs(state: &AppState, agent_id: &str, reason: &str) -
 }
 
 async fn settle_deployment(
-    tx: &mut sqlx::SqliteConnection,
+    tx: &mut sqlx::AnyConnection,
     deployment_id: &str,
     now: i64,
 ) -> Result<(), sqlx::Error> {
@@ -676,19 +680,20 @@ async fn settle_deployment(
     // result costs O(log N). (Counting them with NOT IN scanned the unfinished rows: O(N) per
     // result, O(N²) per fan-out, most of the plane's SQLite time at 10,000 agents.) The outcome
     // rows are read only once, when the last job of the deployment finishes.
-    let (unfinished,): (bool,) = sqlx::query_as(
-        "SELECT EXISTS (SELECT 1 FROM jobs WHERE deployment_id = ?
-         AND status IN ('queued', 'offered', 'accepted'))",
+    // CASE: EXISTS is a boolean on PostgreSQL and an integer on SQLite.
+    let (unfinished,): (i64,) = sqlx::query_as(
+        "SELECT CASE WHEN EXISTS (SELECT 1 FROM jobs WHERE deployment_id = $1
+         AND status IN ('queued', 'offered', 'accepted')) THEN 1 ELSE 0 END",
     )
     .bind(deployment_id)
     .fetch_one(&mut *tx)
     .await?;
-    if unfinished {
+    if unfinished != 0 {
         return Ok(());
     }
     let jobs: Vec<(String, String, String, String)> = sqlx::query_as(
         "SELECT t.name, j.status, j.reason_code, j.message FROM jobs j JOIN targets t ON t.id = j.target_id
-         WHERE j.deployment_id = ? ORDER BY t.name",
+         WHERE j.deployment_id = $1 ORDER BY t.name",
     )
     .bind(deployment_id)
     .fetch_all(&mut *tx)
@@ -707,8 +712,8 @@ async fn settle_deployment(
         ("failed", failures.join("; "))
     };
     sqlx::query(
-        "UPDATE deployments SET status = ?, message = ?, updated_at = ?, finished_at = ?
-         WHERE id = ? AND status = 'running'",
+        "UPDATE deployments SET status = $1, message = $2, updated_at = $3, finished_at = $4
+         WHERE id = $5 AND status = 'running'",
     )
     .bind(status)
     .bind(&message)

@@ -112,7 +112,7 @@ async fn target_of_agent(
     let row = sqlx::query(
         "SELECT t.id, t.name, t.kind, t.environment_id, e.name AS environment
          FROM targets t JOIN environments e ON e.id = t.environment_id
-         WHERE t.name = ? AND t.agent_id = ?",
+         WHERE t.name = $1 AND t.agent_id = $2",
     )
     .bind(name)
     .bind(agent_id)
@@ -140,7 +140,7 @@ struct Tracked {
 async fn load_tracked(state: &AppState, target_id: &str) -> ApiResult<Tracked> {
     let row = sqlx::query(
         "SELECT remediator, reconcile_deployment_id, decision, observed_at, evaluated_at
-         FROM drift_targets WHERE target_id = ?",
+         FROM drift_targets WHERE target_id = $1",
     )
     .bind(target_id)
     .fetch_optional(&state.db)
@@ -160,7 +160,7 @@ async fn load_tracked(state: &AppState, target_id: &str) -> ApiResult<Tracked> {
 }
 
 async fn save_tracked(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut sqlx::AnyConnection,
     target_id: &str,
     tracked: &Tracked,
 ) -> ApiResult<()> {
@@ -172,7 +172,7 @@ async fn save_tracked(
     };
     sqlx::query(
         "INSERT INTO drift_targets (target_id, remediator, reconcile_deployment_id, decision,
-            observed_at, evaluated_at) VALUES (?, ?, ?, ?, ?, ?)
+            observed_at, evaluated_at) VALUES ($1, $2, $3, $4, $5, $6)
          ON CONFLICT (target_id) DO UPDATE SET remediator = excluded.remediator,
             reconcile_deployment_id = excluded.reconcile_deployment_id,
             decision = excluded.decision, observed_at = excluded.observed_at,
@@ -193,7 +193,7 @@ async fn save_tracked(
 async fn desired_state(state: &AppState, target: &TargetRow) -> ApiResult<Option<DesiredTarget>> {
     let row: Option<(String, String)> = sqlx::query_as(
         "SELECT d.id, d.release_id FROM jobs j JOIN deployments d ON d.id = j.deployment_id
-         WHERE j.target_id = ? AND j.status = 'succeeded' AND j.kind = 'deploy'
+         WHERE j.target_id = $1 AND j.status = 'succeeded' AND j.kind = 'deploy'
          ORDER BY j.finished_at DESC, j.sequence DESC LIMIT 1",
     )
     .bind(&target.id)
@@ -226,7 +226,7 @@ async fn desired_state(state: &AppState, target: &TargetRow) -> ApiResult<Option
 /// (the same clock as the reports' `observed_at`).
 async fn last_job_end_on_agent_clock(state: &AppState, target_id: &str) -> ApiResult<Option<i64>> {
     let receipt: Option<(String,)> = sqlx::query_as(
-        "SELECT receipt FROM jobs WHERE target_id = ? AND finished_at IS NOT NULL
+        "SELECT receipt FROM jobs WHERE target_id = $1 AND finished_at IS NOT NULL
          ORDER BY finished_at DESC LIMIT 1",
     )
     .bind(target_id)
@@ -288,7 +288,7 @@ fn observed_target(name: &str, p: &Pending) -> ObservedTarget {
 async fn load_rules(state: &AppState, environment_id: &str) -> ApiResult<IgnoreRules> {
     let rows = sqlx::query(
         "SELECT r.id, t.name AS target, r.selector FROM drift_ignore_rules r
-         LEFT JOIN targets t ON t.id = r.target_id WHERE r.environment_id = ? ORDER BY r.created_at, r.id",
+         LEFT JOIN targets t ON t.id = r.target_id WHERE r.environment_id = $1 ORDER BY r.created_at, r.id",
     )
     .bind(environment_id)
     .fetch_all(&state.db)
@@ -316,7 +316,7 @@ async fn load_policy(
     environment_id: &str,
 ) -> ApiResult<(RemediationPolicy, String)> {
     let row: Option<(String, String)> =
-        sqlx::query_as("SELECT policy, webhook FROM drift_policies WHERE environment_id = ?")
+        sqlx::query_as("SELECT policy, webhook FROM drift_policies WHERE environment_id = $1")
             .bind(environment_id)
             .fetch_optional(&state.db)
             .await?;
@@ -338,7 +338,7 @@ async fn reconcile_outcome(
     let row: Option<(String, String)> = sqlx::query_as(
         "SELECT d.status, COALESCE((SELECT j.reason_code || ': ' || j.message FROM jobs j
              WHERE j.deployment_id = d.id AND j.status != 'succeeded' LIMIT 1), d.message)
-         FROM deployments d WHERE d.id = ?",
+         FROM deployments d WHERE d.id = $1",
     )
     .bind(deployment_id)
     .fetch_optional(&state.db)
@@ -367,7 +367,7 @@ async fn evaluate(state: &AppState, p: Pending) -> ApiResult<()> {
         return Ok(());
     }
     let unfinished: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT COUNT(*) FROM jobs WHERE target_id = ? AND status NOT IN ({})",
+        "SELECT COUNT(*) FROM jobs WHERE target_id = $1 AND status NOT IN ({})",
         TERMINAL_JOB_STATUSES
             .iter()
             .map(|s| format!("'{s}'"))
@@ -444,7 +444,7 @@ async fn evaluate(state: &AppState, p: Pending) -> ApiResult<()> {
             ReconcileOutcome::Failed { error } => ("failed", error.clone()),
         };
         sqlx::query(
-            "UPDATE drift_reconciles SET outcome = ?, error = ?, finished_at = ? WHERE deployment_id = ?",
+            "UPDATE drift_reconciles SET outcome = $1, error = $2, finished_at = $3 WHERE deployment_id = $4",
         )
         .bind(label)
         .bind(error)
@@ -455,7 +455,7 @@ async fn evaluate(state: &AppState, p: Pending) -> ApiResult<()> {
     }
     if let Some((deployment_id, release)) = &reconcile {
         sqlx::query(
-            "INSERT INTO drift_reconciles (deployment_id, target_id, release_id, issued_at) VALUES (?, ?, ?, ?)",
+            "INSERT INTO drift_reconciles (deployment_id, target_id, release_id, issued_at) VALUES ($1, $2, $3, $4)",
         )
         .bind(deployment_id)
         .bind(&target.id)
@@ -545,7 +545,7 @@ async fn issue_reconcile(
         tracked.reconcile_deployment_id = None;
         let mut tx = crate::store::write_tx(&state.db).await?;
         sqlx::query(
-            "UPDATE drift_reconciles SET outcome = 'failed', error = ?, finished_at = ? WHERE deployment_id = ?",
+            "UPDATE drift_reconciles SET outcome = 'failed', error = $1, finished_at = $2 WHERE deployment_id = $3",
         )
         .bind(error)
         .bind(now_ms())
@@ -598,13 +598,13 @@ struct FindingChange {
 
 /// Opens findings not open yet, moves `last_seen` of those still there, resolves the rest.
 async fn store_findings(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut sqlx::AnyConnection,
     target_id: &str,
     findings: &[Finding],
     at: i64,
 ) -> ApiResult<FindingChange> {
     let open: Vec<(String, String)> = sqlx::query_as(
-        "SELECT id, fingerprint FROM drift_findings WHERE target_id = ? AND resolved_at IS NULL",
+        "SELECT id, fingerprint FROM drift_findings WHERE target_id = $1 AND resolved_at IS NULL",
     )
     .bind(target_id)
     .fetch_all(&mut *conn)
@@ -613,14 +613,14 @@ async fn store_findings(
     let mut resolved = Vec::new();
     for (id, fingerprint) in &open {
         if current.contains(fingerprint.as_str()) {
-            sqlx::query("UPDATE drift_findings SET last_seen = ? WHERE id = ?")
+            sqlx::query("UPDATE drift_findings SET last_seen = $1 WHERE id = $2")
                 .bind(at)
                 .bind(id)
                 .execute(&mut *conn)
                 .await?;
         } else {
             sqlx::query(
-                "UPDATE drift_findings SET resolved_at = ?, resolution = 'in_sync' WHERE id = ?",
+                "UPDATE drift_findings SET resolved_at = $1, resolution = 'in_sync' WHERE id = $2",
             )
             .bind(at)
             .bind(id)
@@ -640,7 +640,7 @@ async fn store_findings(
         sqlx::query(
             "INSERT INTO drift_findings (id, target_id, fingerprint, kind, severity, component,
                 workload, expected, observed, labels, detail, first_seen, last_seen)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
         )
         .bind(new_id("drf"))
         .bind(target_id)
@@ -735,7 +735,7 @@ const FINDING_SELECT: &str = "SELECT f.id, t.name AS target, e.name AS environme
      f.fingerprint, f.first_seen, f.last_seen, f.resolved_at, f.resolution FROM drift_findings f \
      JOIN targets t ON t.id = f.target_id JOIN environments e ON e.id = t.environment_id";
 
-fn finding_from_row(r: &sqlx::sqlite::SqliteRow) -> FindingView {
+fn finding_from_row(r: &sqlx::any::AnyRow) -> FindingView {
     FindingView {
         id: r.get("id"),
         target: r.get("target"),
@@ -782,7 +782,7 @@ pub async fn report(
     let mut out = Vec::with_capacity(targets.len());
     for t in targets {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{FINDING_SELECT} WHERE f.target_id = ? {} ORDER BY f.first_seen DESC, f.id",
+            "{FINDING_SELECT} WHERE f.target_id = $1 {} ORDER BY f.first_seen DESC, f.id",
             if history {
                 ""
             } else {
@@ -798,7 +798,7 @@ pub async fn report(
         let (policy, _) = load_policy(state, &env.id).await?;
         let reconciles: Vec<ReconcileView> = sqlx::query(
             "SELECT deployment_id, release_id, issued_at, outcome, error, finished_at
-             FROM drift_reconciles WHERE target_id = ? ORDER BY issued_at DESC LIMIT 10",
+             FROM drift_reconciles WHERE target_id = $1 ORDER BY issued_at DESC LIMIT 10",
         )
         .bind(&t.id)
         .fetch_all(&state.db)
@@ -980,7 +980,7 @@ pub async fn add_ignore_rule(
     let mut tx = crate::store::write_tx(&state.db).await?;
     sqlx::query(
         "INSERT INTO drift_ignore_rules (id, environment_id, target_id, selector, reason, created_by, created_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(&id)
     .bind(&env.id)
@@ -992,7 +992,7 @@ pub async fn add_ignore_rule(
     .execute(&mut *tx)
     .await?;
     let open = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "{FINDING_SELECT} WHERE t.environment_id = ? AND f.resolved_at IS NULL"
+        "{FINDING_SELECT} WHERE t.environment_id = $1 AND f.resolved_at IS NULL"
     )))
     .bind(&env.id)
     .fetch_all(&mut *tx)
@@ -1004,7 +1004,7 @@ pub async fn add_ignore_rule(
         if let Some(finding) = as_finding(&view)
             && rule.silences(&finding)
         {
-            sqlx::query("UPDATE drift_findings SET resolved_at = ?, resolution = ? WHERE id = ?")
+            sqlx::query("UPDATE drift_findings SET resolved_at = $1, resolution = $2 WHERE id = $3")
                 .bind(now)
                 .bind(format!("ignored:{id}"))
                 .bind(&view.id)
@@ -1059,7 +1059,7 @@ pub async fn list_ignore_rules(
         "SELECT r.id, e.name AS environment, t.name AS target, r.selector, r.reason, r.created_by,
             r.created_at FROM drift_ignore_rules r JOIN environments e ON e.id = r.environment_id
          LEFT JOIN targets t ON t.id = r.target_id
-         WHERE (?1 IS NULL OR r.environment_id = ?1) ORDER BY r.created_at, r.id",
+         WHERE ($1 IS NULL OR r.environment_id = $1) ORDER BY r.created_at, r.id",
     )
     .bind(env_id)
     .fetch_all(&state.db)
@@ -1081,7 +1081,7 @@ pub async fn list_ignore_rules(
 
 /// Removes a rule; what it silenced shows again at the next report.
 pub async fn remove_ignore_rule(state: &AppState, id: &str) -> ApiResult<()> {
-    let done = sqlx::query("DELETE FROM drift_ignore_rules WHERE id = ?")
+    let done = sqlx::query("DELETE FROM drift_ignore_rules WHERE id = $1")
         .bind(id)
         .execute(&state.db)
         .await?;
@@ -1183,7 +1183,7 @@ pub async fn set_policy(
     let json = serde_json::to_string(&policy).map_err(|e| ApiError::Internal(e.to_string()))?;
     sqlx::query(
         "INSERT INTO drift_policies (environment_id, policy, webhook, updated_by, updated_at)
-         VALUES (?, ?, ?, ?, ?)
+         VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (environment_id) DO UPDATE SET policy = excluded.policy,
             webhook = excluded.webhook, updated_by = excluded.updated_by, updated_at = excluded.updated_at",
     )

@@ -231,14 +231,14 @@ pub async fn create(state: &AppState, req: CreateEnvironment) -> ApiResult<Envir
     let inserted = sqlx::query(
         "INSERT INTO environments (id, name, created_at, after_id, required_approvals,
              separation_of_duties, settings, updated_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (name) DO NOTHING",
     )
     .bind(&id)
     .bind(&req.name)
     .bind(now)
     .bind(&after_id)
     .bind(i64::from(req.required_approvals))
-    .bind(req.separation_of_duties)
+    .bind(i64::from(req.separation_of_duties))
     .bind(&settings)
     .bind(now)
     .execute(&state.db)
@@ -298,15 +298,15 @@ pub async fn update(
     let settings_json =
         serde_json::to_string(&settings).map_err(|e| ApiError::Internal(e.to_string()))?;
     sqlx::query(
-        "UPDATE environments SET after_id = ?, required_approvals = ?, separation_of_duties = ?,
-             settings = ?, updated_at = ? WHERE id = ?",
+        "UPDATE environments SET after_id = $1, required_approvals = $2, separation_of_duties = $3,
+             settings = $4, updated_at = $5 WHERE id = $6",
     )
     .bind(&after_id)
     .bind(i64::from(required_approvals))
-    .bind(
+    .bind(i64::from(
         req.separation_of_duties
             .unwrap_or(current.separation_of_duties),
-    )
+    ))
     .bind(&settings_json)
     .bind(now_ms())
     .bind(&current.id)
@@ -340,7 +340,7 @@ async fn ensure_no_cycle(state: &AppState, env_id: &str, new_after: &str) -> Api
             return Err(ApiError::Internal("environment order too deep".to_string()));
         }
         cursor = sqlx::query_scalar::<_, Option<String>>(
-            "SELECT after_id FROM environments WHERE id = ?",
+            "SELECT after_id FROM environments WHERE id = $1",
         )
         .bind(&id)
         .fetch_optional(&state.db)
@@ -350,7 +350,8 @@ async fn ensure_no_cycle(state: &AppState, env_id: &str, new_after: &str) -> Api
     Ok(())
 }
 
-type EnvironmentRow = (String, String, i64, Option<String>, i64, bool, String);
+// `separation_of_duties` is a BIGINT 0/1 on both databases (SQLite has no boolean type).
+type EnvironmentRow = (String, String, i64, Option<String>, i64, i64, String);
 
 /// The environment columns, with the name of the environment it comes after.
 macro_rules! select_environments {
@@ -372,7 +373,7 @@ fn from_row(
         name,
         after,
         required_approvals: u32::try_from(required_approvals).unwrap_or(0),
-        separation_of_duties,
+        separation_of_duties: separation_of_duties != 0,
         settings: serde_json::from_str(&settings)
             .map_err(|e| ApiError::Internal(format!("environment settings unreadable: {e}")))?,
         created_at: rfc3339(at),
@@ -410,7 +411,7 @@ fn promotion_order(all: Vec<Environment>) -> Vec<Environment> {
 
 pub async fn find(state: &AppState, id_or_name: &str) -> ApiResult<Environment> {
     let row: Option<EnvironmentRow> =
-        sqlx::query_as(select_environments!("WHERE e.id = ? OR e.name = ?"))
+        sqlx::query_as(select_environments!("WHERE e.id = $1 OR e.name = $2"))
             .bind(id_or_name)
             .bind(id_or_name)
             .fetch_optional(&state.db)

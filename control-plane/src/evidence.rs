@@ -110,7 +110,7 @@ async fn append(state: &AppState, content: PacketContent) -> ApiResult<SignedPac
     };
     let public = serde_json::to_string(&key.public_key()).map_err(internal)?;
     sqlx::query(
-        "INSERT INTO evidence_keys (key_id, public_key, valid_from) VALUES (?, ?, ?)
+        "INSERT INTO evidence_keys (key_id, public_key, valid_from) VALUES ($1, $2, $3)
          ON CONFLICT (key_id) DO NOTHING",
     )
     .bind(key.key_id())
@@ -129,7 +129,7 @@ async fn append(state: &AppState, content: PacketContent) -> ApiResult<SignedPac
     sqlx::query(
         "INSERT INTO evidence_packets (sequence, id, digest, kind, promotion_id, deployment_id,
              envelope, recorded_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(i64::try_from(packet.sequence).map_err(internal)?)
     .bind(&packet.id)
@@ -143,14 +143,14 @@ async fn append(state: &AppState, content: PacketContent) -> ApiResult<SignedPac
     .await?;
     match (kind, &promotion_id, &deployment_id) {
         (PacketKind::PromotionDecision, Some(p), _) => {
-            sqlx::query("UPDATE promotions SET evidence_id = ? WHERE id = ?")
+            sqlx::query("UPDATE promotions SET evidence_id = $1 WHERE id = $2")
                 .bind(&packet.id)
                 .bind(p)
                 .execute(&mut *tx)
                 .await?;
         }
         (_, _, Some(d)) => {
-            sqlx::query("UPDATE deployments SET evidence_id = ? WHERE id = ?")
+            sqlx::query("UPDATE deployments SET evidence_id = $1 WHERE id = $2")
                 .bind(&packet.id)
                 .bind(d)
                 .execute(&mut *tx)
@@ -276,14 +276,14 @@ async fn record_deployment(state: &AppState, id: &str) -> ApiResult<()> {
         sqlx::query_as(
             "SELECT release_id, environment_id, status, purpose, replaces_release_id,
                  requested_by, finished_at
-             FROM deployments WHERE id = ?",
+             FROM deployments WHERE id = $1",
         )
         .bind(id)
         .fetch_one(&state.db)
         .await?;
     let run: Option<(String, String)> = sqlx::query_as(
         "SELECT s.run_id, r.promotion_id FROM workflow_step_deployments s
-         JOIN workflow_runs r ON r.id = s.run_id WHERE s.deployment_id = ?",
+         JOIN workflow_runs r ON r.id = s.run_id WHERE s.deployment_id = $1",
     )
     .bind(id)
     .fetch_optional(&state.db)
@@ -311,7 +311,7 @@ async fn record_deployment(state: &AppState, id: &str) -> ApiResult<()> {
     };
     let jobs: Vec<(String, String, String, String, String, String, String)> = sqlx::query_as(
         "SELECT j.id, j.agent_id, t.name, t.kind, j.status, j.envelope, j.receipt
-         FROM jobs j JOIN targets t ON t.id = j.target_id WHERE j.deployment_id = ?
+         FROM jobs j JOIN targets t ON t.id = j.target_id WHERE j.deployment_id = $1
          ORDER BY t.name",
     )
     .bind(id)
@@ -333,7 +333,7 @@ async fn record_deployment(state: &AppState, id: &str) -> ApiResult<()> {
             continue;
         };
         let events: Vec<(String,)> =
-            sqlx::query_as("SELECT message FROM job_events WHERE job_id = ? ORDER BY seq")
+            sqlx::query_as("SELECT message FROM job_events WHERE job_id = $1 ORDER BY seq")
                 .bind(&job_id)
                 .fetch_all(&state.db)
                 .await?;
@@ -394,8 +394,8 @@ pub async fn mark_rollback(
     requested_by: &str,
 ) -> ApiResult<()> {
     sqlx::query(
-        "UPDATE deployments SET purpose = 'rollback', replaces_release_id = ?, requested_by = ?
-         WHERE id = ?",
+        "UPDATE deployments SET purpose = 'rollback', replaces_release_id = $1, requested_by = $2
+         WHERE id = $3",
     )
     .bind(from_release_id)
     .bind(requested_by)
@@ -406,7 +406,7 @@ pub async fn mark_rollback(
 }
 
 pub async fn mark_requested_by(state: &AppState, deployment_id: &str, user: &str) -> ApiResult<()> {
-    sqlx::query("UPDATE deployments SET requested_by = ? WHERE id = ?")
+    sqlx::query("UPDATE deployments SET requested_by = $1 WHERE id = $2")
         .bind(user)
         .bind(deployment_id)
         .execute(&state.db)
@@ -450,7 +450,7 @@ fn summary_from(row: &PacketRow) -> ApiResult<EvidenceSummary> {
 async fn rows(state: &AppState, from_ms: i64, to_ms: i64) -> ApiResult<Vec<PacketRow>> {
     Ok(sqlx::query_as(
         "SELECT sequence, id, digest, kind, promotion_id, deployment_id, envelope, recorded_at
-         FROM evidence_packets WHERE recorded_at >= ? AND recorded_at <= ? ORDER BY sequence",
+         FROM evidence_packets WHERE recorded_at >= $1 AND recorded_at <= $2 ORDER BY sequence",
     )
     .bind(from_ms)
     .bind(to_ms)
@@ -478,7 +478,7 @@ pub async fn list(state: &AppState, from_ms: i64, to_ms: i64) -> ApiResult<Vec<E
 pub async fn show(state: &AppState, id: &str) -> ApiResult<EvidenceDetail> {
     let row: Option<PacketRow> = sqlx::query_as(
         "SELECT sequence, id, digest, kind, promotion_id, deployment_id, envelope, recorded_at
-         FROM evidence_packets WHERE id = ? OR deployment_id = ? OR promotion_id = ?
+         FROM evidence_packets WHERE id = $1 OR deployment_id = $2 OR promotion_id = $3
          ORDER BY sequence DESC LIMIT 1",
     )
     .bind(id)
@@ -525,7 +525,7 @@ pub async fn export(state: &AppState, from_ms: i64, to_ms: i64) -> ApiResult<Bun
     let mut agent_certificates = Vec::new();
     for fingerprint in stella_evidence::required_agent_certificates(&packets).map_err(internal)? {
         let pem: Option<(String,)> =
-            sqlx::query_as("SELECT cert_pem FROM agent_certificates WHERE fingerprint = ?")
+            sqlx::query_as("SELECT cert_pem FROM agent_certificates WHERE fingerprint = $1")
                 .bind(&fingerprint)
                 .fetch_optional(&state.db)
                 .await?;

@@ -20,7 +20,7 @@ async fn input(state: &AppState, promotion: &PromotionRecord) -> ApiResult<serde
             let row: Option<(String, i64)> = sqlx::query_as(
                 "SELECT d.status, COALESCE(d.finished_at, d.updated_at) FROM deployments d
                  JOIN environments e ON e.id = d.environment_id
-                 WHERE e.name = ? AND d.release_id = ? AND d.kind = 'deploy'
+                 WHERE e.name = $1 AND d.release_id = $2 AND d.kind = 'deploy'
                  ORDER BY d.created_at DESC LIMIT 1",
             )
             .bind(previous_env)
@@ -95,7 +95,7 @@ pub async fn decide(state: &AppState, promotion: &PromotionRecord) -> ApiResult<
     sqlx::query(
         "INSERT INTO decisions (id, promotion_id, at, outcome, gates, input_hash, policy_digest,
              input)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(&id)
     .bind(&promotion.id)
@@ -133,7 +133,7 @@ pub fn validate_policy(name: &str, module: &str) -> ApiResult<()> {
 pub async fn decisions(state: &AppState, promotion_id: &str) -> ApiResult<Vec<DecisionView>> {
     let rows: Vec<(String, i64, String, String, String, String)> = sqlx::query_as(
         "SELECT id, at, outcome, gates, input_hash, policy_digest FROM decisions
-         WHERE promotion_id = ? ORDER BY at, id",
+         WHERE promotion_id = $1 ORDER BY at, id",
     )
     .bind(promotion_id)
     .fetch_all(&state.db)
@@ -158,7 +158,7 @@ pub async fn latest_input(
     promotion_id: &str,
 ) -> ApiResult<Option<serde_json::Value>> {
     let row: Option<(String,)> = sqlx::query_as(
-        "SELECT input FROM decisions WHERE promotion_id = ? ORDER BY at DESC, id DESC LIMIT 1",
+        "SELECT input FROM decisions WHERE promotion_id = $1 ORDER BY at DESC, id DESC LIMIT 1",
     )
     .bind(promotion_id)
     .fetch_optional(&state.db)

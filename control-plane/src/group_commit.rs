@@ -255,7 +255,7 @@ async fn commit(db: &Db, batch: &[Write]) -> Result<Vec<bool>, sqlx::Error> {
     Ok(recorded)
 }
 
-async fn apply(tx: &mut sqlx::SqliteConnection, write: &Write) -> Result<bool, sqlx::Error> {
+async fn apply(tx: &mut sqlx::AnyConnection, write: &Write) -> Result<bool, sqlx::Error> {
     match write {
         Write::Offered { agent_id, job_id } => {
             deployments::mark_offered(tx, agent_id, job_id).await?
@@ -290,7 +290,7 @@ async fn apply(tx: &mut sqlx::SqliteConnection, write: &Write) -> Result<bool, s
             // The rule of `trust::record_ack`, inside the batch: versions only move forward.
             let version = i64::try_from(*version).unwrap_or(i64::MAX);
             sqlx::query(
-                "UPDATE agents SET trust_bundle_version = ? WHERE id = ? AND trust_bundle_version < ?",
+                "UPDATE agents SET trust_bundle_version = $1 WHERE id = $2 AND trust_bundle_version < $3",
             )
             .bind(version)
             .bind(agent_id)

@@ -125,7 +125,7 @@ pub async fn record(state: &AppState, id: &str) -> ApiResult<PromotionRecord> {
     let row: Option<PromotionRow> = sqlx::query_as(
         "SELECT id, release_id, environment_id, status, requested_by, reason, freeze_override,
              created_at
-         FROM promotions WHERE id = ?",
+         FROM promotions WHERE id = $1",
     )
     .bind(id)
     .fetch_optional(&state.db)
@@ -153,7 +153,7 @@ pub async fn create(state: &AppState, actor: &Actor, req: CreatePromotion) -> Ap
         ));
     }
     let open: Option<(String,)> = sqlx::query_as(
-        "SELECT id FROM promotions WHERE release_id = ? AND environment_id = ?
+        "SELECT id FROM promotions WHERE release_id = $1 AND environment_id = $2
          AND status IN ('pending', 'awaiting_approval', 'approved', 'deploying')",
     )
     .bind(&release.id)
@@ -171,7 +171,7 @@ pub async fn create(state: &AppState, actor: &Actor, req: CreatePromotion) -> Ap
     sqlx::query(
         "INSERT INTO promotions (id, release_id, environment_id, status, requested_by, reason,
              freeze_override, created_at, updated_at)
-         VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?)",
+         VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8)",
     )
     .bind(&id)
     .bind(&release.id)
@@ -219,8 +219,8 @@ pub async fn decide_and_advance(state: &AppState, id: &str) -> ApiResult<Decisio
         "allowed" => {
             let mut tx = crate::store::write_tx(&state.db).await?;
             let moved = sqlx::query(
-                "UPDATE promotions SET status = 'approved', message = '', updated_at = ?
-                 WHERE id = ? AND status IN ('pending', 'awaiting_approval')",
+                "UPDATE promotions SET status = 'approved', message = '', updated_at = $1
+                 WHERE id = $2 AND status IN ('pending', 'awaiting_approval')",
             )
             .bind(now)
             .bind(id)
@@ -263,9 +263,9 @@ pub async fn set_status(
         return Ok(false);
     }
     let updated = sqlx::query(
-        "UPDATE promotions SET status = ?, message = ?, updated_at = ?,
-             finished_at = COALESCE(?, finished_at)
-         WHERE id = ? AND status = ?",
+        "UPDATE promotions SET status = $1, message = $2, updated_at = $3,
+             finished_at = COALESCE($4, finished_at)
+         WHERE id = $5 AND status = $6",
     )
     .bind(to)
     .bind(message)
@@ -339,7 +339,7 @@ async fn record_vote(
     }
     let inserted = sqlx::query(
         "INSERT INTO approvals (promotion_id, user_name, decision, comment, at)
-         VALUES (?, ?, ?, ?, ?) ON CONFLICT (promotion_id, user_name) DO NOTHING",
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (promotion_id, user_name) DO NOTHING",
     )
     .bind(id)
     .bind(&actor.user)
@@ -381,7 +381,7 @@ pub async fn cancel(state: &AppState, actor: &Actor, id: &str) -> ApiResult<Prom
 
 pub async fn approvals(state: &AppState, id: &str) -> ApiResult<Vec<ApprovalView>> {
     let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
-        "SELECT user_name, decision, comment, at FROM approvals WHERE promotion_id = ?
+        "SELECT user_name, decision, comment, at FROM approvals WHERE promotion_id = $1
          ORDER BY at, user_name",
     )
     .bind(id)
@@ -461,7 +461,7 @@ async fn view(state: &AppState, row: ViewRow) -> ApiResult<Promotion> {
 }
 
 pub async fn get(state: &AppState, id: &str) -> ApiResult<Promotion> {
-    let row: Option<ViewRow> = sqlx::query_as(select_promotions!("WHERE p.id = ?"))
+    let row: Option<ViewRow> = sqlx::query_as(select_promotions!("WHERE p.id = $1"))
         .bind(id)
         .fetch_optional(&state.db)
         .await?;

@@ -25,7 +25,7 @@ const MAX_NAMES: usize = 8;
 pub async fn is_relay(state: &AppState, agent_id: &str) -> ApiResult<bool> {
     let row = sqlx::query(
         "SELECT t.labels FROM agents a JOIN join_tokens t ON t.id = a.join_token_id
-         WHERE a.id = ? AND a.status != 'revoked'",
+         WHERE a.id = $1 AND a.status != 'revoked'",
     )
     .bind(agent_id)
     .fetch_optional(&state.db)
@@ -39,7 +39,7 @@ pub async fn is_relay(state: &AppState, agent_id: &str) -> ApiResult<bool> {
 /// Remembers which relay an agent was last seen behind (air-gap export reads it).
 pub async fn record_relayed(state: &AppState, agent_id: &str, relay_id: &str) -> ApiResult<()> {
     sqlx::query(
-        "INSERT INTO relayed_agents (agent_id, relay_id, last_seen) VALUES (?, ?, ?)
+        "INSERT INTO relayed_agents (agent_id, relay_id, last_seen) VALUES ($1, $2, $3)
          ON CONFLICT(agent_id) DO UPDATE SET relay_id = excluded.relay_id, last_seen = excluded.last_seen",
     )
     .bind(agent_id)
@@ -54,7 +54,7 @@ pub async fn record_relayed(state: &AppState, agent_id: &str, relay_id: &str) ->
 pub async fn agents_behind(state: &AppState, relay_id: &str) -> ApiResult<Vec<String>> {
     let rows = sqlx::query(
         "WITH RECURSIVE behind(agent_id) AS (
-             SELECT agent_id FROM relayed_agents WHERE relay_id = ?
+             SELECT agent_id FROM relayed_agents WHERE relay_id = $1
              UNION
              SELECT r.agent_id FROM relayed_agents r JOIN behind b ON r.relay_id = b.agent_id
          )

@@ -186,7 +186,7 @@ pub async fn create(
     let labels =
         serde_json::to_string(&req.labels).map_err(|e| ApiError::Internal(e.to_string()))?;
     let inserted = sqlx::query(
-        "INSERT INTO releases (id, name, created_at, created_by, labels) VALUES (?, ?, ?, ?, ?)
+        "INSERT INTO releases (id, name, created_at, created_by, labels) VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (name) DO NOTHING",
     )
     .bind(&id)
@@ -204,7 +204,7 @@ pub async fn create(
     }
     for c in &req.components {
         sqlx::query(
-            "INSERT INTO release_components (release_id, name, image, digest) VALUES (?, ?, ?, ?)",
+            "INSERT INTO release_components (release_id, name, image, digest) VALUES ($1, $2, $3, $4)",
         )
         .bind(&id)
         .bind(&c.name)
@@ -226,7 +226,7 @@ pub async fn create(
 
 pub async fn components(state: &AppState, release_id: &str) -> ApiResult<Vec<ReleaseComponent>> {
     let rows = sqlx::query(
-        "SELECT name, image, digest FROM release_components WHERE release_id = ? ORDER BY name",
+        "SELECT name, image, digest FROM release_components WHERE release_id = $1 ORDER BY name",
     )
     .bind(release_id)
     .fetch_all(&state.db)
@@ -260,7 +260,7 @@ async fn from_row(
 
 pub async fn find(state: &AppState, id_or_name: &str) -> ApiResult<Release> {
     let row: Option<ReleaseRow> = sqlx::query_as(
-        "SELECT id, name, created_at, created_by, labels FROM releases WHERE id = ? OR name = ?",
+        "SELECT id, name, created_at, created_by, labels FROM releases WHERE id = $1 OR name = $2",
     )
     .bind(id_or_name)
     .bind(id_or_name)

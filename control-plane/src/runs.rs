@@ -66,7 +66,7 @@ fn template_of(settings_workflow: Option<&str>) -> ApiResult<(WorkflowTemplate, 
 
 /// Creates the run of a just-approved promotion, in the caller's transaction.
 pub async fn start_in(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     state: &AppState,
     promotion: &PromotionRecord,
 ) -> ApiResult<()> {
@@ -80,7 +80,7 @@ pub async fn start_in(
     sqlx::query(
         "INSERT INTO workflow_runs (id, promotion_id, template, state, status, created_at,
              updated_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(&id)
     .bind(&promotion.id)
@@ -104,7 +104,7 @@ struct LoadedRun {
 
 async fn load(state: &AppState, promotion_id: &str) -> ApiResult<Option<LoadedRun>> {
     let row: Option<(String, String, String, String)> = sqlx::query_as(
-        "SELECT id, promotion_id, template, state FROM workflow_runs WHERE promotion_id = ?",
+        "SELECT id, promotion_id, template, state FROM workflow_runs WHERE promotion_id = $1",
     )
     .bind(promotion_id)
     .fetch_optional(&state.db)
@@ -128,7 +128,7 @@ fn parse_run(
 
 async fn save(state: &AppState, run: &LoadedRun) -> ApiResult<()> {
     let json = serde_json::to_string(&run.state).map_err(|e| ApiError::Internal(e.to_string()))?;
-    sqlx::query("UPDATE workflow_runs SET state = ?, status = ?, updated_at = ? WHERE id = ?")
+    sqlx::query("UPDATE workflow_runs SET state = $1, status = $2, updated_at = $3 WHERE id = $4")
         .bind(&json)
         .bind(run.state.status().as_str())
         .bind(now_ms())
@@ -168,7 +168,7 @@ pub async fn cancel(state: &AppState, promotion_id: &str) -> ApiResult<()> {
 
 async fn step_deployments(state: &AppState, run_id: &str, step_id: &str) -> ApiResult<Vec<String>> {
     let rows: Vec<(String,)> = sqlx::query_as(
-        "SELECT deployment_id FROM workflow_step_deployments WHERE run_id = ? AND step_id = ?
+        "SELECT deployment_id FROM workflow_step_deployments WHERE run_id = $1 AND step_id = $2
          ORDER BY created_at, idempotency_key",
     )
     .bind(run_id)
@@ -280,7 +280,7 @@ pub async fn rollback_environment(
 ) -> ApiResult<deployments::Deployment> {
     let env = crate::environments::find(state, env).await?;
     let releases: Vec<(String,)> = sqlx::query_as(
-        "SELECT release_id FROM deployments WHERE environment_id = ? AND status = 'succeeded'
+        "SELECT release_id FROM deployments WHERE environment_id = $1 AND status = 'succeeded'
          AND kind = 'deploy' ORDER BY created_at DESC",
     )
     .bind(&env.id)
@@ -434,7 +434,7 @@ fn deployment_id_for(key: &str) -> String {
 
 async fn deployment_status(state: &AppState, id: &str) -> ApiResult<Option<(String, String)>> {
     Ok(
-        sqlx::query_as("SELECT status, message FROM deployments WHERE id = ?")
+        sqlx::query_as("SELECT status, message FROM deployments WHERE id = $1")
             .bind(id)
             .fetch_optional(&state.db)
             .await?,
@@ -475,7 +475,7 @@ async fn ensure_deployment(
         state.publish_event("deployment", &id);
     }
     remember_step_deployment(state, run, step_id, key, &id).await?;
-    sqlx::query("UPDATE promotions SET deployment_id = ?, updated_at = ? WHERE id = ?")
+    sqlx::query("UPDATE promotions SET deployment_id = $1, updated_at = $2 WHERE id = $3")
         .bind(&id)
         .bind(now_ms())
         .bind(&run.promotion_id)
@@ -494,7 +494,7 @@ async fn remember_step_deployment(
     sqlx::query(
         "INSERT INTO workflow_step_deployments (idempotency_key, run_id, step_id, deployment_id,
              created_at)
-         VALUES (?, ?, ?, ?, ?) ON CONFLICT (idempotency_key) DO NOTHING",
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (idempotency_key) DO NOTHING",
     )
     .bind(key)
     .bind(&run.id)
@@ -908,7 +908,7 @@ async fn touched_targets(state: &AppState, run_id: &str) -> ApiResult<Vec<String
         "SELECT DISTINCT t.name FROM workflow_step_deployments s
          JOIN jobs j ON j.deployment_id = s.deployment_id
          JOIN targets t ON t.id = j.target_id
-         WHERE s.run_id = ? AND j.kind = 'deploy'
+         WHERE s.run_id = $1 AND j.kind = 'deploy'
          AND j.status NOT IN ('queued', 'refused', 'cancelled')
          ORDER BY t.name",
     )
@@ -927,8 +927,8 @@ async fn rollback_plan(
 ) -> ApiResult<Result<(String, Vec<String>), String>> {
     let previous: Option<(String,)> = sqlx::query_as(
         "SELECT release_id FROM deployments
-         WHERE environment_id = ? AND status = 'succeeded' AND kind = 'deploy'
-         AND release_id <> ? AND created_at < ?
+         WHERE environment_id = $1 AND status = 'succeeded' AND kind = 'deploy'
+         AND release_id <> $2 AND created_at < $3
          ORDER BY created_at DESC LIMIT 1",
     )
     .bind(&promotion.environment_id)
@@ -968,7 +968,7 @@ async fn poll_health(
         "SELECT t.name, i.component, i.state, i.health FROM inventory i
          JOIN targets t ON t.id = i.target_id
          JOIN workflow_step_deployments s ON s.deployment_id = i.deployment_id
-         WHERE s.run_id = ?",
+         WHERE s.run_id = $1",
     )
     .bind(&run.id)
     .fetch_all(&state.db)
@@ -1043,7 +1043,7 @@ async fn notify(
 }
 
 async fn finish(state: &AppState, run: &LoadedRun, outcome: RunOutcome) -> ApiResult<()> {
-    sqlx::query("UPDATE workflow_runs SET status = ?, updated_at = ? WHERE id = ?")
+    sqlx::query("UPDATE workflow_runs SET status = $1, updated_at = $2 WHERE id = $3")
         .bind(run.state.status().as_str())
         .bind(now_ms())
         .bind(&run.id)

@@ -19,6 +19,7 @@ use crate::hub::{AdmissionConfig, Hub};
 use crate::keys::PlaneKeys;
 use crate::session::AgentSessionService;
 use crate::state::{AppState, PlaneConfig, RefusalCounts, SharedState};
+use crate::store::{DatabaseUrl, StoreError};
 use crate::{api, store, tokens};
 
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
@@ -49,6 +50,19 @@ pub struct ServeOptions {
     pub renewal_grace: Duration,
     /// Session setups allowed at once; the excess is told to reconnect later.
     pub max_session_setups: usize,
+    /// Database URL (`postgres://...`, `sqlite://...`); `None`: `stella.db` in the data
+    /// directory.
+    pub database: Option<String>,
+    /// Apply pending schema migrations at start.
+    pub migrate: bool,
+}
+
+/// The database a plane with this data directory and `--database` value uses.
+pub fn database_url(data_dir: &Path, database: Option<&str>) -> Result<DatabaseUrl, StoreError> {
+    match database {
+        Some(raw) => DatabaseUrl::parse(raw),
+        None => DatabaseUrl::sqlite_file(&data_dir.join("stella.db")),
+    }
 }
 
 /// How often heartbeat times kept in memory are written to the database.
@@ -140,7 +154,9 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
     let mut agent_endpoints = advertised_endpoints(&opts.advertise_endpoints)?;
     std::fs::create_dir_all(&opts.data_dir)
         .with_context(|| format!("creating data directory {}", opts.data_dir.display()))?;
-    let db = store::open_sqlite(&opts.data_dir.join("stella.db")).await?;
+    let database = database_url(&opts.data_dir, opts.database.as_deref())?;
+    tracing::info!(%database, migrate = opts.migrate, "opening the database");
+    let db = store::open(&database, opts.migrate).await?;
     let keys = PlaneKeys::load_or_create(
         &opts.data_dir.join("pki"),
         &opts.trust_domain,

@@ -78,7 +78,7 @@ pub async fn create(state: &AppState, req: CreateTarget) -> ApiResult<Target> {
         serde_json::to_string(&config).map_err(|e| ApiError::Internal(e.to_string()))?;
     let inserted = sqlx::query(
         "INSERT INTO targets (id, name, environment_id, kind, agent_id, config, created_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (name) DO NOTHING",
     )
     .bind(&id)
     .bind(&req.name)
@@ -109,7 +109,7 @@ pub async fn create(state: &AppState, req: CreateTarget) -> ApiResult<Target> {
 const TARGET_SELECT: &str = "SELECT t.id, t.name, e.name AS environment, t.kind, t.agent_id, \
      t.config, t.created_at FROM targets t JOIN environments e ON e.id = t.environment_id";
 
-fn target_from_row(row: &sqlx::sqlite::SqliteRow) -> Target {
+fn target_from_row(row: &sqlx::any::AnyRow) -> Target {
     Target {
         id: row.get("id"),
         name: row.get("name"),
@@ -127,7 +127,7 @@ pub async fn list(state: &AppState, env: Option<&str>) -> ApiResult<Vec<Target>>
         Some(env) => {
             let env = environments::find(state, env).await?;
             sqlx::query(sqlx::AssertSqlSafe(format!(
-                "{TARGET_SELECT} WHERE t.environment_id = ? ORDER BY t.name"
+                "{TARGET_SELECT} WHERE t.environment_id = $1 ORDER BY t.name"
             )))
             .bind(env.id)
             .fetch_all(&state.db)
@@ -146,7 +146,7 @@ pub async fn list(state: &AppState, env: Option<&str>) -> ApiResult<Vec<Target>>
 
 pub async fn list_for_agent(state: &AppState, agent_id: &str) -> ApiResult<Vec<Target>> {
     let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "{TARGET_SELECT} WHERE t.agent_id = ? ORDER BY t.name"
+        "{TARGET_SELECT} WHERE t.agent_id = $1 ORDER BY t.name"
     )))
     .bind(agent_id)
     .fetch_all(&state.db)
@@ -156,7 +156,7 @@ pub async fn list_for_agent(state: &AppState, agent_id: &str) -> ApiResult<Vec<T
 
 pub async fn find(state: &AppState, id_or_name: &str) -> ApiResult<Target> {
     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "{TARGET_SELECT} WHERE t.id = ? OR t.name = ?"
+        "{TARGET_SELECT} WHERE t.id = $1 OR t.name = $2"
     )))
     .bind(id_or_name)
     .bind(id_or_name)
@@ -215,7 +215,7 @@ pub async fn detail(state: &AppState, id_or_name: &str) -> ApiResult<TargetDetai
     let desired_row = sqlx::query(
         "SELECT d.id AS deployment_id, r.id AS release_id, r.name AS release_name
          FROM jobs j JOIN deployments d ON d.id = j.deployment_id JOIN releases r ON r.id = d.release_id
-         WHERE j.target_id = ? AND j.status = 'succeeded' AND j.kind = 'deploy'
+         WHERE j.target_id = $1 AND j.status = 'succeeded' AND j.kind = 'deploy'
          ORDER BY j.finished_at DESC, j.sequence DESC LIMIT 1",
     )
     .bind(&target.id)
@@ -235,7 +235,7 @@ pub async fn detail(state: &AppState, id_or_name: &str) -> ApiResult<TargetDetai
     };
     let observed: Vec<ObservedWorkload> = sqlx::query(
         "SELECT component, digest, state, health, workload_id, release_id, deployment_id, reported_at
-         FROM inventory WHERE target_id = ? ORDER BY component, workload_id",
+         FROM inventory WHERE target_id = $1 ORDER BY component, workload_id",
     )
     .bind(&target.id)
     .fetch_all(&state.db)
@@ -253,7 +253,7 @@ pub async fn detail(state: &AppState, id_or_name: &str) -> ApiResult<TargetDetai
     })
     .collect();
     let observation: Option<(String, String, i64)> = sqlx::query_as(
-        "SELECT sticker, error, reported_at FROM target_observations WHERE target_id = ?",
+        "SELECT sticker, error, reported_at FROM target_observations WHERE target_id = $1",
     )
     .bind(&target.id)
     .fetch_optional(&state.db)
@@ -308,7 +308,7 @@ pub async fn detail(state: &AppState, id_or_name: &str) -> ApiResult<TargetDetai
 /// serve are ignored: an agent can only speak for its own targets.
 /// Runs inside the caller's transaction (the group commit).
 pub async fn record_inventory(
-    tx: &mut sqlx::SqliteConnection,
+    tx: &mut sqlx::AnyConnection,
     agent_id: &str,
     report: &stella_proto::InventoryReport,
 ) -> Result<(), sqlx::Error> {
@@ -319,7 +319,7 @@ pub async fn record_inventory(
     };
     for t in &report.targets {
         let row: Option<(String,)> =
-            sqlx::query_as("SELECT id FROM targets WHERE name = ? AND agent_id = ?")
+            sqlx::query_as("SELECT id FROM targets WHERE name = $1 AND agent_id = $2")
                 .bind(&t.target)
                 .bind(agent_id)
                 .fetch_optional(&mut *tx)
@@ -328,7 +328,7 @@ pub async fn record_inventory(
             tracing::warn!(agent_id, target = %t.target, "inventory for a target this agent does not serve; ignored");
             continue;
         };
-        sqlx::query("DELETE FROM inventory WHERE target_id = ?")
+        sqlx::query("DELETE FROM inventory WHERE target_id = $1")
             .bind(&target_id)
             .execute(&mut *tx)
             .await?;
@@ -336,7 +336,7 @@ pub async fn record_inventory(
             sqlx::query(
                 "INSERT INTO inventory (target_id, agent_id, component, digest, state, health,
                     workload_id, release_id, deployment_id, reported_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (target_id, workload_id) DO NOTHING",
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (target_id, workload_id) DO NOTHING",
             )
             .bind(&target_id)
             .bind(agent_id)
@@ -352,7 +352,7 @@ pub async fn record_inventory(
             .await?;
         }
         sqlx::query(
-            "INSERT INTO target_observations (target_id, sticker, error, reported_at) VALUES (?, ?, ?, ?)
+            "INSERT INTO target_observations (target_id, sticker, error, reported_at) VALUES ($1, $2, $3, $4)
              ON CONFLICT (target_id) DO UPDATE SET sticker = excluded.sticker, error = excluded.error,
                 reported_at = excluded.reported_at",
         )

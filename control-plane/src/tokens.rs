@@ -93,7 +93,7 @@ pub async fn list_join_tokens(state: &AppState) -> ApiResult<Vec<JoinTokenView>>
 /// Revokes a join token; revoking twice is not an error (idempotent).
 pub async fn revoke_join_token(state: &AppState, id: &str) -> ApiResult<JoinTokenView> {
     let updated =
-        sqlx::query("UPDATE join_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
+        sqlx::query("UPDATE join_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
             .bind(now_ms())
             .bind(id)
             .execute(&state.db)
@@ -153,7 +153,7 @@ pub async fn create_join_token(
         serde_json::to_string(&req.labels).map_err(|e| ApiError::Internal(e.to_string()))?;
     sqlx::query(
         "INSERT INTO join_tokens (id, token_hash, labels, max_uses, uses, expires_at, created_at)
-         VALUES (?, ?, ?, ?, 0, ?, ?)",
+         VALUES ($1, $2, $3, $4, 0, $5, $6)",
     )
     .bind(&id)
     .bind(stella_pki::hash_token(&token))
@@ -176,7 +176,7 @@ pub async fn create_join_token(
 
 /// Ensures the named admin API token exists; returns the plaintext only when it was created now.
 pub async fn ensure_admin_token(db: &Db, name: &str) -> Result<Option<String>, sqlx::Error> {
-    let exists: Option<(String,)> = sqlx::query_as("SELECT id FROM api_tokens WHERE name = ?")
+    let exists: Option<(String,)> = sqlx::query_as("SELECT id FROM api_tokens WHERE name = $1")
         .bind(name)
         .fetch_optional(db)
         .await?;
@@ -188,7 +188,7 @@ pub async fn ensure_admin_token(db: &Db, name: &str) -> Result<Option<String>, s
 
 async fn insert_admin_token(db: &Db, name: &str) -> Result<String, sqlx::Error> {
     let token = stella_pki::generate_api_token();
-    sqlx::query("INSERT INTO api_tokens (id, name, token_hash, created_at) VALUES (?, ?, ?, ?)")
+    sqlx::query("INSERT INTO api_tokens (id, name, token_hash, created_at) VALUES ($1, $2, $3, $4)")
         .bind(new_id("at"))
         .bind(name)
         .bind(stella_pki::hash_token(&token))
@@ -200,7 +200,7 @@ async fn insert_admin_token(db: &Db, name: &str) -> Result<String, sqlx::Error> 
 
 /// Replaces the named admin token (used when its file was lost); returns the new plaintext.
 pub async fn rotate_admin_token(db: &Db, name: &str) -> Result<String, sqlx::Error> {
-    sqlx::query("DELETE FROM api_tokens WHERE name = ?")
+    sqlx::query("DELETE FROM api_tokens WHERE name = $1")
         .bind(name)
         .execute(db)
         .await?;

@@ -66,7 +66,7 @@ async fn publish(
     }
     let env = env.ok_or_else(|| ApiError::Internal("a bundle needs a signer".to_string()))?;
     let json = serde_json::to_string(&env).map_err(|e| ApiError::Internal(e.to_string()))?;
-    sqlx::query("INSERT INTO trust_bundles (version, document, created_at) VALUES (?, ?, ?)")
+    sqlx::query("INSERT INTO trust_bundles (version, document, created_at) VALUES ($1, $2, $3)")
         .bind(version as i64)
         .bind(&json)
         .bind(now_ms())
@@ -240,7 +240,7 @@ async fn resign_waiting_jobs(state: &AppState, key: &SigningKey) -> ApiResult<()
         let resigned = stella_pki::sign_job(key, &payload)?;
         let json =
             serde_json::to_string(&resigned).map_err(|e| ApiError::Internal(e.to_string()))?;
-        sqlx::query("UPDATE jobs SET envelope = ?, updated_at = ? WHERE id = ?")
+        sqlx::query("UPDATE jobs SET envelope = $1, updated_at = $2 WHERE id = $3")
             .bind(&json)
             .bind(now_ms())
             .bind(&id)
@@ -253,7 +253,7 @@ async fn resign_waiting_jobs(state: &AppState, key: &SigningKey) -> ApiResult<()
 
 pub async fn record_ack(state: &AppState, agent_id: &str, version: u64) -> ApiResult<()> {
     sqlx::query(
-        "UPDATE agents SET trust_bundle_version = ? WHERE id = ? AND trust_bundle_version < ?",
+        "UPDATE agents SET trust_bundle_version = $1 WHERE id = $2 AND trust_bundle_version < $3",
     )
     .bind(version as i64)
     .bind(agent_id)

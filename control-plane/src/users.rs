@@ -143,7 +143,7 @@ pub async fn create_api_token(state: &AppState, req: CreateApiToken) -> ApiResul
     let id = new_id("at");
     let inserted = sqlx::query(
         "INSERT INTO api_tokens (id, name, token_hash, created_at, user_name, role)
-         VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name) DO NOTHING",
     )
     .bind(&id)
     .bind(&name)
@@ -194,7 +194,7 @@ pub async fn list_api_tokens(state: &AppState) -> ApiResult<Vec<ApiTokenView>> {
 /// Revokes an API token by id or name; revoking twice is not an error.
 pub async fn revoke_api_token(state: &AppState, id_or_name: &str) -> ApiResult<ApiTokenView> {
     sqlx::query(
-        "UPDATE api_tokens SET revoked_at = ? WHERE (id = ? OR name = ?) AND revoked_at IS NULL",
+        "UPDATE api_tokens SET revoked_at = $1 WHERE (id = $2 OR name = $3) AND revoked_at IS NULL",
     )
     .bind(now_ms())
     .bind(id_or_name)
@@ -203,7 +203,7 @@ pub async fn revoke_api_token(state: &AppState, id_or_name: &str) -> ApiResult<A
     .await?;
     let row: Option<ApiTokenRow> = sqlx::query_as(
         "SELECT id, name, user_name, role, created_at, revoked_at FROM api_tokens
-         WHERE id = ? OR name = ?",
+         WHERE id = $1 OR name = $2",
     )
     .bind(id_or_name)
     .bind(id_or_name)
@@ -217,7 +217,7 @@ pub async fn revoke_api_token(state: &AppState, id_or_name: &str) -> ApiResult<A
 pub async fn authenticate(db: &Db, token: &str) -> ApiResult<Actor> {
     let hash = stella_pki::hash_token(token);
     let row: Option<(String, String, String, String, Option<i64>)> = sqlx::query_as(
-        "SELECT id, user_name, role, token_hash, revoked_at FROM api_tokens WHERE token_hash = ?",
+        "SELECT id, user_name, role, token_hash, revoked_at FROM api_tokens WHERE token_hash = $1",
     )
     .bind(&hash)
     .fetch_optional(db)

@@ -101,7 +101,20 @@ pub struct Plane {
     /// Extra `stella serve` flags (e.g. short certificate lifetimes).
     pub extra_args: Vec<String>,
     child: Option<Child>,
+    /// The plane's own PostgreSQL cluster when the suite runs on PostgreSQL
+    /// (`STELLA_E2E_DATABASE=postgres`); it lives as long as the plane, across restarts.
+    /// Declared after `child`, so the plane process stops before its database.
+    pg: Option<postgres::PgCluster>,
 }
+
+/// Which database the end-to-end planes use: `STELLA_E2E_DATABASE=postgres` runs the suite on
+/// PostgreSQL (a throwaway cluster per plane), anything else (the default) on SQLite.
+pub fn e2e_on_postgres() -> bool {
+    std::env::var("STELLA_E2E_DATABASE").is_ok_and(|v| v.eq_ignore_ascii_case("postgres"))
+}
+
+/// The database name the harness creates for a plane on PostgreSQL.
+pub const PG_DATABASE: &str = "stella";
 
 impl Plane {
     pub fn start(dir: &Path) -> Plane {
@@ -113,6 +126,27 @@ impl Plane {
     }
 
     pub fn start_with(dir: &Path, api_port: u16, agent_port: u16, extra: &[&str]) -> Plane {
+        let pg = e2e_on_postgres().then(|| {
+            let cluster = postgres::PgCluster::start();
+            cluster.create_database(PG_DATABASE);
+            cluster
+        });
+        Self::start_with_database(dir, api_port, agent_port, extra, pg)
+    }
+
+    /// Starts a plane on PostgreSQL in `cluster` (database [`PG_DATABASE`], which must exist),
+    /// whatever `STELLA_E2E_DATABASE` says.
+    pub fn start_on_postgres(dir: &Path, cluster: postgres::PgCluster) -> Plane {
+        Self::start_with_database(dir, free_port(), free_port(), &[], Some(cluster))
+    }
+
+    fn start_with_database(
+        dir: &Path,
+        api_port: u16,
+        agent_port: u16,
+        extra: &[&str],
+        pg: Option<postgres::PgCluster>,
+    ) -> Plane {
         let mut plane = Plane {
             dir: dir.to_path_buf(),
             api_port,
@@ -121,6 +155,7 @@ impl Plane {
             transport: Transport::current(),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
+            pg,
         };
         plane.restart();
         plane
@@ -137,6 +172,13 @@ impl Plane {
             .args(["--heartbeat-interval", "1s"])
             .args(["--quic-listen", &format!("127.0.0.1:{}", self.quic_port)])
             .args((self.transport == Transport::Quic).then_some("--advertise-quic"))
+            .args(
+                self.pg
+                    .as_ref()
+                    .map(|pg| ["--database".to_string(), pg.url(PG_DATABASE)])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -356,6 +398,28 @@ impl Plane {
 
     pub fn db_path(&self) -> PathBuf {
         self.dir.join("stella.db")
+    }
+
+    /// The URL of the plane's database (SQLite file or PostgreSQL), for [`sql_exec`] and friends.
+    pub fn db(&self) -> String {
+        match &self.pg {
+            Some(pg) => pg.url(PG_DATABASE),
+            None => sqlite_url(&self.db_path()),
+        }
+    }
+
+    /// The plane's PostgreSQL cluster, when it runs on one.
+    pub fn postgres(&self) -> Option<&postgres::PgCluster> {
+        self.pg.as_ref()
+    }
+
+    /// Everything the plane's database holds, as text: the SQLite file, or a `pg_dump`.
+    pub fn db_dump(&self) -> String {
+        match &self.pg {
+            Some(pg) => pg.dump(PG_DATABASE),
+            None => String::from_utf8_lossy(&std::fs::read(self.db_path()).expect("read the database"))
+                .into_owned(),
+        }
     }
 }
 
@@ -649,59 +713,54 @@ impl Drop for TargetCleanup {
     }
 }
 
-/// Runs SQL against the plane's SQLite database, as a database writer (or attacker) could.
-pub fn sql_exec(db: &Path, sql: &'static str, binds: &[&str]) -> u64 {
+pub fn sqlite_url(path: &Path) -> String {
+    format!("sqlite://{}", path.display())
+}
+
+fn with_db<T>(db: &str, f: impl AsyncFnOnce(&sqlx::AnyPool) -> T) -> T {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let url = format!("sqlite://{}", db.display());
-        let pool = sqlx::SqlitePool::connect(&url).await.expect("open db");
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::AnyPool::connect(db).await.expect("open db");
+        let v = f(&pool).await;
+        pool.close().await;
+        v
+    })
+}
+
+/// Runs SQL against the plane's database ([`Plane::db`]: SQLite or PostgreSQL), as a database
+/// writer (or attacker) could. Placeholders are `$1`, `$2`, ... on both.
+pub fn sql_exec(db: &str, sql: &'static str, binds: &[&str]) -> u64 {
+    with_db(db, async |pool| {
         let mut q = sqlx::query(sql);
         for b in binds {
             q = q.bind(*b);
         }
-        let n = q.execute(&pool).await.expect("sql").rows_affected();
-        pool.close().await;
-        n
+        q.execute(pool).await.expect("sql").rows_affected()
     })
 }
 
 /// Like [`sql_exec`], but the database's refusal is returned, not a panic.
-pub fn sql_try(db: &Path, sql: &'static str) -> Result<u64, String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let url = format!("sqlite://{}", db.display());
-        let pool = sqlx::SqlitePool::connect(&url).await.expect("open db");
-        let result = sqlx::query(sql)
-            .execute(&pool)
+pub fn sql_try(db: &str, sql: &'static str) -> Result<u64, String> {
+    with_db(db, async |pool| {
+        sqlx::query(sql)
+            .execute(pool)
             .await
             .map(|r| r.rows_affected())
-            .map_err(|e| e.to_string());
-        pool.close().await;
-        result
+            .map_err(|e| e.to_string())
     })
 }
 
-pub fn sql_string(db: &Path, sql: &'static str, binds: &[&str]) -> String {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let url = format!("sqlite://{}", db.display());
-        let pool = sqlx::SqlitePool::connect(&url).await.expect("open db");
+pub fn sql_string(db: &str, sql: &'static str, binds: &[&str]) -> String {
+    with_db(db, async |pool| {
         let mut q = sqlx::query_scalar::<_, String>(sql);
         for b in binds {
             q = q.bind(*b);
         }
-        let v = q.fetch_one(&pool).await.expect("sql");
-        pool.close().await;
-        v
+        q.fetch_one(pool).await.expect("sql")
     })
 }
 

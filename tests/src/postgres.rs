@@ -128,6 +128,19 @@ impl PgCluster {
             .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
     }
 
+    /// Schema and data of `database` as SQL text (`pg_dump`).
+    pub fn dump(&self, database: &str) -> String {
+        let out = check(
+            "pg_dump",
+            Command::new(self.bin.join("pg_dump"))
+                .args(["-U", "postgres", "-h"])
+                .arg(&self.socket_dir)
+                .args(["-p", &self.port.to_string(), database])
+                .output(),
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Runs `sql` with `psql` (stop at the first error, unaligned tuples-only output): the
     /// output, or psql's error text.
     pub fn psql(&self, database: &str, sql: &str) -> Result<String, String> {

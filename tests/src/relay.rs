@@ -204,8 +204,8 @@ pub fn enroll_through(plane: &Plane, relay_url: &str, dir: &Path, name: &str) ->
 /// The relay the plane last saw `agent_id` behind (empty when none).
 pub fn relay_of(plane: &Plane, agent_id: &str) -> String {
     crate::sql_string(
-        &plane.db_path(),
-        "SELECT COALESCE((SELECT relay_id FROM relayed_agents WHERE agent_id = ?), '')",
+        &plane.db(),
+        "SELECT COALESCE((SELECT relay_id FROM relayed_agents WHERE agent_id = $1), '')",
         &[agent_id],
     )
 }

@@ -290,10 +290,10 @@ fn an_agent_refuses_a_blue_green_job_its_executor_cannot_run() {
         .plane
         .json(&["deploy", "cmp-1", "--env", "stage", "--no-wait"]);
     let job_id = deployment["jobs"][0]["id"].as_str().unwrap().to_string();
-    let db = stack.plane.db_path();
+    let db = stack.plane.db();
     let envelope: Envelope = serde_json::from_str(&sql_string(
         &db,
-        "SELECT envelope FROM jobs WHERE id = ?",
+        "SELECT envelope FROM jobs WHERE id = $1",
         &[&job_id],
     ))
     .unwrap();
@@ -309,7 +309,7 @@ fn an_agent_refuses_a_blue_green_job_its_executor_cannot_run() {
     assert_eq!(
         sql_exec(
             &db,
-            "UPDATE jobs SET envelope = ? WHERE id = ?",
+            "UPDATE jobs SET envelope = $1 WHERE id = $2",
             &[&resigned, &job_id]
         ),
         1

@@ -241,8 +241,8 @@ fn job_status(plane: &Plane, deployment: &str) -> String {
 
 fn stored_receipt(plane: &Plane, job: &str) -> String {
     sql_string(
-        &plane.db_path(),
-        "SELECT receipt FROM jobs WHERE id = ?",
+        &plane.db(),
+        "SELECT receipt FROM jobs WHERE id = $1",
         &[job],
     )
 }

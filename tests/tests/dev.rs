@@ -103,7 +103,7 @@ fn dev_starts_plane_and_agent_and_restarts_without_reenrolling() {
     assert_eq!(first_ca, second_ca, "the CA is reused");
     // Check the store directly: the plane is stopped now.
     let n = stella_e2e::sql_string(
-        &dir.join("stella.db"),
+        &stella_e2e::sqlite_url(&dir.join("stella.db")),
         "SELECT CAST(COUNT(*) AS TEXT) FROM agents",
         &[],
     );

@@ -107,7 +107,7 @@ fn a_promotion_yields_packets_that_verify_offline_and_tampering_is_located() {
     assert!(decision["rendered"].as_str().unwrap().contains("alice"));
 
     // The database refuses to change or delete evidence.
-    let db = plane.db_path();
+    let db = plane.db();
     let err = sql_try(&db, "UPDATE evidence_packets SET kind = 'deployment'").unwrap_err();
     assert!(err.contains("append-only"), "{err}");
     let err = sql_try(&db, "DELETE FROM evidence_packets").unwrap_err();

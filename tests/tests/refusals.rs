@@ -41,10 +41,10 @@ fn run_case(
     );
     let dep = stack.deploy_no_wait("target-rel", &[image.component("web")]);
     let job_id = dep["jobs"][0]["id"].as_str().unwrap().to_string();
-    let db = stack.plane.db_path();
+    let db = stack.plane.db();
     let envelope: Envelope = serde_json::from_str(&sql_string(
         &db,
-        "SELECT envelope FROM jobs WHERE id = ?",
+        "SELECT envelope FROM jobs WHERE id = $1",
         &[&job_id],
     ))
     .unwrap();
@@ -52,7 +52,7 @@ fn run_case(
     assert_eq!(
         sql_exec(
             &db,
-            "UPDATE jobs SET envelope = ? WHERE id = ?",
+            "UPDATE jobs SET envelope = $1 WHERE id = $2",
             &[&tampered, &job_id]
         ),
         1
@@ -181,10 +181,10 @@ fn replayed_envelope_is_refused_and_changes_nothing() {
     let (case, dep) = run_case(true, |stack, job_id, _| {
         before = containers_of(&stack.target);
         // Replay the envelope of the job that already ran (sequence 1) under the new job's id.
-        let db = stack.plane.db_path();
+        let db = stack.plane.db();
         sql_string(
             &db,
-            "SELECT envelope FROM jobs WHERE id != ? ORDER BY sequence LIMIT 1",
+            "SELECT envelope FROM jobs WHERE id != $1 ORDER BY sequence LIMIT 1",
             &[job_id],
         )
     });

@@ -39,8 +39,8 @@ fn release(plane: &Plane, name: &str, image: &TestImage) {
 /// duplicate leaves it as it was, so an unchanged value means the result was recorded once.
 fn finished_at(plane: &Plane, job_id: &str) -> String {
     sql_string(
-        &plane.db_path(),
-        "SELECT COALESCE(CAST(finished_at AS TEXT), '') FROM jobs WHERE id = ?",
+        &plane.db(),
+        "SELECT COALESCE(CAST(finished_at AS TEXT), '') FROM jobs WHERE id = $1",
         &[job_id],
     )
 }
@@ -616,8 +616,8 @@ fn an_air_gapped_site_is_served_by_files_and_a_second_import_changes_nothing() {
     assert!(!recorded_at.is_empty());
     assert_eq!(runs_of(&leaf, &job_id), 1);
     let events_before = sql_string(
-        &plane.db_path(),
-        "SELECT CAST(COUNT(*) AS TEXT) FROM job_events WHERE job_id = ?",
+        &plane.db(),
+        "SELECT CAST(COUNT(*) AS TEXT) FROM job_events WHERE job_id = $1",
         &[&job_id],
     );
 
@@ -626,8 +626,8 @@ fn an_air_gapped_site_is_served_by_files_and_a_second_import_changes_nothing() {
     assert_eq!(finished_at(&plane, &job_id), recorded_at);
     assert_eq!(
         sql_string(
-            &plane.db_path(),
-            "SELECT CAST(COUNT(*) AS TEXT) FROM job_events WHERE job_id = ?",
+            &plane.db(),
+            "SELECT CAST(COUNT(*) AS TEXT) FROM job_events WHERE job_id = $1",
             &[&job_id],
         ),
         events_before

@@ -106,7 +106,7 @@ fn jobs_keep_flowing_across_renewals() {
         "target", "create", &target, "--env", "dev", "--kind", "docker", "--agent", &agent.id,
     ]);
     let image = TestImage::busybox_sleeper(&unique("stella-e2e/renew"), "1");
-    let db = plane.db_path();
+    let db = plane.db();
     let mut seen = std::collections::BTreeSet::new();
     for round in 0..3 {
         let release = format!("r{round}");
@@ -129,7 +129,7 @@ fn jobs_keep_flowing_across_renewals() {
         let keyid = receipt.signatures[0].keyid.clone();
         let cert = stella_e2e::sql_string(
             &db,
-            "SELECT cert_pem FROM agent_certificates WHERE fingerprint = ?",
+            "SELECT cert_pem FROM agent_certificates WHERE fingerprint = $1",
             &[&keyid],
         );
         let der = stella_pki::cert_der_from_pem(&cert).unwrap();

@@ -10,8 +10,8 @@ use stella_e2e::{
 
 fn keyid_of_job(stack: &Stack, job_id: &str) -> String {
     let env: stella_pki::Envelope = serde_json::from_str(&sql_string(
-        &stack.plane.db_path(),
-        "SELECT envelope FROM jobs WHERE id = ?",
+        &stack.plane.db(),
+        "SELECT envelope FROM jobs WHERE id = $1",
         &[job_id],
     ))
     .unwrap();
@@ -111,10 +111,10 @@ fn rotation_keeps_jobs_flowing_and_withdraws_the_old_key() {
     let before_containers = containers_of(&stack.target);
     let dep = stack.deploy_no_wait("forged", &[image.component("web")]);
     let job_id = dep["jobs"][0]["id"].as_str().unwrap().to_string();
-    let db = stack.plane.db_path();
+    let db = stack.plane.db();
     let env: stella_pki::Envelope = serde_json::from_str(&sql_string(
         &db,
-        "SELECT envelope FROM jobs WHERE id = ?",
+        "SELECT envelope FROM jobs WHERE id = $1",
         &[&job_id],
     ))
     .unwrap();
@@ -125,7 +125,7 @@ fn rotation_keeps_jobs_flowing_and_withdraws_the_old_key() {
     assert_eq!(
         sql_exec(
             &db,
-            "UPDATE jobs SET envelope = ? WHERE id = ?",
+            "UPDATE jobs SET envelope = $1 WHERE id = $2",
             &[&forged, &job_id]
         ),
         1
@@ -195,8 +195,8 @@ fn finishing_waits_for_lagging_agents_and_waiting_jobs_are_resigned() {
     // and runs it.
     p.ok(&["keys", "rotate", "finish", "--force"]);
     let env: stella_pki::Envelope = serde_json::from_str(&sql_string(
-        &p.db_path(),
-        "SELECT envelope FROM jobs WHERE id = ?",
+        &p.db(),
+        "SELECT envelope FROM jobs WHERE id = $1",
         &[&job_id],
     ))
     .unwrap();

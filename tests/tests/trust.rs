@@ -212,17 +212,17 @@ fn every_result_carries_a_receipt_signed_by_its_agent() {
     ]);
     plane.ok(&["deploy", "r1", "--env", "dev"]);
 
-    let db = plane.db_path();
+    let db = plane.db();
     let receipt = sql_string(&db, "SELECT receipt FROM jobs LIMIT 1", &[]);
     let envelope_json = sql_string(&db, "SELECT envelope FROM jobs LIMIT 1", &[]);
     let cert_pem = sql_string(
         &db,
-        "SELECT cert_pem FROM agents WHERE id = ?",
+        "SELECT cert_pem FROM agents WHERE id = $1",
         &[&agent.id],
     );
     let other_pem = sql_string(
         &db,
-        "SELECT cert_pem FROM agents WHERE id = ?",
+        "SELECT cert_pem FROM agents WHERE id = $1",
         &[&other.id],
     );
     let receipt: stella_pki::Envelope = serde_json::from_str(&receipt).expect("a stored receipt");

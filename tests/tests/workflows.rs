@@ -148,7 +148,7 @@ fn a_plane_killed_mid_workflow_resumes_without_repeating_finished_steps() {
     assert_eq!(deploy["attempt"], 1, "deploy ran once: {p}");
     assert_eq!(deploy["deployments"].as_array().unwrap().len(), 1, "{p}");
     // One deployment and one job in the plane's database, one container on the host.
-    let db = plane.db_path();
+    let db = plane.db();
     let deployments = sql_string(&db, "SELECT CAST(COUNT(*) AS TEXT) FROM deployments", &[]);
     assert_eq!(deployments, "1");
     let jobs = sql_string(&db, "SELECT CAST(COUNT(*) AS TEXT) FROM jobs", &[]);
