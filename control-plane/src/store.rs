@@ -212,6 +212,12 @@ async fn connect(url: &DatabaseUrl) -> Result<Db, StoreError> {
                 .await
         }
         Backend::Postgres => {
+            // One direct attempt first: an unreachable server or a refused login is reported
+            // at once, where the pool would retry until its acquire timeout.
+            let probe = <sqlx::AnyConnection as sqlx::Connection>::connect_with(&options)
+                .await
+                .map_err(open_err)?;
+            let _ = sqlx::Connection::close(probe).await;
             AnyPoolOptions::new()
                 .max_connections(POSTGRES_CONNECTIONS)
                 .acquire_timeout(CONNECT_TIMEOUT)
