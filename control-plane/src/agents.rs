@@ -613,11 +613,12 @@ pub async fn renew_offline(
         &proof,
     )
     .map_err(|_| refuse("the proof does not verify with the certificate's key"))?;
-    let row: Option<(String, String, String)> =
-        sqlx::query_as("SELECT status, cert_serial, previous_cert_serial FROM agents WHERE id = $1")
-            .bind(&req.agent_id)
-            .fetch_optional(&state.db)
-            .await?;
+    let row: Option<(String, String, String)> = sqlx::query_as(
+        "SELECT status, cert_serial, previous_cert_serial FROM agents WHERE id = $1",
+    )
+    .bind(&req.agent_id)
+    .fetch_optional(&state.db)
+    .await?;
     let Some((status, serial, previous)) = row else {
         return Err(refuse("unknown agent"));
     };

@@ -876,6 +876,10 @@ async fn serve(data_dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn migrate(data_dir: PathBuf, args: DatabaseArgs) -> anyhow::Result<()> {
+    if args.database.is_none() {
+        std::fs::create_dir_all(&data_dir)
+            .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    }
     let url = server::database_url(&data_dir, args.database.as_deref())?;
     let db = store::open(&url, false).await?;
     let applied = store::migrate(&db, &url).await?;

@@ -395,12 +395,13 @@ pub async fn resolve_reference(
     }
     let tag = tag.unwrap_or_default();
     stella_registry::validate_tag(tag).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let synced: Option<(String,)> =
-        sqlx::query_as("SELECT digest FROM component_versions WHERE component_id = $1 AND tag = $2")
-            .bind(&r.0)
-            .bind(tag)
-            .fetch_optional(&state.db)
-            .await?;
+    let synced: Option<(String,)> = sqlx::query_as(
+        "SELECT digest FROM component_versions WHERE component_id = $1 AND tag = $2",
+    )
+    .bind(&r.0)
+    .bind(tag)
+    .fetch_optional(&state.db)
+    .await?;
     if let Some((digest,)) = synced {
         return Ok((r.1, image, digest));
     }

@@ -1004,12 +1004,14 @@ pub async fn add_ignore_rule(
         if let Some(finding) = as_finding(&view)
             && rule.silences(&finding)
         {
-            sqlx::query("UPDATE drift_findings SET resolved_at = $1, resolution = $2 WHERE id = $3")
-                .bind(now)
-                .bind(format!("ignored:{id}"))
-                .bind(&view.id)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "UPDATE drift_findings SET resolved_at = $1, resolution = $2 WHERE id = $3",
+            )
+            .bind(now)
+            .bind(format!("ignored:{id}"))
+            .bind(&view.id)
+            .execute(&mut *tx)
+            .await?;
             touched.insert(view.target.clone());
             silenced.push(view.id);
         }

@@ -26,7 +26,7 @@ const POSTGRES_CONNECTIONS: u32 = 16;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Key of the transaction-scoped advisory lock every PostgreSQL write transaction takes first
 /// (see [`write_tx`]). Any constant works; this one spells "stella" in ASCII.
-const WRITE_LOCK_KEY: i64 = 0x0073_7465_6c6c_61;
+const WRITE_LOCK_KEY: i64 = 0x7374_656c_6c61;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -89,7 +89,9 @@ impl DatabaseUrl {
             }
         };
         if backend == Backend::Postgres && url.host_str().is_none_or(str::is_empty) {
-            return Err(err("no host: use postgres://user:password@host:port/database".into()));
+            return Err(err(
+                "no host: use postgres://user:password@host:port/database".into(),
+            ));
         }
         let mut url = url;
         if backend == Backend::Sqlite {
@@ -163,7 +165,10 @@ pub fn redact(raw: &str) -> String {
             (k.into_owned(), v)
         })
         .collect();
-    if pairs.iter().any(|(k, _)| k.eq_ignore_ascii_case("password")) {
+    if pairs
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("password"))
+    {
         url.query_pairs_mut().clear().extend_pairs(pairs);
     }
     url.to_string()
@@ -350,7 +355,9 @@ mod tests {
 
     #[test]
     fn bad_urls_are_refused_clearly() {
-        let e = DatabaseUrl::parse("mysql://u:pw@h/d").unwrap_err().to_string();
+        let e = DatabaseUrl::parse("mysql://u:pw@h/d")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unsupported scheme \"mysql\""), "{e}");
         assert!(!e.contains("pw"), "{e}");
         let e = DatabaseUrl::parse("postgres:///d").unwrap_err().to_string();

@@ -188,13 +188,15 @@ pub async fn ensure_admin_token(db: &Db, name: &str) -> Result<Option<String>, s
 
 async fn insert_admin_token(db: &Db, name: &str) -> Result<String, sqlx::Error> {
     let token = stella_pki::generate_api_token();
-    sqlx::query("INSERT INTO api_tokens (id, name, token_hash, created_at) VALUES ($1, $2, $3, $4)")
-        .bind(new_id("at"))
-        .bind(name)
-        .bind(stella_pki::hash_token(&token))
-        .bind(now_ms())
-        .execute(db)
-        .await?;
+    sqlx::query(
+        "INSERT INTO api_tokens (id, name, token_hash, created_at) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(new_id("at"))
+    .bind(name)
+    .bind(stella_pki::hash_token(&token))
+    .bind(now_ms())
+    .execute(db)
+    .await?;
     Ok(token)
 }
 

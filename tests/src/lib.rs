@@ -417,8 +417,10 @@ impl Plane {
     pub fn db_dump(&self) -> String {
         match &self.pg {
             Some(pg) => pg.dump(PG_DATABASE),
-            None => String::from_utf8_lossy(&std::fs::read(self.db_path()).expect("read the database"))
-                .into_owned(),
+            None => {
+                String::from_utf8_lossy(&std::fs::read(self.db_path()).expect("read the database"))
+                    .into_owned()
+            }
         }
     }
 }

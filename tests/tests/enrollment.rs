@@ -52,10 +52,7 @@ fn enrollment_pins_the_ca_and_tokens_are_single_use_and_expiring() {
         assert_eq!(mode & 0o777, 0o600, "{plane_key} must be 0600");
     }
     // The join token is stored hashed only.
-    assert!(
-        !db.contains(&token),
-        "join tokens are stored hashed"
-    );
+    assert!(!db.contains(&token), "join tokens are stored hashed");
 
     // Reuse of the same token is refused, and nothing is written.
     let a2 = tmp.path().join("a2");

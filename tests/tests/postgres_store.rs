@@ -49,7 +49,11 @@ fn migrate_applies_the_schema_once_and_reports_what_it_applied() {
     assert!(report.contains("0001 spine"), "{report}");
     let again = stella(&["migrate", "--database", &url]);
     assert!(again.status.success(), "{}", text(&again));
-    assert!(text(&again).contains("nothing to apply"), "{}", text(&again));
+    assert!(
+        text(&again).contains("nothing to apply"),
+        "{}",
+        text(&again)
+    );
     let tables = pg
         .psql(
             PG_DATABASE,
@@ -128,7 +132,13 @@ fn the_core_flows_run_on_postgresql() {
     as_user(
         &plane,
         &alice,
-        &["release", "create", "pg-1", "--component", &v1.component("web")],
+        &[
+            "release",
+            "create",
+            "pg-1",
+            "--component",
+            &v1.component("web"),
+        ],
     );
     let promotion = as_user(&plane, &alice, &["promote", "pg-1", "--to", "dev"]);
     assert_eq!(promotion["status"], "awaiting_approval", "{promotion}");
@@ -145,7 +155,13 @@ fn the_core_flows_run_on_postgresql() {
     plane.wait_agent(&agent.id, "connected");
     let promotions = plane.json(&["promotion", "list"]);
     assert_eq!(promotions[0]["status"], "deployed", "{promotions}");
-    plane.ok(&["release", "create", "pg-2", "--component", &v2.component("web")]);
+    plane.ok(&[
+        "release",
+        "create",
+        "pg-2",
+        "--component",
+        &v2.component("web"),
+    ]);
     let out = plane.ok(&["deploy", "pg-2", "--env", "dev"]);
     assert!(out.contains("succeeded"), "{out}");
     let sequences = sql_string(
