@@ -32,12 +32,14 @@ const WRITE_LOCK_KEY: i64 = 0x7374_656c_6c61;
 pub enum StoreError {
     #[error("invalid database URL {url}: {reason}")]
     Url { url: String, reason: String },
-    #[error("cannot open database {url}: {source}")]
-    Open { url: String, source: sqlx::Error },
-    #[error("cannot apply migrations to {url}: {source}")]
+    // The driver's error is part of the message and deliberately not a `source`: its Display
+    // already includes its own causes, and `{:#}` would print them a second time.
+    #[error("cannot open database {url}: {cause}")]
+    Open { url: String, cause: sqlx::Error },
+    #[error("cannot apply migrations to {url}: {cause}")]
     Migrate {
         url: String,
-        source: sqlx::migrate::MigrateError,
+        cause: sqlx::migrate::MigrateError,
     },
 }
 
@@ -190,9 +192,9 @@ pub async fn open_sqlite(path: &Path) -> Result<Db, StoreError> {
 
 async fn connect(url: &DatabaseUrl) -> Result<Db, StoreError> {
     sqlx::any::install_default_drivers();
-    let open_err = |source| StoreError::Open {
+    let open_err = |cause| StoreError::Open {
         url: url.redacted(),
-        source,
+        cause,
     };
     let options = AnyConnectOptions::from_url(&url.url).map_err(open_err)?;
     let pool = match url.backend {
@@ -238,9 +240,9 @@ async fn connect(url: &DatabaseUrl) -> Result<Db, StoreError> {
 /// descriptions applied now (empty when the schema was already current).
 pub async fn migrate(db: &Db, url: &DatabaseUrl) -> Result<Vec<(i64, String)>, StoreError> {
     let migrator = Backend::of(db).migrator();
-    let migrate_err = |source| StoreError::Migrate {
+    let migrate_err = |cause| StoreError::Migrate {
         url: url.redacted(),
-        source,
+        cause,
     };
     let before = applied_versions(db).await;
     migrator.run(db).await.map_err(migrate_err)?;
