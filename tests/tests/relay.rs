@@ -37,6 +37,27 @@ fn release(plane: &Plane, name: &str, image: &TestImage) {
 
 /// When the plane recorded the job's outcome ("" while none): the first result wins and a
 /// duplicate leaves it as it was, so an unchanged value means the result was recorded once.
+/// Starts a deployment of `release` to dev and returns its id once the agent has taken one of
+/// its jobs (a job past queued/offered): the moment the link-cut tests cut.
+fn deploy_until_a_job_is_taken(plane: &Plane, release: &str) -> String {
+    let dep = plane.json(&["deploy", release, "--env", "dev", "--no-wait"]);
+    let dep_id = dep["id"].as_str().unwrap().to_string();
+    wait_until(
+        Duration::from_secs(60),
+        "the first job to be accepted",
+        || {
+            let d = plane.json(&["deployments", "show", &dep_id]);
+            d["jobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|j| j["status"] != "queued" && j["status"] != "offered")
+                .then_some(())
+        },
+    );
+    dep_id
+}
+
 fn finished_at(plane: &Plane, job_id: &str) -> String {
     sql_string(
         &plane.db(),
@@ -155,22 +176,8 @@ fn a_relays_cut_uplink_loses_nothing_and_every_result_arrives_once() {
         &["/bin/busybox", "sleep", "3600"],
     );
     release(&plane, "cut-1", &image);
-    let dep = plane.json(&["deploy", "cut-1", "--env", "dev", "--no-wait"]);
-    let dep_id = dep["id"].as_str().unwrap().to_string();
     // Every job is with the relay (offers go out at once, they run one at a time): cut now.
-    wait_until(
-        Duration::from_secs(60),
-        "the first job to be accepted",
-        || {
-            let d = plane.json(&["deployments", "show", &dep_id]);
-            d["jobs"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|j| j["status"] != "queued" && j["status"] != "offered")
-                .then_some(())
-        },
-    );
+    let dep_id = deploy_until_a_job_is_taken(&plane, "cut-1");
     proxy.cut();
     // The relay notices, keeps serving the leaf, and holds every result on disk.
     wait_until(
@@ -655,21 +662,7 @@ fn a_chain_whose_outer_uplink_is_cut_delivers_every_result_once() {
         (0..2).map(|_| docker_target(&plane, &leaf)).collect();
     let image = TestImage::busybox_sleeper(&unique("stella-e2e/chaincut"), "1");
     release(&plane, "chain-cut-1", &image);
-    let dep = plane.json(&["deploy", "chain-cut-1", "--env", "dev", "--no-wait"]);
-    let dep_id = dep["id"].as_str().unwrap().to_string();
-    wait_until(
-        Duration::from_secs(60),
-        "the first job to be accepted",
-        || {
-            let d = plane.json(&["deployments", "show", &dep_id]);
-            d["jobs"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|j| j["status"] != "queued" && j["status"] != "offered")
-                .then_some(())
-        },
-    );
+    let dep_id = deploy_until_a_job_is_taken(&plane, "chain-cut-1");
     proxy.cut();
     wait_until(
         Duration::from_secs(60),
@@ -758,21 +751,7 @@ fn a_full_relay_refuses_results_into_the_agents_spool_and_they_still_arrive_once
         (0..2).map(|_| docker_target(&plane, &leaf)).collect();
     let image = TestImage::busybox_sleeper(&unique("stella-e2e/full"), "1");
     release(&plane, "full-1", &image);
-    let dep = plane.json(&["deploy", "full-1", "--env", "dev", "--no-wait"]);
-    let dep_id = dep["id"].as_str().unwrap().to_string();
-    wait_until(
-        Duration::from_secs(60),
-        "the first job to be accepted",
-        || {
-            let d = plane.json(&["deployments", "show", &dep_id]);
-            d["jobs"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|j| j["status"] != "queued" && j["status"] != "offered")
-                .then_some(())
-        },
-    );
+    let dep_id = deploy_until_a_job_is_taken(&plane, "full-1");
     proxy.cut();
     wait_until(
         Duration::from_secs(60),
