@@ -244,14 +244,23 @@ pub struct AgentRecord {
 }
 
 const AGENT_COLUMNS: &str = "id, name, hostname, labels, capabilities, version, cert_serial, \
-     previous_cert_serial, cert_not_after, status, last_heartbeat, enrolled_at";
+     previous_cert_serial, cert_not_after, status, last_heartbeat, enrolled_at, session_replica";
 
-fn view_from_row(state: &AppState, row: &sqlx::any::AnyRow) -> AgentView {
+/// `alive`: the replicas alive now (`replicas::alive`); an agent whose session another live
+/// replica holds is connected too.
+fn view_from_row(
+    state: &AppState,
+    alive: &std::collections::HashSet<String>,
+    row: &sqlx::any::AnyRow,
+) -> AgentView {
     let id: String = row.get("id");
     let status: String = row.get("status");
+    let held_elsewhere = row
+        .get::<Option<String>, _>("session_replica")
+        .is_some_and(|r| r != state.replica.id && alive.contains(&r));
     let status = if status == "revoked" {
         status
-    } else if state.hub.is_connected(&id) {
+    } else if state.hub.is_connected(&id) || held_elsewhere {
         "connected".to_string()
     } else {
         "disconnected".to_string()
@@ -281,7 +290,11 @@ pub async fn list(state: &AppState) -> ApiResult<Vec<AgentView>> {
     )))
     .fetch_all(&state.db)
     .await?;
-    Ok(rows.iter().map(|r| view_from_row(state, r)).collect())
+    let alive = crate::replicas::alive(state).await?;
+    Ok(rows
+        .iter()
+        .map(|r| view_from_row(state, &alive, r))
+        .collect())
 }
 
 /// Finds an agent by id or, when unambiguous, by name.
@@ -316,7 +329,8 @@ pub async fn view(state: &AppState, id_or_name: &str) -> ApiResult<AgentView> {
     .bind(&record.id)
     .fetch_one(&state.db)
     .await?;
-    Ok(view_from_row(state, &row))
+    let alive = crate::replicas::alive(state).await?;
+    Ok(view_from_row(state, &alive, &row))
 }
 
 fn record_from_row(row: &sqlx::any::AnyRow) -> AgentRecord {
@@ -366,6 +380,7 @@ pub async fn records_for_environment(
 /// commit).
 pub async fn record_hello(
     conn: &mut sqlx::AnyConnection,
+    replica: &str,
     agent_id: &str,
     capabilities: &[String],
     labels: &BTreeMap<String, String>,
@@ -390,7 +405,7 @@ pub async fn record_hello(
     let merged = serde_json::to_string(&merged).unwrap_or_else(|_| "{}".to_string());
     sqlx::query(
         "UPDATE agents SET capabilities = $1, labels = $2, version = $3, hostname = $4,
-            last_connected = $5, last_heartbeat = $6 WHERE id = $7",
+            last_connected = $5, last_heartbeat = $6, session_replica = $7 WHERE id = $8",
     )
     .bind(capabilities)
     .bind(merged)
@@ -398,6 +413,7 @@ pub async fn record_hello(
     .bind(hostname)
     .bind(now)
     .bind(now)
+    .bind(replica)
     .bind(agent_id)
     .execute(&mut *conn)
     .await?;
@@ -448,7 +464,7 @@ pub async fn revoke(state: &AppState, id_or_name: &str, req: RevokeAgent) -> Api
         tracing::warn!(agent_id = %agent.id, %reason, "agent revoked");
     }
     // Cut the live session whether or not this call changed anything (a retry must also cut).
-    state.hub.evict(&agent.id);
+    state.evict_agent(&agent.id);
     view(state, &agent.id).await
 }
 

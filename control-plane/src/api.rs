@@ -104,6 +104,7 @@ pub fn api_routes() -> OpenApiRouter<SharedState> {
         .routes(routes!(revoke_api_token))
         .routes(routes!(list_audit))
         .routes(routes!(list_agents))
+        .routes(routes!(list_replicas))
         .routes(routes!(show_agent))
         .routes(routes!(revoke_agent))
         .routes(routes!(trust_status))
@@ -551,6 +552,17 @@ async fn list_agents(
 ) -> ApiResult<Response> {
     actor.require(Permission::Read)?;
     page(agents::list(&state).await?, &q, "/api/v1/agents")
+}
+
+/// The control-plane replicas sharing this database that are alive now, oldest first.
+#[utoipa::path(get, path = "/replicas", tag = "agents", security(("bearer" = [])),
+    responses((status = 200, body = Vec<crate::replicas::ReplicaView>), (status = 401, body = ErrorBody)))]
+async fn list_replicas(
+    State(state): State<SharedState>,
+    actor: Actor,
+) -> ApiResult<Json<Vec<crate::replicas::ReplicaView>>> {
+    actor.require(Permission::Read)?;
+    Ok(Json(crate::replicas::list(&state).await?))
 }
 
 /// One agent, by id or name.

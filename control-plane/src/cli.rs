@@ -88,6 +88,8 @@ enum Command {
         #[command(subcommand)]
         command: Option<AgentsCommand>,
     },
+    /// Control-plane replicas sharing the database, alive now (one on SQLite).
+    Replicas,
     /// Job-signing keys: status and rotation with overlap (`start`, then `finish`).
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -225,6 +227,7 @@ impl PlaneListenArgs {
             max_session_setups: self.max_session_setups as usize,
             database: None,
             migrate: true,
+            run_lease: server::DEFAULT_RUN_LEASE,
         }
     }
 }
@@ -250,6 +253,11 @@ struct ServeArgs {
     /// Do not apply pending schema migrations at start (apply them with `stella migrate`).
     #[arg(long)]
     no_migrate: bool,
+    /// With several replicas on one PostgreSQL database: how long a replica's hold on a
+    /// workflow run lasts without renewal (it renews twice a second). A crashed replica's runs
+    /// move to the others this long after it died.
+    #[arg(long, default_value = "15s", value_parser = duration::parse)]
+    run_lease: Duration,
 }
 
 #[derive(Args)]
@@ -856,6 +864,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let client = ApiClient::connect(&conn)?;
             releasing::audit(&client, out, limit).await
         }
+        Command::Replicas => {
+            let client = ApiClient::connect(&conn)?;
+            let replicas: Vec<stella_control_plane::replicas::ReplicaView> =
+                client.get("/api/v1/replicas").await?;
+            render(out, &replicas, |replicas| {
+                table(
+                    &["ID", "HOST", "API", "RUNS LEASED", "STARTED", "SEEN"],
+                    replicas
+                        .iter()
+                        .map(|r| {
+                            vec![
+                                if r.this {
+                                    format!("{} (answered)", r.id)
+                                } else {
+                                    r.id.clone()
+                                },
+                                r.host.clone(),
+                                r.api_url.clone(),
+                                r.runs_leased.to_string(),
+                                r.started_at.clone(),
+                                r.seen_at.clone(),
+                            ]
+                        })
+                        .collect(),
+                )
+            })
+        }
     }
 }
 
@@ -863,6 +898,7 @@ async fn serve(data_dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
     let mut options = args.listen.options(data_dir);
     options.database = args.database.database;
     options.migrate = !args.no_migrate;
+    options.run_lease = args.run_lease;
     let plane = server::start(options).await?;
     println!("Stella control plane");
     println!("  API:            {}", plane.api_url);

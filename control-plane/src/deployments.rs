@@ -303,7 +303,7 @@ async fn create_jobs(
     tx.commit().await?;
     tracing::info!(deployment_id = %deployment_id, kind = kind.name(), release = %release.name, env = %env.name, jobs = env_targets.len(), "deployment created");
     for t in &env_targets {
-        state.hub.notify(&t.agent_id);
+        state.agent_has_work(&t.agent_id);
     }
     get(state, &deployment_id).await
 }
@@ -517,19 +517,27 @@ async fn add_event(
 // The writes below take a connection (in practice the group-commit transaction, see
 // `group_commit.rs`): agent sessions never commit one statement at a time.
 
+/// Claims a queued job for the replica whose session offered it: the first claim wins and
+/// names its replica. On PostgreSQL a row another replica is claiming at this moment is skipped
+/// (`FOR UPDATE SKIP LOCKED`) rather than waited for: its claim stands.
 pub async fn mark_offered(
     conn: &mut sqlx::AnyConnection,
+    replica: &str,
     agent_id: &str,
     job_id: &str,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE jobs SET status = 'offered', updated_at = $1 WHERE id = $2 AND agent_id = $3 AND status = 'queued'",
-    )
-    .bind(now_ms())
-    .bind(job_id)
-    .bind(agent_id)
-    .execute(&mut *conn)
-    .await?;
+    let sql = format!(
+        "UPDATE jobs SET status = 'offered', claimed_by = $1, updated_at = $2 WHERE id IN (
+             SELECT id FROM jobs WHERE id = $3 AND agent_id = $4 AND status = 'queued'{})",
+        crate::store::skip_locked(conn)
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(replica)
+        .bind(now_ms())
+        .bind(job_id)
+        .bind(agent_id)
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 

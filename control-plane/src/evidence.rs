@@ -92,9 +92,31 @@ async fn approvers(state: &AppState, promotion_id: &str) -> ApiResult<Vec<Approv
 }
 
 /// Appends `content` to the chain and links it from the promotion or deployment it records.
-async fn append(state: &AppState, content: PacketContent) -> ApiResult<SignedPacket> {
+/// `None` when the promotion or deployment was already recorded: replicas sharing a database
+/// each find the same "settled and not yet recorded" rows, and only the first append may count.
+async fn append(state: &AppState, content: PacketContent) -> ApiResult<Option<SignedPacket>> {
     let key = state.keys.evidence_key();
     let mut tx = crate::store::write_tx(&state.db).await?;
+    let recorded: Option<(Option<String>,)> = match (&content.promotion_id, &content.deployment_id)
+    {
+        (Some(p), _) if content.kind == PacketKind::PromotionDecision => {
+            sqlx::query_as("SELECT evidence_id FROM promotions WHERE id = $1")
+                .bind(p)
+                .fetch_optional(&mut *tx)
+                .await?
+        }
+        (_, Some(d)) => {
+            sqlx::query_as("SELECT evidence_id FROM deployments WHERE id = $1")
+                .bind(d)
+                .fetch_optional(&mut *tx)
+                .await?
+        }
+        _ => None,
+    };
+    if let Some((Some(existing),)) = recorded {
+        tracing::debug!(evidence = %existing, "already recorded (by another replica)");
+        return Ok(None);
+    }
     let head: Option<(i64, String)> = sqlx::query_as(
         "SELECT sequence, digest FROM evidence_packets ORDER BY sequence DESC LIMIT 1",
     )
@@ -160,7 +182,7 @@ async fn append(state: &AppState, content: PacketContent) -> ApiResult<SignedPac
     }
     tx.commit().await?;
     tracing::info!(evidence = %packet.id, sequence = packet.sequence, kind = kind.as_str(), "evidence recorded");
-    Ok(packet)
+    Ok(Some(packet))
 }
 
 async fn environment_targets(state: &AppState, environment_id: &str) -> ApiResult<Vec<TargetRef>> {

@@ -70,6 +70,9 @@ enum Write {
         hostname: String,
     },
     Heartbeats(Vec<(String, i64)>),
+    SessionClosed {
+        agent_id: String,
+    },
     TrustAck {
         agent_id: String,
         version: u64,
@@ -85,10 +88,12 @@ pub struct GroupCommit {
 }
 
 impl GroupCommit {
-    /// Starts the writer task on `db`; it stops when every handle is dropped.
-    pub fn start(db: Db) -> Self {
+    /// Starts the writer task on `db` for the replica `replica_id` (recorded as the claimant of
+    /// the jobs it offers and the holder of the sessions it opens); it stops when every handle
+    /// is dropped.
+    pub fn start(db: Db, replica_id: &str) -> Self {
         let (queue, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(db, rx));
+        tokio::spawn(run(db, replica_id.to_string(), rx));
         Self { queue }
     }
 
@@ -149,6 +154,14 @@ impl GroupCommit {
         .await
     }
 
+    /// The agent's session with this replica ended and no newer one replaced it here.
+    pub async fn session_closed(&self, agent_id: &str) {
+        self.submit(Write::SessionClosed {
+            agent_id: agent_id.to_string(),
+        })
+        .await
+    }
+
     /// The trust bundle version an agent says it holds (hello or acknowledgement).
     pub async fn trust_ack(&self, agent_id: &str, version: u64) {
         self.submit(Write::TrustAck {
@@ -195,17 +208,17 @@ impl GroupCommit {
     }
 }
 
-async fn run(db: Db, mut rx: mpsc::Receiver<Write>) {
+async fn run(db: Db, replica: String, mut rx: mpsc::Receiver<Write>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        match commit(&db, &batch).await {
+        match commit(&db, &replica, &batch).await {
             Ok(recorded) => answer(&mut batch, |i| Ok(recorded[i])),
             Err(e) => {
                 // One bad write must not fail the others: retry each in its own transaction.
                 tracing::warn!(error = %e, writes = batch.len(), "group commit failed; retrying its writes one by one");
                 for write in batch.drain(..) {
                     let single = [write];
-                    let outcome = commit(&db, &single)
+                    let outcome = commit(&db, &replica, &single)
                         .await
                         .map(|r| r[0])
                         .map_err(|e| WriteError::Storage(e.to_string()));
@@ -245,20 +258,24 @@ fn answer(batch: &mut Vec<Write>, outcome: impl Fn(usize) -> ResultRecorded) {
 }
 
 /// Applies the writes in one transaction; per write, whether a result was recorded.
-async fn commit(db: &Db, batch: &[Write]) -> Result<Vec<bool>, sqlx::Error> {
+async fn commit(db: &Db, replica: &str, batch: &[Write]) -> Result<Vec<bool>, sqlx::Error> {
     let mut tx = crate::store::write_tx(db).await?;
     let mut recorded = Vec::with_capacity(batch.len());
     for write in batch {
-        recorded.push(apply(&mut tx, write).await?);
+        recorded.push(apply(&mut tx, replica, write).await?);
     }
     tx.commit().await?;
     Ok(recorded)
 }
 
-async fn apply(tx: &mut sqlx::AnyConnection, write: &Write) -> Result<bool, sqlx::Error> {
+async fn apply(
+    tx: &mut sqlx::AnyConnection,
+    replica: &str,
+    write: &Write,
+) -> Result<bool, sqlx::Error> {
     match write {
         Write::Offered { agent_id, job_id } => {
-            deployments::mark_offered(tx, agent_id, job_id).await?
+            deployments::mark_offered(tx, replica, agent_id, job_id).await?
         }
         Write::Accepted { agent_id, job_id } => {
             deployments::mark_accepted(tx, agent_id, job_id).await?
@@ -284,8 +301,29 @@ async fn apply(tx: &mut sqlx::AnyConnection, write: &Write) -> Result<bool, sqlx
             labels,
             version,
             hostname,
-        } => agents::record_hello(tx, agent_id, capabilities, labels, version, hostname).await?,
+        } => {
+            agents::record_hello(
+                tx,
+                replica,
+                agent_id,
+                capabilities,
+                labels,
+                version,
+                hostname,
+            )
+            .await?
+        }
         Write::Heartbeats(heartbeats) => agents::flush_heartbeats(tx, heartbeats).await?,
+        Write::SessionClosed { agent_id } => {
+            // Only this replica's mark: the agent may hold a session elsewhere already.
+            sqlx::query(
+                "UPDATE agents SET session_replica = NULL WHERE id = $1 AND session_replica = $2",
+            )
+            .bind(agent_id)
+            .bind(replica)
+            .execute(&mut *tx)
+            .await?;
+        }
         Write::TrustAck { agent_id, version } => {
             // The rule of `trust::record_ack`, inside the batch: versions only move forward.
             let version = i64::try_from(*version).unwrap_or(i64::MAX);

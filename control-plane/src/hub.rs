@@ -93,15 +93,18 @@ impl Hub {
         }
     }
 
-    /// Removes the session only if it is still the registered one (a newer one may have replaced it).
-    pub fn unregister(&self, agent_id: &str, session_id: u64) {
+    /// Removes the session only if it is still the registered one (a newer one may have
+    /// replaced it); true when it was.
+    pub fn unregister(&self, agent_id: &str, session_id: u64) -> bool {
         if let Ok(mut sessions) = self.sessions.lock()
             && sessions
                 .get(agent_id)
                 .is_some_and(|h| h.session_id == session_id)
         {
             sessions.remove(agent_id);
+            return true;
         }
+        false
     }
 
     pub fn notify(&self, agent_id: &str) {

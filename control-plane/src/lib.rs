@@ -27,6 +27,7 @@ pub mod promotions;
 pub mod quic;
 pub mod relays;
 pub mod releases;
+pub mod replicas;
 pub mod runs;
 pub mod server;
 pub mod session;

@@ -230,7 +230,7 @@ pub async fn decide_and_advance(state: &AppState, id: &str) -> ApiResult<Decisio
                 runs::start_in(&mut tx, state, &promotion).await?;
             }
             tx.commit().await?;
-            state.runner_wake.notify_one();
+            state.wake_runners();
         }
         _ => {
             set_status(

@@ -126,7 +126,33 @@ fn parse_run(
     })
 }
 
+/// Writes the run's state, only while this replica holds its lease (or nobody does: an API
+/// cancel): a replica that lost the lease while it worked must not overwrite the new holder's
+/// state with its stale one.
 async fn save(state: &AppState, run: &LoadedRun) -> ApiResult<()> {
+    let json = serde_json::to_string(&run.state).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let saved = sqlx::query(
+        "UPDATE workflow_runs SET state = $1, status = $2, updated_at = $3
+         WHERE id = $4 AND (lease_owner IS NULL OR lease_owner = $5 OR lease_until < $6)",
+    )
+    .bind(&json)
+    .bind(run.state.status().as_str())
+    .bind(now_ms())
+    .bind(&run.id)
+    .bind(&state.replica.id)
+    .bind(now_ms())
+    .execute(&state.db)
+    .await?;
+    if saved.rows_affected() == 0 {
+        return Err(ApiError::Conflict(LEASE_LOST.to_string()));
+    }
+    published(state, run);
+    Ok(())
+}
+
+/// Writes a state change made outside the runner (a cancellation through the API), whoever
+/// holds the lease: the holder reads it back at its next tick.
+async fn save_unleased(state: &AppState, run: &LoadedRun) -> ApiResult<()> {
     let json = serde_json::to_string(&run.state).map_err(|e| ApiError::Internal(e.to_string()))?;
     sqlx::query("UPDATE workflow_runs SET state = $1, status = $2, updated_at = $3 WHERE id = $4")
         .bind(&json)
@@ -135,13 +161,17 @@ async fn save(state: &AppState, run: &LoadedRun) -> ApiResult<()> {
         .bind(&run.id)
         .execute(&state.db)
         .await?;
+    published(state, run);
+    Ok(())
+}
+
+fn published(state: &AppState, run: &LoadedRun) {
     state.publish(crate::state::PlaneEvent {
         kind: "workflow_run",
         id: run.id.clone(),
         promotion: Some(run.promotion_id.clone()),
         at: rfc3339(now_ms()),
     });
-    Ok(())
 }
 
 fn apply(run: &mut LoadedRun, event: Event) -> ApiResult<()> {
@@ -160,8 +190,8 @@ pub async fn cancel(state: &AppState, promotion_id: &str) -> ApiResult<()> {
                 reason: "promotion cancelled".to_string(),
             },
         )?;
-        save(state, &run).await?;
-        state.runner_wake.notify_one();
+        save_unleased(state, &run).await?;
+        state.wake_runners();
     }
     Ok(())
 }
@@ -343,20 +373,64 @@ pub fn spawn_runner(state: SharedState) -> tokio::task::JoinHandle<()> {
 struct HealthCounters(HashMap<String, (u32, std::time::Instant)>);
 
 async fn tick(state: &AppState, health: &mut HealthCounters) -> ApiResult<()> {
-    let rows: Vec<(String, String, String, String)> = sqlx::query_as(
-        "SELECT id, promotion_id, template, state FROM workflow_runs WHERE status = 'running'
-         ORDER BY created_at",
-    )
-    .fetch_all(&state.db)
-    .await?;
-    for row in rows {
+    for row in claim_runs(state).await? {
         let id = row.0.clone();
         let run = parse_run(row)?;
-        if let Err(e) = drive(state, run, health).await {
-            tracing::error!(run = %id, error = %e, "workflow run step failed to advance");
+        match drive(state, run, health).await {
+            Ok(()) => {}
+            Err(ApiError::Conflict(message)) if message == LEASE_LOST => {
+                tracing::warn!(run = %id, "another replica took over this workflow run");
+            }
+            Err(e) => tracing::error!(run = %id, error = %e, "workflow run step failed to advance"),
         }
     }
     crate::evidence::record_pending(state).await
+}
+
+/// What `save` answers when this replica no longer holds the run's lease.
+const LEASE_LOST: &str = "the workflow run's lease passed to another replica";
+
+/// Takes or renews the lease of every running run that is free, expired or already this
+/// replica's, and returns them oldest first. Replicas claiming at the same moment skip each
+/// other's rows (`FOR UPDATE SKIP LOCKED`) instead of queueing behind them, so each run is
+/// driven by one replica at a time; a replica that stops renewing (crash) loses its runs to
+/// the others once `run_lease` has passed.
+async fn claim_runs(state: &AppState) -> ApiResult<Vec<(String, String, String, String)>> {
+    let now = now_ms();
+    let until = now + i64::try_from(state.config.run_lease.as_millis()).unwrap_or(i64::MAX / 2);
+    let sql = format!(
+        "UPDATE workflow_runs SET lease_owner = $1, lease_until = $2 WHERE id IN (
+             SELECT id FROM workflow_runs WHERE status = 'running'
+             AND (lease_owner IS NULL OR lease_owner = $3 OR lease_until < $4)
+             ORDER BY created_at LIMIT 200{})
+         RETURNING id, promotion_id, template, state, created_at",
+        crate::store::Backend::of(&state.db).skip_locked()
+    );
+    let mut rows: Vec<(String, String, String, String, i64)> =
+        sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(&state.replica.id)
+            .bind(until)
+            .bind(&state.replica.id)
+            .bind(now)
+            .fetch_all(&state.db)
+            .await?;
+    rows.sort_by(|a, b| (a.4, &a.0).cmp(&(b.4, &b.0)));
+    Ok(rows
+        .into_iter()
+        .map(|(id, promotion, template, state, _)| (id, promotion, template, state))
+        .collect())
+}
+
+/// Gives up every lease this replica holds (graceful shutdown): the others take the runs over
+/// at once. Returns how many runs were released.
+pub async fn release_leases(state: &AppState) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "UPDATE workflow_runs SET lease_owner = NULL, lease_until = 0 WHERE lease_owner = $1",
+    )
+    .bind(&state.replica.id)
+    .execute(&state.db)
+    .await?
+    .rows_affected())
 }
 
 /// Advances one run as far as it can go now.
@@ -1043,12 +1117,20 @@ async fn notify(
 }
 
 async fn finish(state: &AppState, run: &LoadedRun, outcome: RunOutcome) -> ApiResult<()> {
-    sqlx::query("UPDATE workflow_runs SET status = $1, updated_at = $2 WHERE id = $3")
-        .bind(run.state.status().as_str())
-        .bind(now_ms())
-        .bind(&run.id)
-        .execute(&state.db)
-        .await?;
+    let finished = sqlx::query(
+        "UPDATE workflow_runs SET status = $1, updated_at = $2, lease_owner = NULL, lease_until = 0
+         WHERE id = $3 AND (lease_owner IS NULL OR lease_owner = $4 OR lease_until < $5)",
+    )
+    .bind(run.state.status().as_str())
+    .bind(now_ms())
+    .bind(&run.id)
+    .bind(&state.replica.id)
+    .bind(now_ms())
+    .execute(&state.db)
+    .await?;
+    if finished.rows_affected() == 0 {
+        return Err(ApiError::Conflict(LEASE_LOST.to_string()));
+    }
     let failures: Vec<String> = run
         .template
         .steps()

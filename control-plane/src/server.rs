@@ -55,7 +55,11 @@ pub struct ServeOptions {
     pub database: Option<String>,
     /// Apply pending schema migrations at start.
     pub migrate: bool,
+    /// How long this replica's hold on a workflow run lasts without renewal.
+    pub run_lease: Duration,
 }
+
+pub const DEFAULT_RUN_LEASE: Duration = Duration::from_secs(15);
 
 /// The database a plane with this data directory and `--database` value uses.
 pub fn database_url(data_dir: &Path, database: Option<&str>) -> Result<DatabaseUrl, StoreError> {
@@ -123,7 +127,10 @@ fn advertised_endpoints(urls: &[String]) -> anyhow::Result<Vec<String>> {
 }
 
 /// Writes the admin token file if it is missing (creating or replacing the token's hash).
-async fn ensure_admin_token_file(db: &store::Db, path: &Path) -> anyhow::Result<()> {
+/// `shared`: other replicas may use the database; a replica started with a fresh data
+/// directory then gets an admin token of its own (named after its host and data directory)
+/// instead of replacing the one whose file another replica holds.
+async fn ensure_admin_token_file(db: &store::Db, path: &Path, shared: bool) -> anyhow::Result<()> {
     if path.exists() {
         let token =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -133,6 +140,11 @@ async fn ensure_admin_token_file(db: &store::Db, path: &Path) -> anyhow::Result<
     }
     let token = match tokens::ensure_admin_token(db, "admin").await? {
         Some(token) => token,
+        None if shared => {
+            let name = replica_admin_token_name(path);
+            tracing::info!(token = %name, "the admin token belongs to another data directory; issuing this replica's own");
+            tokens::rotate_admin_token(db, &name).await?
+        }
         // The token exists in the database but its file is gone or stale: only the hash is
         // stored, so the old plaintext cannot be recovered; issue a new one.
         None => tokens::rotate_admin_token(db, "admin").await?,
@@ -140,6 +152,19 @@ async fn ensure_admin_token_file(db: &store::Db, path: &Path) -> anyhow::Result<
     stella_pki::write_secret_file(path, format!("{token}\n").as_bytes())
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+/// `admin@HOST-TAG`: the same for a replica's data directory across restarts, different for
+/// each data directory.
+fn replica_admin_token_name(token_file: &Path) -> String {
+    use sha2::Digest;
+    let parent = token_file.parent().unwrap_or(token_file);
+    let dir = parent
+        .canonicalize()
+        .unwrap_or_else(|_| parent.to_path_buf());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let digest = sha2::Sha256::digest(format!("{}\n{}", host.trim(), dir.display()).as_bytes());
+    format!("admin@{}-{}", host.trim(), &hex::encode(digest)[..12])
 }
 
 pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
@@ -163,7 +188,12 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
         &opts.hostnames,
     )?;
     let admin_token_path = opts.data_dir.join(ADMIN_TOKEN_FILE);
-    ensure_admin_token_file(&db, &admin_token_path).await?;
+    ensure_admin_token_file(
+        &db,
+        &admin_token_path,
+        database.backend() == store::Backend::Postgres,
+    )
+    .await?;
 
     let api_listener = TcpListener::bind(opts.api_listen)
         .await
@@ -200,20 +230,26 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let handshake_refusals: RefusalCounts = Default::default();
+    // Only PostgreSQL can be shared by several replicas; a SQLite file belongs to one plane.
+    let replica = crate::replicas::Replica::new(database.backend() == store::Backend::Postgres);
+    tracing::info!(replica = %replica.id, "this replica");
     let state: SharedState = Arc::new(AppState {
-        writes: GroupCommit::start(db.clone()),
+        writes: GroupCommit::start(db.clone(), &replica.id),
+        replica,
         db,
         hub: Hub::new(AdmissionConfig {
             max_session_setups: opts.max_session_setups,
             ..AdmissionConfig::default()
         }),
         config: PlaneConfig {
+            api_url: api_url.clone(),
             agent_endpoint: agent_endpoints[0].clone(),
             agent_endpoints: agent_endpoints.clone(),
             heartbeat_interval: opts.heartbeat_interval,
             job_ttl: opts.job_ttl,
             agent_cert_validity: opts.agent_cert_validity,
             renewal_grace: opts.renewal_grace,
+            run_lease: opts.run_lease,
         },
         shutdown: shutdown_rx.clone(),
         receipt_refusals: Default::default(),
@@ -262,6 +298,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
     });
 
     let heartbeat_task = tokio::spawn(flush_heartbeats(state.clone(), shutdown_rx.clone()));
+    let replica_tasks = crate::replicas::spawn(state.clone(), shutdown_rx.clone());
     let quic_task = quic_endpoint.map(|endpoint| {
         tokio::spawn(crate::quic::serve(
             endpoint,
@@ -290,6 +327,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
         ],
     };
     plane.tasks.extend(quic_task);
+    plane.tasks.extend(replica_tasks);
     Ok(plane)
 }
 

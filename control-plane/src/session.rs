@@ -318,7 +318,10 @@ where
         registration.evicted,
     )
     .await;
-    state.hub.unregister(&agent_id, registration.session_id);
+    if state.hub.unregister(&agent_id, registration.session_id) {
+        // No newer session of this agent here: other replicas stop showing it connected.
+        state.writes.session_closed(&agent_id).await;
+    }
     result
 }
 

@@ -11,6 +11,8 @@ use crate::store::Db;
 
 #[derive(Debug, Clone)]
 pub struct PlaneConfig {
+    /// This replica's API URL (shown to the other replicas and operators).
+    pub api_url: String,
     /// The agent endpoint URL handed to agents at enrollment (`https://host:port`): the
     /// first of `agent_endpoints`.
     pub agent_endpoint: String,
@@ -21,10 +23,15 @@ pub struct PlaneConfig {
     pub agent_cert_validity: Duration,
     /// How long after expiry an agent may still renew by proving possession of its old key.
     pub renewal_grace: Duration,
+    /// How long a replica's hold on a workflow run lasts without renewal: a replica that
+    /// crashed hands its runs to the others this long after its last renewal.
+    pub run_lease: Duration,
 }
 
 pub struct AppState {
     pub db: Db,
+    /// This plane among the replicas sharing its database.
+    pub replica: crate::replicas::Replica,
     pub keys: PlaneKeys,
     pub hub: Hub,
     /// The writer that group-commits what agent sessions record.
@@ -140,6 +147,14 @@ fn unconfigured() -> rustls::ServerConfig {
 pub type RefusalCounts =
     std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>>;
 
+/// A snapshot of `counts`, by name.
+pub fn counts(counts: &RefusalCounts) -> Vec<(&'static str, u64)> {
+    counts
+        .lock()
+        .map(|m| m.iter().map(|(k, v)| (*k, *v)).collect())
+        .unwrap_or_default()
+}
+
 pub fn count(counts: &RefusalCounts, reason: &'static str) {
     if let Ok(mut m) = counts.lock() {
         *m.entry(reason).or_default() += 1;
@@ -184,7 +199,13 @@ impl AppState {
         });
     }
 
+    /// Publishes `event` to this replica's subscribers and the other replicas'.
     pub fn publish(&self, event: PlaneEvent) {
+        self.replica.signal(crate::replicas::event_signal(&event));
+        self.publish_local(event);
+    }
+
+    pub fn publish_local(&self, event: PlaneEvent) {
         // No subscriber is not an error: events are a convenience over the database.
         let _ = self.events.send(event);
     }

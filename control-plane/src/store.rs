@@ -58,6 +58,23 @@ impl Backend {
         }
     }
 
+    pub fn of_conn(conn: &sqlx::AnyConnection) -> Backend {
+        if conn.backend_name().eq_ignore_ascii_case("postgresql") {
+            Backend::Postgres
+        } else {
+            Backend::Sqlite
+        }
+    }
+
+    /// The row-claim clause of a `SELECT` that replicas compete on: PostgreSQL skips rows
+    /// another transaction holds; SQLite has one writer and no row locks.
+    pub fn skip_locked(self) -> &'static str {
+        match self {
+            Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+            Backend::Sqlite => "",
+        }
+    }
+
     fn migrator(self) -> &'static sqlx::migrate::Migrator {
         match self {
             Backend::Sqlite => &SQLITE_MIGRATOR,
@@ -277,6 +294,11 @@ pub fn rfc3339(ms: i64) -> String {
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     ts.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
+}
+
+/// ` FOR UPDATE SKIP LOCKED` on PostgreSQL, nothing on SQLite (see `Backend::skip_locked`).
+pub fn skip_locked(conn: &sqlx::AnyConnection) -> &'static str {
+    Backend::of_conn(conn).skip_locked()
 }
 
 /// Starts a write transaction; write transactions run one at a time, on both backends.

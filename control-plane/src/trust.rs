@@ -72,7 +72,7 @@ async fn publish(
         .bind(now_ms())
         .execute(&state.db)
         .await?;
-    state.hub.notify_all();
+    state.trust_changed();
     tracing::info!(version, "trust bundle published");
     Ok(version)
 }

@@ -103,8 +103,9 @@ pub struct Plane {
     child: Option<Child>,
     /// The plane's own PostgreSQL cluster when the suite runs on PostgreSQL
     /// (`STELLA_E2E_DATABASE=postgres`); it lives as long as the plane, across restarts.
-    /// Declared after `child`, so the plane process stops before its database.
-    pg: Option<postgres::PgCluster>,
+    /// Declared after `child`, so the plane process stops before its database. Shared by the
+    /// replicas of one database (`start_replica`).
+    pg: Option<std::sync::Arc<postgres::PgCluster>>,
 }
 
 /// Which database the end-to-end planes use: `STELLA_E2E_DATABASE=postgres` runs the suite on
@@ -129,7 +130,7 @@ impl Plane {
         let pg = e2e_on_postgres().then(|| {
             let cluster = postgres::PgCluster::start();
             cluster.create_database(PG_DATABASE);
-            cluster
+            std::sync::Arc::new(cluster)
         });
         Self::start_with_database(dir, api_port, agent_port, extra, pg)
     }
@@ -137,7 +138,25 @@ impl Plane {
     /// Starts a plane on PostgreSQL in `cluster` (database [`PG_DATABASE`], which must exist),
     /// whatever `STELLA_E2E_DATABASE` says.
     pub fn start_on_postgres(dir: &Path, cluster: postgres::PgCluster) -> Plane {
-        Self::start_with_database(dir, free_port(), free_port(), &[], Some(cluster))
+        Self::start_with_database(
+            dir,
+            free_port(),
+            free_port(),
+            &[],
+            Some(std::sync::Arc::new(cluster)),
+        )
+    }
+
+    /// Starts one replica of a plane whose database ([`PG_DATABASE`] in `cluster`) other
+    /// replicas share; each replica has its own data directory and ports.
+    pub fn start_replica(
+        dir: &Path,
+        cluster: std::sync::Arc<postgres::PgCluster>,
+        api_port: u16,
+        agent_port: u16,
+        extra: &[&str],
+    ) -> Plane {
+        Self::start_with_database(dir, api_port, agent_port, extra, Some(cluster))
     }
 
     fn start_with_database(
@@ -145,7 +164,7 @@ impl Plane {
         api_port: u16,
         agent_port: u16,
         extra: &[&str],
-        pg: Option<postgres::PgCluster>,
+        pg: Option<std::sync::Arc<postgres::PgCluster>>,
     ) -> Plane {
         let mut plane = Plane {
             dir: dir.to_path_buf(),
@@ -410,7 +429,7 @@ impl Plane {
 
     /// The plane's PostgreSQL cluster, when it runs on one.
     pub fn postgres(&self) -> Option<&postgres::PgCluster> {
-        self.pg.as_ref()
+        self.pg.as_deref()
     }
 
     /// Everything the plane's database holds, as text: the SQLite file, or a `pg_dump`.

@@ -1,0 +1,473 @@
+//! Two control-plane replicas on one PostgreSQL database, leader-less: real `stella serve`
+//! processes on a throwaway cluster, real agents with the machine's Docker Engine. A job created
+//! through one replica reaches an agent held by the other (LISTEN/NOTIFY); the replica driving a
+//! workflow run is SIGKILLed mid-run and the other takes the run over through its lease, while
+//! the killed replica's agent moves to the survivor: the run completes, nothing runs twice,
+//! nothing is lost.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use stella_e2e::postgres::PgCluster;
+use stella_e2e::{
+    Agent, PG_DATABASE, Plane, TargetCleanup, TestImage, agent_bin, containers_of, free_port,
+    unique, wait_until,
+};
+
+/// One replica's ports, known before any replica starts (each advertises both).
+struct Ports {
+    api: u16,
+    agent: u16,
+}
+
+impl Ports {
+    fn new() -> Ports {
+        Ports {
+            api: free_port(),
+            agent: free_port(),
+        }
+    }
+
+    fn agent_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.agent)
+    }
+}
+
+/// Starts a replica advertising both replicas' agent endpoints (its own first).
+fn replica(dir: &Path, pg: &Arc<PgCluster>, own: &Ports, other: &Ports) -> Plane {
+    let (own_url, other_url) = (own.agent_url(), other.agent_url());
+    Plane::start_replica(
+        dir,
+        pg.clone(),
+        own.api,
+        own.agent,
+        &[
+            "--advertise-endpoint",
+            &own_url,
+            "--advertise-endpoint",
+            &other_url,
+            "--run-lease",
+            "3s",
+        ],
+    )
+}
+
+/// The replicas share the CA and signing keys: the second is given the first one's key files.
+fn share_keys(from: &Path, to: &Path) {
+    let (from, to) = (from.join("pki"), to.join("pki"));
+    std::fs::create_dir_all(&to).unwrap();
+    for file in ["ca.pem", "ca.key", "job-signing.key", "evidence.key"] {
+        std::fs::copy(from.join(file), to.join(file)).unwrap();
+    }
+}
+
+fn agent_cli(dir: &Path, args: &[&str]) -> Output {
+    Command::new(agent_bin())
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir)
+        .env_remove("STELLA_AGENT_DATA_DIR")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run stella-agent")
+}
+
+/// Samples of a labelled counter, e.g. `stella_replica_signals_received_total{signal="work"}`.
+fn labelled(plane: &Plane, name: &str, label: &str) -> u64 {
+    let key = format!("{name}{{{label}}}");
+    plane
+        .metrics()
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            (k == key).then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0)
+}
+
+fn replica_ids(plane: &Plane) -> Vec<String> {
+    plane
+        .json(&["replicas"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn this_replica(plane: &Plane) -> String {
+    let all = plane.json(&["replicas"]);
+    all.as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["this"] == true)
+        .unwrap_or_else(|| panic!("no replica answering: {all}"))["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn lines(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+}
+
+fn step<'a>(promotion: &'a Value, id: &str) -> &'a Value {
+    promotion["workflow"]["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .find(|s| s["id"] == id)
+        .unwrap_or_else(|| panic!("no step {id}: {promotion}"))
+}
+
+#[test]
+fn two_replicas_share_work_and_a_killed_one_hands_its_run_and_agents_to_the_other() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pg = Arc::new(PgCluster::start());
+    pg.create_database(PG_DATABASE);
+    let (pa, pb) = (Ports::new(), Ports::new());
+    let mut a = replica(&tmp.path().join("a"), &pg, &pa, &pb);
+    share_keys(&tmp.path().join("a"), &tmp.path().join("b"));
+    let mut b = replica(&tmp.path().join("b"), &pg, &pb, &pa);
+
+    // Each replica sees both.
+    for plane in [&a, &b] {
+        wait_until(Duration::from_secs(30), "both replicas listed", || {
+            (replica_ids(plane).len() == 2).then_some(())
+        });
+    }
+    let (id_a, id_b) = (this_replica(&a), this_replica(&b));
+    assert_ne!(id_a, id_b);
+
+    // Two agents enrolled through A; the first dials A first, the second B first.
+    let mut agents = Vec::new();
+    for (name, first, second) in [("one", &pa, &pb), ("two", &pb, &pa)] {
+        let mut agent = Agent::enroll(&a, &tmp.path().join(name), name);
+        let out = agent_cli(
+            &agent.dir,
+            &[
+                "endpoints",
+                "--set",
+                &first.agent_url(),
+                &second.agent_url(),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        agent.run_args = vec!["--allow-scripts".into()];
+        agent.start();
+        agents.push(agent);
+    }
+    for agent in &agents {
+        // Connected as seen from either replica, whichever holds the session.
+        a.wait_agent(&agent.id, "connected");
+        b.wait_agent(&agent.id, "connected");
+    }
+    let held_by = |agent: &Agent| -> String {
+        pg.psql(
+            PG_DATABASE,
+            &format!(
+                "SELECT session_replica FROM agents WHERE id = '{}'",
+                agent.id
+            ),
+        )
+        .unwrap()
+        .trim()
+        .to_string()
+    };
+    wait_until(Duration::from_secs(30), "agent one on A, two on B", || {
+        (held_by(&agents[0]) == id_a && held_by(&agents[1]) == id_b).then_some(())
+    });
+
+    a.ok(&["env", "create", "dev"]);
+    let mut targets = Vec::new();
+    let mut cleanups = Vec::new();
+    for agent in &agents {
+        let target = unique("replicas");
+        a.ok(&[
+            "target", "create", &target, "--env", "dev", "--kind", "docker", "--agent", &agent.id,
+        ]);
+        cleanups.push(TargetCleanup(target.clone()));
+        targets.push(target);
+    }
+    let repo = unique("stella-e2e/replicas");
+    let v1 = TestImage::busybox_sleeper(&repo, "1");
+    let v2 = TestImage::busybox_sleeper(&repo, "2");
+
+    // A job created through B for the agent A holds reaches it through A: signalled, and done.
+    let work_signals = labelled(
+        &a,
+        "stella_replica_signals_received_total",
+        "signal=\"work\"",
+    );
+    b.ok(&[
+        "release",
+        "create",
+        "r1",
+        "--component",
+        &v1.component("web"),
+    ]);
+    let dep = b.json(&[
+        "deploy",
+        "r1",
+        "--env",
+        "dev",
+        "--target",
+        &targets[0],
+        "--no-wait",
+    ]);
+    let done = b.wait_deployment(dep["id"].as_str().unwrap());
+    assert_eq!(done["status"], "succeeded", "{done:#}");
+    assert!(
+        labelled(
+            &a,
+            "stella_replica_signals_received_total",
+            "signal=\"work\""
+        ) > work_signals,
+        "A was not signalled about B's job: {}",
+        a.metrics()
+    );
+
+    // A workflow run: deploy, then a script that holds until released, then another script.
+    let hold = tmp.path().join("hold");
+    let release = tmp.path().join("release");
+    let verified = tmp.path().join("verified");
+    let workflow = tmp.path().join("ha.yaml");
+    std::fs::write(
+        &workflow,
+        format!(
+            "name: ha\nsteps:\n  - id: deploy\n    type: deploy\n  - id: hold\n    type: script\n    needs: [deploy]\n    with: {{ command: [\"/bin/sh\", \"-c\", \"echo held >> {hold}; while [ ! -f {release} ]; do sleep 0.1; done\"] }}\n    timeout: 5m\n  - id: verify\n    type: script\n    needs: [hold]\n    with: {{ command: [\"/bin/sh\", \"-c\", \"echo verified >> {verified}\"] }}\n",
+            hold = hold.display(),
+            release = release.display(),
+            verified = verified.display(),
+        ),
+    )
+    .unwrap();
+    a.ok(&[
+        "env",
+        "set",
+        "dev",
+        "--workflow",
+        &workflow.display().to_string(),
+    ]);
+    a.ok(&[
+        "release",
+        "create",
+        "r2",
+        "--component",
+        &v2.component("web"),
+    ]);
+    let promotion = a.json(&["promote", "r2", "--to", "dev", "--no-wait"]);
+    let promotion_id = promotion["id"].as_str().unwrap().to_string();
+
+    // Both agents run the hold script: the run is mid-way, its lease held by one replica.
+    wait_until(
+        Duration::from_secs(120),
+        "both agents in the hold step",
+        || (lines(&hold) == 2).then_some(()),
+    );
+    let holder = pg
+        .psql(
+            PG_DATABASE,
+            &format!("SELECT lease_owner FROM workflow_runs WHERE promotion_id = '{promotion_id}'"),
+        )
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(holder == id_a || holder == id_b, "lease held by {holder:?}");
+    let (victim, survivor, survivor_id) = if holder == id_a {
+        (&mut a, &b, id_b.clone())
+    } else {
+        (&mut b, &a, id_a.clone())
+    };
+    // The agent whose session the victim holds must move.
+    let moving = agents
+        .iter()
+        .position(|ag| held_by(ag) == holder)
+        .expect("one agent is held by the lease holder");
+    let sessions_before = agents[moving].sessions_established();
+
+    victim.kill();
+    let killed_at = std::time::Instant::now();
+    std::fs::write(&release, "go").unwrap();
+
+    let finished = wait_until(Duration::from_secs(120), "the promotion to finish", || {
+        let p = survivor.json(&["promotion", "show", &promotion_id]);
+        let status = p["status"].as_str().unwrap_or_default();
+        (!["pending", "awaiting_approval", "approved", "deploying"].contains(&status)).then_some(p)
+    });
+    println!(
+        "lease holder SIGKILLed mid-run: promotion finished through the other replica {:?} later",
+        killed_at.elapsed()
+    );
+    assert_eq!(finished["status"], "deployed", "{finished:#}");
+    for id in ["deploy", "hold", "verify"] {
+        let s = step(&finished, id);
+        assert_eq!(s["status"], "succeeded", "{finished:#}");
+        assert_eq!(
+            s["deployments"].as_array().unwrap().len(),
+            1,
+            "{finished:#}"
+        );
+    }
+
+    // Nothing ran twice, nothing was lost.
+    assert_eq!(
+        lines(&hold),
+        2,
+        "the hold script ran again after the takeover"
+    );
+    assert_eq!(lines(&verified), 2);
+    for target in &targets {
+        let ids = containers_of(target);
+        assert_eq!(ids.len(), 1, "{target}: {ids:?}");
+        assert_eq!(stella_e2e::inspect(&ids[0])["Image"], v2.id.as_str());
+    }
+    for agent in &agents {
+        let log = agent.log();
+        // r1 on agent one only; then deploy, hold, verify on both.
+        let expected = if agent.id == agents[0].id { 4 } else { 3 };
+        assert_eq!(
+            log.matches("job verified and accepted").count(),
+            expected,
+            "{log}"
+        );
+    }
+    let jobs = pg
+        .psql(
+            PG_DATABASE,
+            "SELECT status, COUNT(*) FROM jobs GROUP BY status ORDER BY status",
+        )
+        .unwrap();
+    assert_eq!(jobs.trim(), "succeeded|7", "{jobs}");
+
+    // The moved agent holds its session with the survivor now; the survivor drives every run.
+    wait_until(
+        Duration::from_secs(60),
+        "the moved agent on the survivor",
+        || {
+            (agents[moving].sessions_established() > sessions_before
+                && held_by(&agents[moving]) == survivor_id)
+                .then_some(())
+        },
+    );
+    survivor.wait_agent(&agents[moving].id, "connected");
+    // The killed replica's presence runs out: it is no longer listed.
+    wait_until(
+        Duration::from_secs(60),
+        "the killed replica to drop out",
+        || (replica_ids(survivor) == vec![survivor_id.clone()]).then_some(()),
+    );
+
+    // Evidence: the decision and the deployment, each recorded once, the chain intact.
+    let packets = wait_until(Duration::from_secs(60), "evidence of the run", || {
+        let list = survivor.json(&["evidence", "list"]);
+        let kinds: Vec<String> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["kind"].as_str().unwrap().to_string())
+            .collect();
+        (kinds.iter().filter(|k| *k == "deployment").count() >= 2).then_some(kinds)
+    });
+    let mut packets = packets;
+    packets.sort();
+    assert_eq!(
+        packets,
+        ["deployment", "deployment", "promotion_decision"],
+        "one packet per decision and deployment"
+    );
+    let bundle = tmp.path().join("evidence.json");
+    survivor.ok(&["evidence", "export", "--out", &bundle.display().to_string()]);
+    survivor.ok(&["evidence", "verify", &bundle.display().to_string()]);
+}
+
+/// A replica stopped gracefully gives up its leases at once: the other one takes the run over
+/// without waiting for the lease to run out (rolling upgrades restart replicas one at a time).
+#[test]
+fn a_replica_stopped_gracefully_hands_its_leases_over_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pg = Arc::new(PgCluster::start());
+    pg.create_database(PG_DATABASE);
+    let (pa, pb) = (Ports::new(), Ports::new());
+    let a = Plane::start_replica(
+        &tmp.path().join("a"),
+        pg.clone(),
+        pa.api,
+        pa.agent,
+        &["--run-lease", "10m"],
+    );
+    share_keys(&tmp.path().join("a"), &tmp.path().join("b"));
+    let b = Plane::start_replica(
+        &tmp.path().join("b"),
+        pg.clone(),
+        pb.api,
+        pb.agent,
+        &["--run-lease", "10m"],
+    );
+    let (id_a, id_b) = (this_replica(&a), this_replica(&b));
+
+    // A run that waits (a wait step) with its lease on A: B cannot take it for 10 minutes...
+    a.ok(&["env", "create", "dev"]);
+    let workflow = tmp.path().join("wait.yaml");
+    std::fs::write(
+        &workflow,
+        "name: wait\nsteps:\n  - id: pause\n    type: wait\n    with: { duration: 10m }\n",
+    )
+    .unwrap();
+    a.ok(&[
+        "env",
+        "set",
+        "dev",
+        "--workflow",
+        &workflow.display().to_string(),
+    ]);
+    let repo = unique("stella-e2e/replicas-stop");
+    let v1 = TestImage::busybox_sleeper(&repo, "1");
+    a.ok(&[
+        "release",
+        "create",
+        "r1",
+        "--component",
+        &v1.component("web"),
+    ]);
+    let promotion = a.json(&["promote", "r1", "--to", "dev", "--no-wait"]);
+    let promotion_id = promotion["id"].as_str().unwrap().to_string();
+    let lease_owner = || {
+        pg.psql(
+            PG_DATABASE,
+            &format!("SELECT lease_owner FROM workflow_runs WHERE promotion_id = '{promotion_id}'"),
+        )
+        .unwrap()
+        .trim()
+        .to_string()
+    };
+    let first = wait_until(Duration::from_secs(30), "the run to be leased", || {
+        let owner = lease_owner();
+        (!owner.is_empty()).then_some(owner)
+    });
+    assert!(first == id_a || first == id_b, "{first}");
+    let (mut holder, other, other_id) = if first == id_a {
+        (a, b, id_b)
+    } else {
+        (b, a, id_a)
+    };
+    // ...unless the holder stops: a graceful stop releases it and the other claims it.
+    holder.stop();
+    wait_until(
+        Duration::from_secs(30),
+        "the other replica to hold the run",
+        || (lease_owner() == other_id).then_some(()),
+    );
+    let shown = other.json(&["replicas"]);
+    assert_eq!(shown.as_array().unwrap().len(), 1, "{shown}");
+    assert_eq!(shown[0]["runs_leased"], 1, "{shown}");
+}
