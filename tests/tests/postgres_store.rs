@@ -45,7 +45,19 @@ fn migrate_applies_the_schema_once_and_reports_what_it_applied() {
     let first = stella(&["migrate", "--database", &url]);
     assert!(first.status.success(), "{}", text(&first));
     let report = text(&first);
-    assert!(report.contains("applied 11 migration(s)"), "{report}");
+    let shipped = std::fs::read_dir(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations/postgres"),
+    )
+    .unwrap()
+    .filter(|e| {
+        e.as_ref()
+            .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "sql"))
+    })
+    .count();
+    assert!(
+        report.contains(&format!("applied {shipped} migration(s)")),
+        "{report}"
+    );
     assert!(report.contains("0001 spine"), "{report}");
     let again = stella(&["migrate", "--database", &url]);
     assert!(again.status.success(), "{}", text(&again));
@@ -60,7 +72,7 @@ fn migrate_applies_the_schema_once_and_reports_what_it_applied() {
             "SELECT count(*) FROM _sqlx_migrations WHERE success",
         )
         .unwrap();
-    assert_eq!(tables.trim(), "11");
+    assert_eq!(tables.trim(), shipped.to_string());
 }
 
 #[test]

@@ -390,10 +390,11 @@ fn two_replicas_share_work_and_a_killed_one_hands_its_run_and_agents_to_the_othe
     survivor.ok(&["evidence", "verify", &bundle.display().to_string()]);
 }
 
+/// Revoking an agent through one replica ends its session on the replica that holds it.
 /// A replica stopped gracefully gives up its leases at once: the other one takes the run over
 /// without waiting for the lease to run out (rolling upgrades restart replicas one at a time).
 #[test]
-fn a_replica_stopped_gracefully_hands_its_leases_over_at_once() {
+fn revocation_reaches_the_holding_replica_and_a_graceful_stop_hands_leases_over_at_once() {
     let tmp = tempfile::tempdir().unwrap();
     let pg = Arc::new(PgCluster::start());
     pg.create_database(PG_DATABASE);
@@ -414,6 +415,35 @@ fn a_replica_stopped_gracefully_hands_its_leases_over_at_once() {
         &["--run-lease", "10m"],
     );
     let (id_a, id_b) = (this_replica(&a), this_replica(&b));
+
+    // An agent enrolled through A, held by B; revoked through A.
+    let mut agent = Agent::enroll(&a, &tmp.path().join("agent"), "revoked");
+    let out = agent_cli(&agent.dir, &["endpoints", "--set", &pb.agent_url()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    agent.start();
+    b.wait_agent(&agent.id, "connected");
+    a.wait_agent(&agent.id, "connected");
+    assert_eq!(b.metric("stella_agents_connected"), Some(1));
+    assert_eq!(a.metric("stella_agents_connected"), Some(0));
+    a.ok(&["agents", "revoke", &agent.id, "--reason", "decommissioned"]);
+    wait_until(
+        Duration::from_secs(30),
+        "B to end the revoked agent's session",
+        || (b.metric("stella_agents_connected") == Some(0)).then_some(()),
+    );
+    assert!(
+        labelled(
+            &b,
+            "stella_replica_signals_received_total",
+            "signal=\"evict\""
+        ) >= 1
+    );
+    assert_eq!(b.agent_status(&agent.id), "revoked");
+    agent.stop();
 
     // A run that waits (a wait step) with its lease on A: B cannot take it for 10 minutes...
     a.ok(&["env", "create", "dev"]);
