@@ -351,8 +351,11 @@ async fn listen(state: SharedState, mut shutdown: watch::Receiver<bool>) {
                     catch_up(&state).await;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "listening for the other replicas failed");
-                    break;
+                    tracing::warn!(error = %e, "listening for the other replicas failed; reconnecting");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => break,
+                        _ = shutdown.wait_for(|v| *v) => return,
+                    }
                 }
             }
         }
@@ -366,7 +369,7 @@ async fn catch_up(state: &SharedState) {
 }
 
 /// Wakes the sessions held here whose agents have queued jobs: covers a signal lost between
-/// replicas. Cheap: an index lookup, and only connected agents are woken.
+/// replicas. Cheap: an index range (`jobs_by_status`), and only connected agents are woken.
 async fn sweep(state: SharedState, mut shutdown: watch::Receiver<bool>) {
     let mut every = tokio::time::interval(SWEEP_INTERVAL);
     loop {

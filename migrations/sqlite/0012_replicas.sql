@@ -18,3 +18,6 @@ ALTER TABLE workflow_runs ADD COLUMN lease_until BIGINT NOT NULL DEFAULT 0;
 -- The replica whose session first offered a job, and which replica holds the agent's session.
 ALTER TABLE jobs ADD COLUMN claimed_by TEXT;
 ALTER TABLE agents ADD COLUMN session_replica TEXT;
+
+-- The replicas' sweep looks up agents with queued jobs.
+CREATE INDEX jobs_by_status ON jobs (status, agent_id);
