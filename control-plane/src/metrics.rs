@@ -54,25 +54,22 @@ pub async fn render(state: &AppState) -> ApiResult<String> {
         state.hub.sessions_started()
     );
 
-    let _ = writeln!(
-        out,
-        "# HELP stella_replica_signals_sent_total Signals this replica sent the others (PostgreSQL NOTIFY), by signal.\n# TYPE stella_replica_signals_sent_total counter"
-    );
-    for (signal, n) in crate::state::counts(&state.replica.sent) {
-        let _ = writeln!(
-            out,
-            "stella_replica_signals_sent_total{{signal=\"{signal}\"}} {n}"
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP stella_replica_signals_received_total Signals this replica received from the others, by signal.\n# TYPE stella_replica_signals_received_total counter"
-    );
-    for (signal, n) in crate::state::counts(&state.replica.received) {
-        let _ = writeln!(
-            out,
-            "stella_replica_signals_received_total{{signal=\"{signal}\"}} {n}"
-        );
+    for (name, help, counts) in [
+        (
+            "stella_replica_signals_sent_total",
+            "Signals this replica sent the others (PostgreSQL NOTIFY), by signal.",
+            &state.replica.sent,
+        ),
+        (
+            "stella_replica_signals_received_total",
+            "Signals this replica received from the others, by signal.",
+            &state.replica.received,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (signal, n) in crate::state::counts(counts) {
+            let _ = writeln!(out, "{name}{{signal=\"{signal}\"}} {n}");
+        }
     }
 
     let agents: Vec<(String, String, Option<i64>)> = sqlx::query_as(

@@ -130,14 +130,23 @@ fn parse_run(
 /// cancel): a replica that lost the lease while it worked must not overwrite the new holder's
 /// state with its stale one.
 async fn save(state: &AppState, run: &LoadedRun) -> ApiResult<()> {
+    write_held(state, run, false).await
+}
+
+/// `save`, and when `finished` also gives the lease up (nothing is left to drive).
+async fn write_held(state: &AppState, run: &LoadedRun, finished: bool) -> ApiResult<()> {
     let json = serde_json::to_string(&run.state).map_err(|e| ApiError::Internal(e.to_string()))?;
     let saved = sqlx::query(
-        "UPDATE workflow_runs SET state = $1, status = $2, updated_at = $3
-         WHERE id = $4 AND (lease_owner IS NULL OR lease_owner = $5 OR lease_until < $6)",
+        "UPDATE workflow_runs SET state = $1, status = $2, updated_at = $3,
+             lease_owner = CASE WHEN $4 = 1 THEN NULL ELSE lease_owner END,
+             lease_until = CASE WHEN $5 = 1 THEN 0 ELSE lease_until END
+         WHERE id = $6 AND (lease_owner IS NULL OR lease_owner = $7 OR lease_until < $8)",
     )
     .bind(&json)
     .bind(run.state.status().as_str())
     .bind(now_ms())
+    .bind(i64::from(finished))
+    .bind(i64::from(finished))
     .bind(&run.id)
     .bind(&state.replica.id)
     .bind(now_ms())
@@ -1117,20 +1126,7 @@ async fn notify(
 }
 
 async fn finish(state: &AppState, run: &LoadedRun, outcome: RunOutcome) -> ApiResult<()> {
-    let finished = sqlx::query(
-        "UPDATE workflow_runs SET status = $1, updated_at = $2, lease_owner = NULL, lease_until = 0
-         WHERE id = $3 AND (lease_owner IS NULL OR lease_owner = $4 OR lease_until < $5)",
-    )
-    .bind(run.state.status().as_str())
-    .bind(now_ms())
-    .bind(&run.id)
-    .bind(&state.replica.id)
-    .bind(now_ms())
-    .execute(&state.db)
-    .await?;
-    if finished.rows_affected() == 0 {
-        return Err(ApiError::Conflict(LEASE_LOST.to_string()));
-    }
+    write_held(state, run, true).await?;
     let failures: Vec<String> = run
         .template
         .steps()

@@ -974,3 +974,25 @@ pub fn handshake(plane: &Plane, cert_pem: &str, key_pem: &str) -> bool {
         matches!(tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read(&mut tls, &mut buf)).await, Ok(Ok(n)) if n > 0)
     })
 }
+
+/// `stella-agent ARGS --data-dir DIR` (an agent subcommand other than `run`), its output.
+pub fn agent_cli(dir: &Path, args: &[&str]) -> Output {
+    Command::new(agent_bin())
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir)
+        .env_remove("STELLA_AGENT_DATA_DIR")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run stella-agent")
+}
+
+/// The step `id` of a promotion's workflow (`stella promotion show` JSON).
+pub fn promotion_step<'a>(promotion: &'a Value, id: &str) -> &'a Value {
+    promotion["workflow"]["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .find(|s| s["id"] == id)
+        .unwrap_or_else(|| panic!("no step {id}: {promotion}"))
+}

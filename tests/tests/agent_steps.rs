@@ -84,14 +84,7 @@ impl Drop for RunningAgent {
     }
 }
 
-fn step<'a>(promotion: &'a Value, id: &str) -> &'a Value {
-    promotion["workflow"]["steps"]
-        .as_array()
-        .expect("steps")
-        .iter()
-        .find(|s| s["id"] == id)
-        .unwrap_or_else(|| panic!("no step {id}: {promotion}"))
-}
+use stella_e2e::promotion_step as step;
 
 /// The one job of the step's (only) deployment, once it has finished.
 fn finished_step_job(plane: &Plane, promotion: &Value, step_id: &str) -> (Value, Value) {

@@ -55,14 +55,7 @@ fn promotion_of(plane: &Plane, release: &str) -> Value {
     plane.json(&["promotion", "show", &id])
 }
 
-fn step<'a>(promotion: &'a Value, id: &str) -> &'a Value {
-    promotion["workflow"]["steps"]
-        .as_array()
-        .expect("steps")
-        .iter()
-        .find(|s| s["id"] == id)
-        .unwrap_or_else(|| panic!("no step {id}: {promotion}"))
-}
+use stella_e2e::promotion_step as step;
 
 /// The messages of the one job of the deploy step's deployment.
 fn deploy_job_events(plane: &Plane, promotion: &Value) -> Vec<String> {

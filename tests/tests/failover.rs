@@ -3,24 +3,14 @@
 //! to an agent); real plane and agent processes, the machine's Docker Engine.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use stella_e2e::{
-    Agent, LinkProxy, Plane, TargetCleanup, TestImage, agent_bin, containers_of, free_port,
-    free_udp_port, unique, wait_until,
+    Agent, LinkProxy, Plane, TargetCleanup, TestImage, containers_of, free_port, free_udp_port,
+    unique, wait_until,
 };
 
-fn agent_cli(dir: &Path, args: &[&str]) -> Output {
-    Command::new(agent_bin())
-        .args(args)
-        .arg("--data-dir")
-        .arg(dir)
-        .env_remove("STELLA_AGENT_DATA_DIR")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run stella-agent")
-}
+use stella_e2e::agent_cli;
 
 fn agent_json(dir: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(dir.join("agent.json")).expect("agent.json"))

@@ -6,15 +6,13 @@
 //! nothing is lost.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
 use stella_e2e::postgres::PgCluster;
 use stella_e2e::{
-    Agent, PG_DATABASE, Plane, TargetCleanup, TestImage, agent_bin, containers_of, free_port,
-    unique, wait_until,
+    Agent, PG_DATABASE, Plane, TargetCleanup, TestImage, containers_of, free_port, unique,
+    wait_until,
 };
 
 /// One replica's ports, known before any replica starts (each advertises both).
@@ -64,16 +62,7 @@ fn share_keys(from: &Path, to: &Path) {
     }
 }
 
-fn agent_cli(dir: &Path, args: &[&str]) -> Output {
-    Command::new(agent_bin())
-        .args(args)
-        .arg("--data-dir")
-        .arg(dir)
-        .env_remove("STELLA_AGENT_DATA_DIR")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run stella-agent")
-}
+use stella_e2e::agent_cli;
 
 /// Samples of a labelled counter, e.g. `stella_replica_signals_received_total{signal="work"}`.
 fn labelled(plane: &Plane, name: &str, label: &str) -> u64 {
@@ -110,20 +99,26 @@ fn this_replica(plane: &Plane) -> String {
         .to_string()
 }
 
+/// The one value `sql` selects from the shared database, as text.
+fn sql_value(pg: &PgCluster, sql: &str) -> String {
+    pg.psql(PG_DATABASE, sql).unwrap().trim().to_string()
+}
+
+/// The replica holding the lease of the promotion's workflow run (empty: none).
+fn lease_owner(pg: &PgCluster, promotion_id: &str) -> String {
+    sql_value(
+        pg,
+        &format!("SELECT lease_owner FROM workflow_runs WHERE promotion_id = '{promotion_id}'"),
+    )
+}
+
 fn lines(path: &Path) -> usize {
     std::fs::read_to_string(path)
         .map(|s| s.lines().count())
         .unwrap_or(0)
 }
 
-fn step<'a>(promotion: &'a Value, id: &str) -> &'a Value {
-    promotion["workflow"]["steps"]
-        .as_array()
-        .expect("steps")
-        .iter()
-        .find(|s| s["id"] == id)
-        .unwrap_or_else(|| panic!("no step {id}: {promotion}"))
-}
+use stella_e2e::promotion_step as step;
 
 #[test]
 fn two_replicas_share_work_and_a_killed_one_hands_its_run_and_agents_to_the_other() {
@@ -171,17 +166,14 @@ fn two_replicas_share_work_and_a_killed_one_hands_its_run_and_agents_to_the_othe
         a.wait_agent(&agent.id, "connected");
         b.wait_agent(&agent.id, "connected");
     }
-    let held_by = |agent: &Agent| -> String {
-        pg.psql(
-            PG_DATABASE,
+    let held_by = |agent: &Agent| {
+        sql_value(
+            &pg,
             &format!(
                 "SELECT session_replica FROM agents WHERE id = '{}'",
                 agent.id
             ),
         )
-        .unwrap()
-        .trim()
-        .to_string()
     };
     wait_until(Duration::from_secs(30), "agent one on A, two on B", || {
         (held_by(&agents[0]) == id_a && held_by(&agents[1]) == id_b).then_some(())
@@ -274,14 +266,7 @@ fn two_replicas_share_work_and_a_killed_one_hands_its_run_and_agents_to_the_othe
         "both agents in the hold step",
         || (lines(&hold) == 2).then_some(()),
     );
-    let holder = pg
-        .psql(
-            PG_DATABASE,
-            &format!("SELECT lease_owner FROM workflow_runs WHERE promotion_id = '{promotion_id}'"),
-        )
-        .unwrap()
-        .trim()
-        .to_string();
+    let holder = lease_owner(&pg, &promotion_id);
     assert!(holder == id_a || holder == id_b, "lease held by {holder:?}");
     let (victim, survivor, survivor_id) = if holder == id_a {
         (&mut a, &b, id_b.clone())
@@ -341,13 +326,11 @@ fn two_replicas_share_work_and_a_killed_one_hands_its_run_and_agents_to_the_othe
             "{log}"
         );
     }
-    let jobs = pg
-        .psql(
-            PG_DATABASE,
-            "SELECT status, COUNT(*) FROM jobs GROUP BY status ORDER BY status",
-        )
-        .unwrap();
-    assert_eq!(jobs.trim(), "succeeded|7", "{jobs}");
+    let jobs = sql_value(
+        &pg,
+        "SELECT status, COUNT(*) FROM jobs GROUP BY status ORDER BY status",
+    );
+    assert_eq!(jobs, "succeeded|7", "{jobs}");
 
     // The moved agent holds its session with the survivor now; the survivor drives every run.
     wait_until(
@@ -471,15 +454,7 @@ fn revocation_reaches_the_holding_replica_and_a_graceful_stop_hands_leases_over_
     ]);
     let promotion = a.json(&["promote", "r1", "--to", "dev", "--no-wait"]);
     let promotion_id = promotion["id"].as_str().unwrap().to_string();
-    let lease_owner = || {
-        pg.psql(
-            PG_DATABASE,
-            &format!("SELECT lease_owner FROM workflow_runs WHERE promotion_id = '{promotion_id}'"),
-        )
-        .unwrap()
-        .trim()
-        .to_string()
-    };
+    let lease_owner = || lease_owner(&pg, &promotion_id);
     let first = wait_until(Duration::from_secs(30), "the run to be leased", || {
         let owner = lease_owner();
         (!owner.is_empty()).then_some(owner)
