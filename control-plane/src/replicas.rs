@@ -80,9 +80,41 @@ pub struct Replica {
     pub received: crate::state::RefusalCounts,
 }
 
+/// Where a replica keeps its id in its data directory.
+pub const REPLICA_ID_FILE: &str = "replica.id";
+
+/// This data directory's replica id, created on first start. Kept across restarts so that a
+/// replica restarted after a crash takes its own leases back at once instead of waiting for
+/// them to run out (on SQLite, where it is the only plane, always).
+pub fn load_or_create_id(data_dir: &std::path::Path) -> std::io::Result<String> {
+    let path = data_dir.join(REPLICA_ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(id) if is_replica_id(id.trim()) => Ok(id.trim().to_string()),
+        Ok(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "{} does not hold a replica id; remove it to get a new one",
+                path.display()
+            ),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = crate::store::new_id("replica");
+            std::fs::write(&path, format!("{id}\n"))?;
+            Ok(id)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn is_replica_id(id: &str) -> bool {
+    id.strip_prefix("replica_").is_some_and(|rest| {
+        !rest.is_empty() && rest.len() <= 64 && rest.chars().all(|c| c.is_ascii_alphanumeric())
+    })
+}
+
 impl Replica {
-    /// A replica with a fresh id; `shared` when other replicas may use the same database.
-    pub fn new(shared: bool) -> Self {
+    /// The replica `id`; `shared` when other replicas may use the same database.
+    pub fn new(id: String, shared: bool) -> Self {
         let (outbox, outbox_rx) = if shared {
             let (tx, rx) = mpsc::unbounded_channel();
             (Some(tx), Some(rx))
@@ -90,7 +122,7 @@ impl Replica {
             (None, None)
         };
         Self {
-            id: crate::store::new_id("replica"),
+            id,
             outbox,
             outbox_rx: std::sync::Mutex::new(outbox_rx),
             sent: Default::default(),
@@ -225,7 +257,9 @@ async fn presence(state: SharedState, mut shutdown: watch::Receiver<bool>) {
         let upsert = sqlx::query(
             "INSERT INTO plane_replicas (id, host, api_url, agent_endpoints, started_at, seen_at)
              VALUES ($1, $2, $3, $4, $5, $6)
-             ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at",
+             ON CONFLICT (id) DO UPDATE SET host = excluded.host, api_url = excluded.api_url,
+                 agent_endpoints = excluded.agent_endpoints, started_at = excluded.started_at,
+                 seen_at = excluded.seen_at",
         )
         .bind(&state.replica.id)
         .bind(&host)
@@ -486,9 +520,28 @@ mod tests {
 
     #[test]
     fn a_replica_on_its_own_database_sends_nothing() {
-        let replica = Replica::new(false);
+        let replica = Replica::new("replica_x".into(), false);
         replica.signal(Signal::Trust);
         assert!(replica.outbox.is_none());
-        assert!(replica.id.starts_with("replica"));
+    }
+
+    #[test]
+    fn the_replica_id_is_kept_across_restarts_and_a_bad_file_is_refused() {
+        let fresh = || {
+            let dir = std::env::temp_dir().join(crate::store::new_id("replica-test"));
+            std::fs::create_dir_all(&dir).unwrap();
+            dir
+        };
+        let (dir, other) = (fresh(), fresh());
+        let first = load_or_create_id(&dir).unwrap();
+        assert!(is_replica_id(&first), "{first}");
+        assert_eq!(load_or_create_id(&dir).unwrap(), first);
+        assert_ne!(load_or_create_id(&other).unwrap(), first);
+        std::fs::write(dir.join(REPLICA_ID_FILE), "x'; DROP TABLE jobs; --").unwrap();
+        let e = load_or_create_id(&dir).unwrap_err().to_string();
+        assert!(e.contains("does not hold a replica id"), "{e}");
+        for d in [dir, other] {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }

@@ -231,7 +231,16 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let handshake_refusals: RefusalCounts = Default::default();
     // Only PostgreSQL can be shared by several replicas; a SQLite file belongs to one plane.
-    let replica = crate::replicas::Replica::new(database.backend() == store::Backend::Postgres);
+    let replica_id = crate::replicas::load_or_create_id(&opts.data_dir).with_context(|| {
+        format!(
+            "reading {}",
+            opts.data_dir
+                .join(crate::replicas::REPLICA_ID_FILE)
+                .display()
+        )
+    })?;
+    let replica =
+        crate::replicas::Replica::new(replica_id, database.backend() == store::Backend::Postgres);
     tracing::info!(replica = %replica.id, "this replica");
     let state: SharedState = Arc::new(AppState {
         writes: GroupCommit::start(db.clone(), &replica.id),
