@@ -95,7 +95,7 @@ enum Command {
     Keys(KeysCommand),
     /// The certificate authority: status and rotation with overlap (`start`, then `finish`).
     #[command(subcommand)]
-    Ca(KeysCommand),
+    Ca(TrustCommand),
     /// Environments (dev, stage, prod).
     #[command(alias = "envs", alias = "environment")]
     Env {
@@ -212,6 +212,7 @@ impl PlaneListenArgs {
     pub fn options(&self, data_dir: PathBuf) -> ServeOptions {
         ServeOptions {
             data_dir,
+            key_encryption_key_file: None,
             api_listen: self.api_listen,
             agent_listen: self.agent_listen,
             quic_listen: self.quic_listen,
@@ -250,6 +251,11 @@ struct ServeArgs {
     listen: PlaneListenArgs,
     #[command(flatten)]
     database: DatabaseArgs,
+    /// Keep the CA, job-signing and evidence keys sealed in the database with the key in this
+    /// file (64 hex digits, mode 0600; `stella keys generate-kek`), shared by every replica
+    /// given the same file. Without it they are files in <data-dir>/pki/.
+    #[arg(long, env = "STELLA_KEY_ENCRYPTION_KEY_FILE")]
+    key_encryption_key_file: Option<PathBuf>,
     /// Do not apply pending schema migrations at start (apply them with `stella migrate`).
     #[arg(long)]
     no_migrate: bool,
@@ -291,13 +297,28 @@ enum TokenCommand {
     Api(releasing::ApiTokenCommand),
 }
 
+/// `stella ca …`, and `stella keys …` but `generate-kek`.
 #[derive(Subcommand)]
-enum KeysCommand {
+enum TrustCommand {
     /// The current trust bundle, the signing key and which agents have acknowledged it.
     Status,
     /// Rotate the job-signing key.
     #[command(subcommand)]
     Rotate(RotatePhase),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    #[command(flatten)]
+    Trust(TrustCommand),
+    /// Write a new random key-encryption key (for `stella serve --key-encryption-key-file`) to
+    /// a new file, mode 0600; give the same file to every replica and keep a copy apart from
+    /// the database's backups.
+    GenerateKek {
+        /// The file to create (an existing file is never replaced).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -565,7 +586,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Keys(cmd) => rotation(&conn, out, "/api/v1/trust/job-key/rotate", cmd).await,
+        Command::Keys(KeysCommand::GenerateKek { out: path }) => {
+            let kek = stella_pki::KeyEncryptionKey::generate_file(&path)?;
+            render(out, &json!({"path": path, "key_id": kek.key_id()}), |_| {
+                println!(
+                    "wrote key-encryption key {} to {} (mode 0600)",
+                    kek.key_id(),
+                    path.display()
+                )
+            })
+        }
+        Command::Keys(KeysCommand::Trust(cmd)) => {
+            rotation(&conn, out, "/api/v1/trust/job-key/rotate", cmd).await
+        }
         Command::Ca(cmd) => rotation(&conn, out, "/api/v1/trust/ca/rotate", cmd).await,
         Command::Env { command } => {
             let client = ApiClient::connect(&conn)?;
@@ -896,6 +929,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn serve(data_dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
     let mut options = args.listen.options(data_dir);
+    options.key_encryption_key_file = args.key_encryption_key_file;
     options.database = args.database.database;
     options.migrate = !args.no_migrate;
     options.run_lease = args.run_lease;
@@ -1249,15 +1283,15 @@ async fn rotation(
     conn: &ConnectionArgs,
     out: Output,
     path: &str,
-    cmd: KeysCommand,
+    cmd: TrustCommand,
 ) -> anyhow::Result<()> {
     let client = ApiClient::connect(conn)?;
     let status: TrustStatus = match cmd {
-        KeysCommand::Status => client.get("/api/v1/trust").await?,
-        KeysCommand::Rotate(RotatePhase::Start) => {
+        TrustCommand::Status => client.get("/api/v1/trust").await?,
+        TrustCommand::Rotate(RotatePhase::Start) => {
             client.post(path, &json!({"phase": "start"})).await?
         }
-        KeysCommand::Rotate(RotatePhase::Finish { force }) => {
+        TrustCommand::Rotate(RotatePhase::Finish { force }) => {
             client
                 .post(path, &json!({"phase": "finish", "force": force}))
                 .await?

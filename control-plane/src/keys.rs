@@ -5,13 +5,23 @@
 //! trust the CA, not the leaf), so it never reaches its expiry while the plane is maintained.
 //! During a rotation a second CA (`ca.next.*`) or job key (`job-signing.next.key`) is staged next
 //! to the active one; both are read back at start, so a restart keeps the rotation going.
+//!
+//! With a key-encryption key (`stella serve --key-encryption-key-file`, [`PlaneKeys::load`]) the
+//! CA(s), job-signing and evidence keys live sealed in the database instead
+//! ([`crate::sealed_keys`]), shared by every replica of it; `pki/` then holds only this replica's
+//! server certificate and key, the QUIC reset key and the active CA's certificate (`ca.pem`, for
+//! the CLI). A data directory that has key files when the database has none is imported once
+//! (and its private key files removed).
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use stella_pki::{CertificateAuthority, SigningKey, write_secret_file};
+use stella_pki::{CertificateAuthority, KeyEncryptionKey, SigningKey, write_secret_file};
+
+use crate::sealed_keys::{self, KeyMaterial, SealedKeysError, SealedStore};
+use crate::store::Db;
 
 const SERVER_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -36,6 +46,15 @@ pub enum KeysError {
         path: PathBuf,
         source: stella_pki::PkiError,
     },
+    #[error(transparent)]
+    Kek(#[from] stella_pki::SealError),
+    #[error(transparent)]
+    Sealed(#[from] SealedKeysError),
+    #[error(
+        "this database holds the plane's keys sealed with a key-encryption key; start with \
+         --key-encryption-key-file (or STELLA_KEY_ENCRYPTION_KEY_FILE) like its other replicas"
+    )]
+    SealedWithoutKek,
 }
 
 /// The key that signs jobs now, and the one being rolled out to agents during a rotation.
@@ -88,6 +107,11 @@ pub struct PlaneKeys {
     pub trust_domain: String,
     pub pki_dir: PathBuf,
     hostnames: Vec<String>,
+    /// Where the keys live when they are sealed in the database; `None`: files in `pki_dir`.
+    sealed: Option<SealedStore>,
+    /// Held by rotation steps and [`crate::trust::reload_shared_keys`], so that one process
+    /// changes its keys one step at a time.
+    changes: tokio::sync::Mutex<()>,
 }
 
 fn read(path: &Path) -> Result<String, KeysError> {
@@ -215,7 +239,130 @@ impl PlaneKeys {
             trust_domain: trust_domain.to_string(),
             pki_dir: pki_dir.to_path_buf(),
             hostnames: hostnames.to_vec(),
+            sealed: None,
+            changes: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// The plane's keys as `stella serve` is configured: sealed in the database with the key in
+    /// `kek_file`, or (without one) files in `pki_dir` — refused when the database holds sealed
+    /// keys, so that a replica started without its key-encryption key does not create a CA of
+    /// its own.
+    pub async fn load(
+        pki_dir: &Path,
+        trust_domain: &str,
+        hostnames: &[String],
+        db: &Db,
+        kek_file: Option<&Path>,
+    ) -> Result<Self, KeysError> {
+        match kek_file {
+            Some(path) => {
+                let kek = KeyEncryptionKey::load(path)?;
+                Self::load_sealed(pki_dir, trust_domain, hostnames, db.clone(), kek).await
+            }
+            None if sealed_keys::any_sealed(db).await => Err(KeysError::SealedWithoutKek),
+            None => Self::load_or_create(pki_dir, trust_domain, hostnames),
+        }
+    }
+
+    /// Loads the keys sealed in `db`; on a database that holds none yet, imports the key files
+    /// of `pki_dir` (a single plane moving to sealed keys) or generates new keys. Replicas
+    /// starting at once on an empty database all end up with the keys the first one stored. A
+    /// database sealed with another key is refused before anything is written.
+    pub async fn load_sealed(
+        pki_dir: &Path,
+        trust_domain: &str,
+        hostnames: &[String],
+        db: Db,
+        kek: KeyEncryptionKey,
+    ) -> Result<Self, KeysError> {
+        let store = SealedStore::new(db, kek);
+        let rows = store.rows().await?;
+        let material = match store.material_of(&rows)? {
+            Some(material) => {
+                warn_unused_key_files(pki_dir);
+                material
+            }
+            None => {
+                let imported = if rows.is_empty() {
+                    read_key_files(pki_dir)?
+                } else {
+                    None
+                };
+                let candidates = match &imported {
+                    Some(files) => files.plaintexts()?,
+                    None => generated_plaintexts()?,
+                };
+                let stored_ours = store.initialize(&candidates, generate_plaintext).await?;
+                let material = store.material().await?;
+                match imported {
+                    Some(files) if stored_ours => {
+                        tracing::warn!(
+                            ca = %material.ca.fingerprint(),
+                            job_key = material.job.key_id(),
+                            kek = store.kek_id(),
+                            "imported the plane keys of {} into the database, sealed; removing \
+                             their files",
+                            pki_dir.display()
+                        );
+                        files.remove_private_files(pki_dir);
+                    }
+                    Some(_) => warn_unused_key_files(pki_dir),
+                    None if stored_ours => tracing::info!(
+                        ca = %material.ca.fingerprint(),
+                        job_key = material.job.key_id(),
+                        kek = store.kek_id(),
+                        "created new plane keys, sealed in the database"
+                    ),
+                    None => {}
+                }
+                material
+            }
+        };
+        std::fs::create_dir_all(pki_dir).map_err(|source| KeysError::Io {
+            path: pki_dir.to_path_buf(),
+            source,
+        })?;
+        write_public(&pki_dir.join(CA_CERT_FILE), material.ca.cert_pem())?;
+        let server = issue_server(pki_dir, &material.ca, hostnames)?;
+        tracing::info!(
+            ca = %material.ca.fingerprint(),
+            job_key = material.job.key_id(),
+            kek = store.kek_id(),
+            "plane keys loaded from the database"
+        );
+        Ok(Self {
+            cas: RwLock::new(CaSet {
+                active: material.ca,
+                next: material.next_ca,
+            }),
+            server: RwLock::new(server),
+            job_keys: RwLock::new(JobKeys {
+                active: material.job,
+                next: material.next_job,
+            }),
+            evidence_key: material.evidence,
+            trust_domain: trust_domain.to_string(),
+            pki_dir: pki_dir.to_path_buf(),
+            hostnames: hostnames.to_vec(),
+            sealed: Some(store),
+            changes: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The database store of the keys, when they are sealed there.
+    pub fn sealed(&self) -> Option<&SealedStore> {
+        self.sealed.as_ref()
+    }
+
+    /// Serialises changes of this process's keys (rotation steps, reloads).
+    pub(crate) async fn lock_changes(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.changes.lock().await
+    }
+
+    /// Writes the active CA's certificate to `pki/ca.pem` (sealed mode: the CLI reads it there).
+    pub fn write_ca_pem(&self) -> Result<(), KeysError> {
+        write_public(&self.pki_dir.join(CA_CERT_FILE), self.ca().cert_pem())
     }
 
     pub fn evidence_key(&self) -> &SigningKey {
@@ -259,6 +406,137 @@ impl PlaneKeys {
     pub fn server_chain_pem(&self) -> String {
         format!("{}{}", self.server().cert_pem, self.ca().cert_pem())
     }
+}
+
+/// The key files of a data directory, read without writing anything (import into the database).
+struct KeyFiles {
+    material: KeyMaterial,
+}
+
+impl KeyFiles {
+    fn plaintexts(&self) -> Result<std::collections::BTreeMap<&'static str, String>, KeysError> {
+        let m = &self.material;
+        let mut out = std::collections::BTreeMap::new();
+        out.insert(sealed_keys::CA, sealed_keys::encode_ca(&m.ca));
+        if let Some(next) = &m.next_ca {
+            out.insert(sealed_keys::NEXT_CA, sealed_keys::encode_ca(next));
+        }
+        out.insert(
+            sealed_keys::JOB_KEY,
+            sealed_keys::encode_signing_key(sealed_keys::JOB_KEY, &m.job)?,
+        );
+        if let Some(next) = &m.next_job {
+            out.insert(
+                sealed_keys::NEXT_JOB_KEY,
+                sealed_keys::encode_signing_key(sealed_keys::NEXT_JOB_KEY, next)?,
+            );
+        }
+        out.insert(
+            sealed_keys::EVIDENCE_KEY,
+            sealed_keys::encode_signing_key(sealed_keys::EVIDENCE_KEY, &m.evidence)?,
+        );
+        Ok(out)
+    }
+
+    /// Removes the private key files once the database holds them (and the staged CA's
+    /// certificate, which only a file-mode plane reads back).
+    fn remove_private_files(&self, pki_dir: &Path) {
+        for file in PRIVATE_KEY_FILES.iter().chain([&NEXT_CA_CERT_FILE]) {
+            let path = pki_dir.join(file);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove an imported key file")
+                }
+            }
+        }
+    }
+}
+
+/// The files holding the plane's private keys in file mode.
+const PRIVATE_KEY_FILES: [&str; 5] = [
+    CA_KEY_FILE,
+    NEXT_CA_KEY_FILE,
+    JOB_KEY_FILE,
+    NEXT_JOB_KEY_FILE,
+    EVIDENCE_KEY_FILE,
+];
+
+fn warn_unused_key_files(pki_dir: &Path) {
+    let present: Vec<&str> = PRIVATE_KEY_FILES
+        .iter()
+        .copied()
+        .filter(|f| pki_dir.join(f).exists())
+        .collect();
+    if !present.is_empty() {
+        tracing::warn!(
+            dir = %pki_dir.display(),
+            files = ?present,
+            "these key files are not used: the plane's keys are sealed in the database"
+        );
+    }
+}
+
+/// Reads the key files of `pki_dir` when it has a CA or a job-signing key (a plane that ran
+/// with files); a key it lacks is generated (in memory). Nothing is written.
+fn read_key_files(pki_dir: &Path) -> Result<Option<KeyFiles>, KeysError> {
+    if !pki_dir.join(CA_KEY_FILE).exists() && !pki_dir.join(JOB_KEY_FILE).exists() {
+        return Ok(None);
+    }
+    let mut next_ca = load_ca(pki_dir, NEXT_CA_CERT_FILE, NEXT_CA_KEY_FILE)?;
+    // As in file mode: a crash while finishing a CA rotation leaves the new key next to the old
+    // certificate, and the staged pair says which CA is active now.
+    let ca = match load_ca(pki_dir, CA_CERT_FILE, CA_KEY_FILE) {
+        Ok(Some(ca)) => ca,
+        Ok(None) => match next_ca.take() {
+            Some(next) => next,
+            None => CertificateAuthority::generate("Stella control plane CA")
+                .map_err(pki_err(&pki_dir.join(CA_CERT_FILE)))?,
+        },
+        Err(e) => next_ca.take().ok_or(e)?,
+    };
+    let signing_key = |file: &str| -> Result<Option<SigningKey>, KeysError> {
+        let path = pki_dir.join(file);
+        if path.exists() {
+            Ok(Some(
+                SigningKey::from_pem(&read(&path)?).map_err(pki_err(&path))?,
+            ))
+        } else {
+            Ok(None)
+        }
+    };
+    Ok(Some(KeyFiles {
+        material: KeyMaterial {
+            ca: Arc::new(ca),
+            next_ca: next_ca.map(Arc::new),
+            job: signing_key(JOB_KEY_FILE)?.unwrap_or_else(SigningKey::generate),
+            next_job: signing_key(NEXT_JOB_KEY_FILE)?,
+            evidence: signing_key(EVIDENCE_KEY_FILE)?.unwrap_or_else(SigningKey::generate),
+        },
+    }))
+}
+
+/// A new secret of one of the required names, as stored (plaintext).
+fn generate_plaintext(name: &str) -> Result<String, SealedKeysError> {
+    let invalid = |reason: String| SealedKeysError::Invalid {
+        name: name.to_string(),
+        reason,
+    };
+    match name {
+        sealed_keys::CA => CertificateAuthority::generate("Stella control plane CA")
+            .map(|ca| sealed_keys::encode_ca(&ca))
+            .map_err(|e| invalid(e.to_string())),
+        _ => sealed_keys::encode_signing_key(name, &SigningKey::generate()),
+    }
+}
+
+fn generated_plaintexts() -> Result<std::collections::BTreeMap<&'static str, String>, KeysError> {
+    let mut out = std::collections::BTreeMap::new();
+    for name in sealed_keys::REQUIRED {
+        out.insert(name, generate_plaintext(name)?);
+    }
+    Ok(out)
 }
 
 fn issue_server(

@@ -29,6 +29,7 @@ pub mod relays;
 pub mod releases;
 pub mod replicas;
 pub mod runs;
+pub mod sealed_keys;
 pub mod server;
 pub mod session;
 pub mod state;

@@ -29,6 +29,10 @@ pub const CA_FILE: &str = "pki/ca.pem";
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub data_dir: PathBuf,
+    /// Key-encryption key file (`--key-encryption-key-file`): the CA, job-signing and evidence
+    /// keys live sealed in the database, shared by every replica given the same file; `None`:
+    /// they are files in `<data-dir>/pki/`.
+    pub key_encryption_key_file: Option<PathBuf>,
     pub api_listen: SocketAddr,
     pub agent_listen: SocketAddr,
     /// UDP address of the agent endpoint over QUIC, if enabled.
@@ -182,11 +186,15 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
     let database = database_url(&opts.data_dir, opts.database.as_deref())?;
     tracing::info!(%database, migrate = opts.migrate, "opening the database");
     let db = store::open(&database, opts.migrate).await?;
-    let keys = PlaneKeys::load_or_create(
+    let keys = PlaneKeys::load(
         &opts.data_dir.join("pki"),
         &opts.trust_domain,
         &opts.hostnames,
-    )?;
+        &db,
+        opts.key_encryption_key_file.as_deref(),
+    )
+    .await
+    .context("loading the plane's keys")?;
     let admin_token_path = opts.data_dir.join(ADMIN_TOKEN_FILE);
     ensure_admin_token_file(
         &db,

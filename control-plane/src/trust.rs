@@ -6,12 +6,18 @@
 //! re-signs the jobs not yet accepted, and publishes a bundle with the new key alone, signed by
 //! both keys so that an agent that slept through the overlap still adopts it. Running jobs are
 //! never interrupted: an accepted job was verified already.
+//!
+//! With the keys sealed in the database (replicas sharing one database), each step first
+//! reloads the keys from there ([`reload_shared_keys`]), stages a key with insert-if-absent and
+//! read-back, and finishes by moving the staged row onto the active one in one transaction, so
+//! the same step run through two replicas, or twice, has the effect of one.
 
 use serde::{Deserialize, Serialize};
 use stella_pki::{SigningKey, TrustBundleDocument};
 
 use crate::error::{ApiError, ApiResult};
-use crate::keys::{JOB_KEY_FILE, JobKeys, NEXT_JOB_KEY_FILE};
+use crate::keys::{CaSet, JOB_KEY_FILE, JobKeys, NEXT_JOB_KEY_FILE};
+use crate::sealed_keys::SealedKeysError;
 use crate::state::AppState;
 use crate::store::{Db, now_ms};
 
@@ -152,6 +158,81 @@ pub async fn status(state: &AppState) -> ApiResult<TrustStatus> {
     })
 }
 
+fn sealed_err(e: SealedKeysError) -> ApiError {
+    match e {
+        SealedKeysError::Conflict(message) => ApiError::Conflict(message),
+        other => ApiError::Internal(other.to_string()),
+    }
+}
+
+/// Re-reads the keys sealed in the database and swaps in those that differ from this process's:
+/// the job-signing keys, the CAs (re-issuing this replica's server certificate and rewriting
+/// `pki/ca.pem` when the active CA changed) and the TLS configurations. Returns whether anything
+/// changed; always `Ok(false)` when the keys are files (one plane, nothing shared). Call it when
+/// another replica may have changed the keys (a trust-bundle change it announced); the rotation
+/// steps below call it first.
+pub async fn reload_shared_keys(state: &AppState) -> ApiResult<bool> {
+    let _changes = state.keys.lock_changes().await;
+    reload_locked(state).await
+}
+
+/// [`reload_shared_keys`] for a caller that holds the key-change lock.
+async fn reload_locked(state: &AppState) -> ApiResult<bool> {
+    let Some(store) = state.keys.sealed() else {
+        return Ok(false);
+    };
+    let stored = store.material().await.map_err(sealed_err)?;
+    let mut changed = false;
+
+    let keys = state.keys.job_keys();
+    let next_id = |k: &Option<SigningKey>| k.as_ref().map(|k| k.key_id().to_string());
+    if keys.active.key_id() != stored.job.key_id()
+        || next_id(&keys.next) != next_id(&stored.next_job)
+    {
+        state.keys.set_job_keys(JobKeys {
+            active: stored.job.clone(),
+            next: stored.next_job.clone(),
+        });
+        changed = true;
+    }
+
+    let cas = state.keys.cas();
+    let fingerprint = |c: &Option<std::sync::Arc<stella_pki::CertificateAuthority>>| {
+        c.as_ref().map(|c| c.fingerprint())
+    };
+    let active_changed = cas.active.fingerprint() != stored.ca.fingerprint();
+    if active_changed || fingerprint(&cas.next) != fingerprint(&stored.next_ca) {
+        state.keys.set_cas(CaSet {
+            active: stored.ca.clone(),
+            next: stored.next_ca.clone(),
+        });
+        if active_changed {
+            state
+                .keys
+                .reissue_server()
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            state
+                .keys
+                .write_ca_pem()
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+        }
+        state.tls.rebuild(&state.keys, &state.handshake_refusals)?;
+        changed = true;
+    }
+    if changed {
+        let cas = state.keys.cas();
+        let keys = state.keys.job_keys();
+        tracing::info!(
+            ca = %cas.active.fingerprint(),
+            next_ca = fingerprint(&cas.next).unwrap_or_default(),
+            job_key = keys.active.key_id(),
+            next_job_key = next_id(&keys.next).unwrap_or_default(),
+            "reloaded the plane keys another replica changed"
+        );
+    }
+    Ok(changed)
+}
+
 fn write_key(state: &AppState, file: &str, key: &SigningKey) -> ApiResult<()> {
     let pem = key.to_pem()?;
     stella_pki::write_secret_file(&state.keys.pki_dir.join(file), pem.as_bytes())
@@ -160,18 +241,34 @@ fn write_key(state: &AppState, file: &str, key: &SigningKey) -> ApiResult<()> {
 
 /// Stages a new job-signing key and distributes it. Idempotent while a rotation is under way.
 pub async fn rotate_start(state: &AppState) -> ApiResult<TrustStatus> {
+    let _changes = state.keys.lock_changes().await;
+    reload_locked(state).await?;
     let mut keys = state.keys.job_keys();
     if keys.next.is_none() {
-        let next = SigningKey::generate();
-        // On disk before anyone is told about it: a restart keeps the rotation going.
-        write_key(state, NEXT_JOB_KEY_FILE, &next)?;
+        let generated = SigningKey::generate();
+        // Stored before anyone is told about it: a restart keeps the rotation going.
+        let next = match state.keys.sealed() {
+            // Another replica may have staged one a moment ago: then that one is the next key,
+            // and that replica publishes its bundle.
+            Some(store) => store
+                .stage_signing_key(crate::sealed_keys::NEXT_JOB_KEY, &generated)
+                .await
+                .map_err(sealed_err)?,
+            None => {
+                write_key(state, NEXT_JOB_KEY_FILE, &generated)?;
+                generated.clone()
+            }
+        };
+        let ours = next.key_id() == generated.key_id();
         keys.next = Some(next);
         state.keys.set_job_keys(keys.clone());
-        publish(state, &[&keys.active], bundle_keys(&keys)).await?;
-        tracing::warn!(
-            next_key = keys.next.as_ref().map(|k| k.key_id()).unwrap_or_default(),
-            "job-signing key rotation started"
-        );
+        if ours {
+            publish(state, &[&keys.active], bundle_keys(&keys)).await?;
+            tracing::warn!(
+                next_key = keys.next.as_ref().map(|k| k.key_id()).unwrap_or_default(),
+                "job-signing key rotation started"
+            );
+        }
     }
     status(state).await
 }
@@ -179,6 +276,8 @@ pub async fn rotate_start(state: &AppState) -> ApiResult<TrustStatus> {
 /// Switches signing to the staged key once every agent has it, re-signs waiting jobs, and
 /// withdraws the old key.
 pub async fn rotate_finish(state: &AppState, force: bool) -> ApiResult<TrustStatus> {
+    let _changes = state.keys.lock_changes().await;
+    reload_locked(state).await?;
     let keys = state.keys.job_keys();
     let Some(next) = keys.next.clone() else {
         return Err(ApiError::Conflict(
@@ -205,10 +304,25 @@ pub async fn rotate_finish(state: &AppState, force: bool) -> ApiResult<TrustStat
             lagging.join("; ")
         )));
     }
-    // The new key becomes the signing key on disk first; a crash after this point restarts
+    // The new key becomes the signing key in storage first; a crash after this point restarts
     // with the new key active and the bundle below is published again by `finish`.
-    write_key(state, JOB_KEY_FILE, &next)?;
-    let _ = std::fs::remove_file(state.keys.pki_dir.join(NEXT_JOB_KEY_FILE));
+    match state.keys.sealed() {
+        Some(store) => {
+            if !store
+                .promote_signing_key(next.key_id())
+                .await
+                .map_err(sealed_err)?
+            {
+                // Another replica finished this rotation between our reload and now.
+                reload_locked(state).await?;
+                return status(state).await;
+            }
+        }
+        None => {
+            write_key(state, JOB_KEY_FILE, &next)?;
+            let _ = std::fs::remove_file(state.keys.pki_dir.join(NEXT_JOB_KEY_FILE));
+        }
+    }
     state.keys.set_job_keys(JobKeys {
         active: next.clone(),
         next: None,
@@ -283,23 +397,40 @@ pub async fn rotate(state: &AppState, req: RotateRequest) -> ApiResult<TrustStat
 
 /// Stages a new CA: agents trust it next to the current one and renew under it.
 pub async fn rotate_ca_start(state: &AppState) -> ApiResult<TrustStatus> {
+    let _changes = state.keys.lock_changes().await;
+    reload_locked(state).await?;
     let mut cas = state.keys.cas();
     if cas.next.is_none() {
         let name = format!(
             "Stella control plane CA {}",
             crate::store::rfc3339(now_ms())
         );
-        let next = stella_pki::CertificateAuthority::generate(&name)?;
-        crate::keys::store_ca(
-            &state.keys.pki_dir,
-            &next,
-            crate::keys::NEXT_CA_CERT_FILE,
-            crate::keys::NEXT_CA_KEY_FILE,
-        )
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let generated = stella_pki::CertificateAuthority::generate(&name)?;
+        let generated_fingerprint = generated.fingerprint();
+        let next = match state.keys.sealed() {
+            // As for job keys: the first replica's staged CA wins, and that replica publishes.
+            Some(store) => store
+                .stage_ca(crate::sealed_keys::NEXT_CA, &generated)
+                .await
+                .map_err(sealed_err)?,
+            None => {
+                crate::keys::store_ca(
+                    &state.keys.pki_dir,
+                    &generated,
+                    crate::keys::NEXT_CA_CERT_FILE,
+                    crate::keys::NEXT_CA_KEY_FILE,
+                )
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+                generated
+            }
+        };
+        let ours = next.fingerprint() == generated_fingerprint;
         cas.next = Some(std::sync::Arc::new(next));
         state.keys.set_cas(cas.clone());
         state.tls.rebuild(&state.keys, &state.handshake_refusals)?;
+        if !ours {
+            return status(state).await;
+        }
         let keys = state.keys.job_keys();
         publish(state, &[&keys.active], bundle_keys(&keys)).await?;
         tracing::warn!(
@@ -317,6 +448,8 @@ pub async fn rotate_ca_start(state: &AppState) -> ApiResult<TrustStatus> {
 /// Makes the new CA the only one once every agent holds a certificate from it (or `force`):
 /// the server certificate switches, the old CA leaves the trust bundle.
 pub async fn rotate_ca_finish(state: &AppState, force: bool) -> ApiResult<TrustStatus> {
+    let _changes = state.keys.lock_changes().await;
+    reload_locked(state).await?;
     let cas = state.keys.cas();
     let Some(next) = cas.next.clone() else {
         return Err(ApiError::Conflict(
@@ -337,17 +470,32 @@ pub async fn rotate_ca_finish(state: &AppState, force: bool) -> ApiResult<TrustS
             lagging.join("; ")
         )));
     }
-    let dir = &state.keys.pki_dir;
-    crate::keys::store_ca(
-        dir,
-        &next,
-        crate::keys::CA_CERT_FILE,
-        crate::keys::CA_KEY_FILE,
-    )
-    .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let _ = std::fs::remove_file(dir.join(crate::keys::NEXT_CA_CERT_FILE));
-    let _ = std::fs::remove_file(dir.join(crate::keys::NEXT_CA_KEY_FILE));
-    state.keys.set_cas(crate::keys::CaSet {
+    match state.keys.sealed() {
+        Some(store) => {
+            if !store
+                .promote_ca(&next.fingerprint())
+                .await
+                .map_err(sealed_err)?
+            {
+                // Another replica finished this rotation between our reload and now.
+                reload_locked(state).await?;
+                return status(state).await;
+            }
+        }
+        None => {
+            let dir = &state.keys.pki_dir;
+            crate::keys::store_ca(
+                dir,
+                &next,
+                crate::keys::CA_CERT_FILE,
+                crate::keys::CA_KEY_FILE,
+            )
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+            let _ = std::fs::remove_file(dir.join(crate::keys::NEXT_CA_CERT_FILE));
+            let _ = std::fs::remove_file(dir.join(crate::keys::NEXT_CA_KEY_FILE));
+        }
+    }
+    state.keys.set_cas(CaSet {
         active: next,
         next: None,
     });
@@ -355,6 +503,13 @@ pub async fn rotate_ca_finish(state: &AppState, force: bool) -> ApiResult<TrustS
         .keys
         .reissue_server()
         .map_err(|e| ApiError::Internal(e.to_string()))?;
+    if state.keys.sealed().is_some() {
+        // File mode wrote ca.pem with the CA above; the CLI reads the active CA there.
+        state
+            .keys
+            .write_ca_pem()
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+    }
     state.tls.rebuild(&state.keys, &state.handshake_refusals)?;
     let keys = state.keys.job_keys();
     publish(state, &[&keys.active], bundle_keys(&keys)).await?;

@@ -44,8 +44,8 @@ pub use receipt::{
     RECEIPT_PAYLOAD_TYPE, ReceiptError, ReceiptPayload, result_digest, sign_receipt,
     sign_with_agent_key, verify_receipt, verify_with_cert,
 };
-pub use sealed::{KEK_LEN, KeyEncryptionKey, SealError};
 pub use renewal::{cert_matches_key, cert_validity, issued_by, renewal_proof_message};
+pub use sealed::{KEK_LEN, KeyEncryptionKey, SealError};
 pub use tls::{
     HandshakeObserver, client_config_ca, client_config_mtls, client_config_pinned_fingerprint,
     install_crypto_provider, parse_fingerprint, private_key_from_pem, server_config,

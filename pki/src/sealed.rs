@@ -121,7 +121,10 @@ impl KeyEncryptionKey {
             .or_else(|| text.strip_suffix('\n'))
             .unwrap_or(text);
         if digits.len() != 2 * KEK_LEN {
-            return Err(format(format!("found {} characters", digits.chars().count())));
+            return Err(format(format!(
+                "found {} characters",
+                digits.chars().count()
+            )));
         }
         let mut key = [0u8; KEK_LEN];
         hex::decode_to_slice(digits, &mut key)
@@ -386,7 +389,10 @@ mod tests {
         for (contents, expected) in [
             ("abcd\n", "found 4 characters"),
             (&"g".repeat(64)[..], "not hexadecimal"),
-            (&format!("{}\n\n", "a".repeat(64))[..], "found 65 characters"),
+            (
+                &format!("{}\n\n", "a".repeat(64))[..],
+                "found 65 characters",
+            ),
         ] {
             std::fs::write(&path, contents).unwrap();
             let e = KeyEncryptionKey::load(&path).unwrap_err().to_string();
