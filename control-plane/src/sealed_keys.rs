@@ -29,8 +29,8 @@ pub const REQUIRED: [&str; 3] = [CA, JOB_KEY, EVIDENCE_KEY];
 pub enum SealedKeysError {
     // The driver's message is part of ours (not a `source`), as in `store::StoreError`.
     #[error(
-        "the sealed plane keys (table plane_secrets): {0}; a database older than migration 0013 \
-         needs `stella migrate`"
+        "the sealed plane keys (table plane_secrets): {0} (a database whose schema predates \
+         migration 0013 needs `stella migrate`)"
     )]
     Db(sqlx::Error),
     #[error(transparent)]

@@ -33,7 +33,7 @@ pub enum SealError {
         source: std::io::Error,
     },
     #[error(
-        "key-encryption key file {path} is readable by group or others (mode {mode:03o}); \
+        "key-encryption key file {path} is readable by group or others (mode {mode:04o}); \
          run `chmod 600 {path}`"
     )]
     Permissions { path: PathBuf, mode: u32 },
@@ -47,8 +47,8 @@ pub enum SealError {
     #[error("key-encryption key file {path} exists already; refusing to overwrite it")]
     Exists { path: PathBuf },
     #[error(
-        "{name} is sealed with key-encryption key {sealed_with}, but this plane was given key \
-         {have}: use the key file the other replicas use"
+        "secret {name:?} was sealed with key-encryption key {sealed_with}, but this plane was \
+         given key {have}: use the key-encryption key file the other replicas use"
     )]
     WrongKey {
         name: String,
