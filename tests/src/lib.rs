@@ -159,15 +159,6 @@ impl Plane {
         Self::start_with_database(dir, api_port, agent_port, extra, Some(cluster))
     }
 
-    /// Starts a plane on the database at `url`, which the test owns (e.g. one PostgreSQL
-    /// cluster several replicas share), whatever `STELLA_E2E_DATABASE` says; `extra`: more
-    /// `stella serve` flags. [`Plane::db`] and [`Plane::db_dump`] do not know this database.
-    pub fn start_on_database(dir: &Path, url: &str, extra: &[&str]) -> Plane {
-        let mut args = vec!["--database", url];
-        args.extend_from_slice(extra);
-        Self::start_with_database(dir, free_port(), free_port(), &args, None)
-    }
-
     fn start_with_database(
         dir: &Path,
         api_port: u16,

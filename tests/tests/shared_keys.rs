@@ -10,13 +10,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
 use stella_control_plane::keys::PlaneKeys;
 use stella_control_plane::store::{self, DatabaseUrl};
 use stella_e2e::postgres::PgCluster;
-use stella_e2e::{Agent, PG_DATABASE, Plane, stella_bin, wait_until};
+use stella_e2e::{Agent, PG_DATABASE, Plane, free_port, stella_bin, wait_until};
 use stella_pki::{KeyEncryptionKey, SigningKey};
 
 const TRUST_DOMAIN: &str = "stella.local";
@@ -264,7 +265,7 @@ fn string(v: &Value) -> String {
 
 #[test]
 fn two_replicas_share_sealed_keys_through_postgresql() {
-    let pg = PgCluster::start();
+    let pg = Arc::new(PgCluster::start());
     pg.create_database(PG_DATABASE);
     let url = pg.url(PG_DATABASE);
     let tmp = tempfile::tempdir().unwrap();
@@ -288,8 +289,17 @@ fn two_replicas_share_sealed_keys_through_postgresql() {
     assert_eq!(std::fs::read(&kek).unwrap(), written);
 
     let sealed = ["--key-encryption-key-file", kek_arg];
-    let r1 = Plane::start_on_database(&tmp.path().join("r1"), &url, &sealed);
-    let mut r2 = Plane::start_on_database(&tmp.path().join("r2"), &url, &sealed);
+    let replica = |name: &str| {
+        Plane::start_replica(
+            &tmp.path().join(name),
+            pg.clone(),
+            free_port(),
+            free_port(),
+            &sealed,
+        )
+    };
+    let r1 = replica("r1");
+    let mut r2 = replica("r2");
 
     // One CA and one job-signing key for both.
     let (t1, t2) = (trust(&r1), trust(&r2));
@@ -343,7 +353,7 @@ fn two_replicas_share_sealed_keys_through_postgresql() {
 
     // No private key in the clear: not in the database, not in replica 2's pki directory
     // beyond its own TLS server key.
-    let dump = pg.dump(PG_DATABASE);
+    let dump = r2.db_dump();
     assert!(dump.contains("plane_secrets"), "the dump has the table");
     assert!(
         dump.contains(&format!("v1:{kek_id}:")),
