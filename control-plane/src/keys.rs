@@ -417,9 +417,15 @@ impl KeyFiles {
     fn plaintexts(&self) -> Result<std::collections::BTreeMap<&'static str, String>, KeysError> {
         let m = &self.material;
         let mut out = std::collections::BTreeMap::new();
-        out.insert(sealed_keys::CA, sealed_keys::encode_ca(&m.ca));
+        out.insert(
+            sealed_keys::CA,
+            sealed_keys::encode_ca(sealed_keys::CA, &m.ca)?,
+        );
         if let Some(next) = &m.next_ca {
-            out.insert(sealed_keys::NEXT_CA, sealed_keys::encode_ca(next));
+            out.insert(
+                sealed_keys::NEXT_CA,
+                sealed_keys::encode_ca(sealed_keys::NEXT_CA, next)?,
+            );
         }
         out.insert(
             sealed_keys::JOB_KEY,
@@ -525,8 +531,8 @@ fn generate_plaintext(name: &str) -> Result<String, SealedKeysError> {
     };
     match name {
         sealed_keys::CA => CertificateAuthority::generate("Stella control plane CA")
-            .map(|ca| sealed_keys::encode_ca(&ca))
-            .map_err(|e| invalid(e.to_string())),
+            .map_err(|e| invalid(e.to_string()))
+            .and_then(|ca| sealed_keys::encode_ca(name, &ca)),
         _ => sealed_keys::encode_signing_key(name, &SigningKey::generate()),
     }
 }

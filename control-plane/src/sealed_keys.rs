@@ -71,13 +71,12 @@ fn invalid(name: &str) -> impl FnOnce(String) -> SealedKeysError + '_ {
     }
 }
 
-pub fn encode_ca(ca: &CertificateAuthority) -> String {
-    // Two strings: serialising cannot fail.
+pub fn encode_ca(name: &str, ca: &CertificateAuthority) -> Result<String, SealedKeysError> {
     serde_json::to_string(&CaPem {
         cert_pem: ca.cert_pem().to_string(),
         key_pem: ca.key_pem(),
     })
-    .unwrap_or_default()
+    .map_err(|e| invalid(name)(e.to_string()))
 }
 
 fn decode_ca(name: &str, text: &str) -> Result<CertificateAuthority, SealedKeysError> {
@@ -301,7 +300,7 @@ impl SealedStore {
         name: &str,
         ca: &CertificateAuthority,
     ) -> Result<CertificateAuthority, SealedKeysError> {
-        let stored = self.stage(name, &encode_ca(ca)).await?;
+        let stored = self.stage(name, &encode_ca(name, ca)?).await?;
         decode_ca(name, &stored)
     }
 
@@ -409,7 +408,7 @@ mod tests {
         BTreeMap::from([
             (
                 CA,
-                encode_ca(&CertificateAuthority::generate("test CA").unwrap()),
+                encode_ca(CA, &CertificateAuthority::generate("test CA").unwrap()).unwrap(),
             ),
             (
                 JOB_KEY,
