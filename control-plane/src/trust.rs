@@ -168,9 +168,10 @@ fn sealed_err(e: SealedKeysError) -> ApiError {
 /// Re-reads the keys sealed in the database and swaps in those that differ from this process's:
 /// the job-signing keys, the CAs (re-issuing this replica's server certificate and rewriting
 /// `pki/ca.pem` when the active CA changed) and the TLS configurations. Returns whether anything
-/// changed; always `Ok(false)` when the keys are files (one plane, nothing shared). Call it when
-/// another replica may have changed the keys (a trust-bundle change it announced); the rotation
-/// steps below call it first.
+/// changed; always `Ok(false)` when the keys are files (one plane, nothing shared). When the
+/// signing key changed, waiting jobs signed with another key are signed again with it. Call it
+/// when another replica may have changed the keys (a trust-bundle change it announced); the
+/// rotation steps below call it first.
 pub async fn reload_shared_keys(state: &AppState) -> ApiResult<bool> {
     let _changes = state.keys.lock_changes().await;
     reload_locked(state).await
@@ -186,14 +187,19 @@ async fn reload_locked(state: &AppState) -> ApiResult<bool> {
 
     let keys = state.keys.job_keys();
     let next_id = |k: &Option<SigningKey>| k.as_ref().map(|k| k.key_id().to_string());
-    if keys.active.key_id() != stored.job.key_id()
-        || next_id(&keys.next) != next_id(&stored.next_job)
-    {
+    let signing_changed = keys.active.key_id() != stored.job.key_id();
+    if signing_changed || next_id(&keys.next) != next_id(&stored.next_job) {
         state.keys.set_job_keys(JobKeys {
             active: stored.job.clone(),
             next: stored.next_job.clone(),
         });
         changed = true;
+    }
+    if signing_changed {
+        // Jobs this replica signed with the withdrawn key after another replica finished the
+        // rotation (before this reload) would be refused by agents that adopted the final
+        // bundle: sign them again, as finishing does.
+        resign_waiting_jobs(state, &stored.job).await?;
     }
 
     let cas = state.keys.cas();
@@ -337,7 +343,8 @@ pub async fn rotate_finish(state: &AppState, force: bool) -> ApiResult<TrustStat
 }
 
 /// Jobs not yet accepted by their agent are signed again with the new key (same payload, same
-/// sequence), so nothing waiting is stranded by the rotation.
+/// sequence), so nothing waiting is stranded by the rotation. Jobs signed by that key alone
+/// already are left as they are.
 async fn resign_waiting_jobs(state: &AppState, key: &SigningKey) -> ApiResult<()> {
     let mut tx = crate::store::write_tx(&state.db).await?;
     let rows: Vec<(String, String)> =
@@ -347,6 +354,9 @@ async fn resign_waiting_jobs(state: &AppState, key: &SigningKey) -> ApiResult<()
     for (id, envelope) in rows {
         let env: stella_pki::Envelope =
             serde_json::from_str(&envelope).map_err(|e| ApiError::Internal(e.to_string()))?;
+        if !env.signatures.is_empty() && env.signatures.iter().all(|s| s.keyid == key.key_id()) {
+            continue;
+        }
         let body =
             stella_pki::decode_payload(&env).map_err(|e| ApiError::Internal(e.to_string()))?;
         let payload: stella_pki::JobPayload =

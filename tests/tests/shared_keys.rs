@@ -17,7 +17,10 @@ use serde_json::Value;
 use stella_control_plane::keys::PlaneKeys;
 use stella_control_plane::store::{self, DatabaseUrl};
 use stella_e2e::postgres::PgCluster;
-use stella_e2e::{Agent, PG_DATABASE, Plane, free_port, stella_bin, wait_until};
+use stella_e2e::{
+    Agent, PG_DATABASE, Plane, TargetCleanup, TestImage, free_port, sql_string, stella_bin, unique,
+    wait_until,
+};
 use stella_pki::{KeyEncryptionKey, SigningKey};
 
 const TRUST_DOMAIN: &str = "stella.local";
@@ -323,6 +326,22 @@ fn two_replicas_share_sealed_keys_through_postgresql() {
         (r2.metric("stella_agents_connected") == Some(1)).then_some(())
     });
 
+    // Something to deploy later, set up through replica 1.
+    let target = unique("shared-keys");
+    let _cleanup = TargetCleanup(target.clone());
+    r1.ok(&["env", "create", "dev"]);
+    r1.ok(&[
+        "target", "create", &target, "--env", "dev", "--kind", "docker", "--agent", &agent.id,
+    ]);
+    let image = TestImage::busybox_sleeper(&unique("stella-e2e/shared-keys"), "1");
+    r1.ok(&[
+        "release",
+        "create",
+        "after-rotation",
+        "--component",
+        &image.component("web"),
+    ]);
+
     // A job-key rotation started through replica 1 is replica 2's after its restart.
     let started = r1.json(&["keys", "rotate", "start"]);
     let next = string(&started["next_key_id"]);
@@ -342,6 +361,33 @@ fn two_replicas_share_sealed_keys_through_postgresql() {
     // Replica 1 may not have heard of the finish (that signal is not what this test is about);
     // its next rotation step reloads the keys first: no rotation is under way any more, and it
     // signs with the new key.
+    // A job created through replica 1 meanwhile (the agent is away, so it waits) may be signed
+    // with the withdrawn key; the reload signs it again with the new one.
+    wait_until(WAIT, "the agent to adopt the final bundle", || {
+        trust(&r2)["agents"][0]["up_to_date"]
+            .as_bool()
+            .unwrap_or(false)
+            .then_some(())
+    });
+    agent.stop();
+    let deployment = r1.json(&["deploy", "after-rotation", "--env", "dev", "--no-wait"]);
+    let job = string(&deployment["jobs"][0]["id"]);
+    let signers = || {
+        let env: stella_pki::Envelope = serde_json::from_str(&sql_string(
+            &r1.db(),
+            "SELECT envelope FROM jobs WHERE id = $1",
+            &[&job],
+        ))
+        .unwrap();
+        env.signatures
+            .into_iter()
+            .map(|s| s.keyid)
+            .collect::<Vec<_>>()
+    };
+    eprintln!(
+        "job {job} signed by {:?} before replica 1 reloaded",
+        signers()
+    );
     let refused = r1.fails(&["keys", "rotate", "finish"]);
     assert!(
         refused.contains("no key rotation is under way"),
@@ -350,6 +396,10 @@ fn two_replicas_share_sealed_keys_through_postgresql() {
     let t1 = trust(&r1);
     assert_eq!(string(&t1["active_key_id"]), next, "{t1}");
     assert!(t1["next_key_id"].is_null(), "{t1}");
+    assert_eq!(signers(), std::slice::from_ref(&next));
+    agent.start();
+    let done = r1.wait_deployment(&string(&deployment["id"]));
+    assert_eq!(done["status"], "succeeded", "{done}");
 
     // No private key in the clear: not in the database, not in replica 2's pki directory
     // beyond its own TLS server key.
