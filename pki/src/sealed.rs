@@ -81,12 +81,17 @@ impl std::fmt::Debug for KeyEncryptionKey {
     }
 }
 
+/// Overwrites key material before its memory is freed (volatile writes are not optimised away).
+fn wipe(bytes: &mut [u8]) {
+    for byte in bytes.iter_mut() {
+        // SAFETY: a valid, aligned, exclusive reference to one byte.
+        unsafe { std::ptr::write_volatile(byte, 0) };
+    }
+}
+
 impl Drop for KeyEncryptionKey {
     fn drop(&mut self) {
-        for byte in self.key.iter_mut() {
-            // SAFETY: a valid, aligned, exclusive reference to a byte of our own array.
-            unsafe { std::ptr::write_volatile(byte, 0) };
-        }
+        wipe(&mut self.key);
     }
 }
 
@@ -156,7 +161,9 @@ impl KeyEncryptionKey {
             }
         }
         let text = std::fs::read_to_string(path).map_err(io)?;
-        Self::parse(path, &text)
+        let kek = Self::parse(path, &text);
+        wipe(&mut text.into_bytes());
+        kek
     }
 
     /// Writes a new random key to `path` (mode 0600), refusing to replace an existing file.
@@ -191,9 +198,11 @@ impl KeyEncryptionKey {
                 use std::os::unix::fs::PermissionsExt;
                 file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
             }
-            let mut text = hex::encode(kek.key);
-            text.push('\n');
-            file.write_all(text.as_bytes())?;
+            let mut text = hex::encode(kek.key).into_bytes();
+            text.push(b'\n');
+            let written = file.write_all(&text);
+            wipe(&mut text);
+            written?;
             file.sync_all()
         })();
         if let Err(e) = written {
