@@ -214,9 +214,14 @@ async fn receive(state: &SharedState, signal: Signal) {
     }
 }
 
-/// Another replica rotated keys: take the shared ones from the database.
+/// Another replica rotated keys: take the shared ones from the database (a no-op when the keys
+/// are files, i.e. without `--key-encryption-key-file`).
 async fn reload_keys(state: &SharedState) {
-    let _ = state;
+    match crate::trust::reload_shared_keys(state).await {
+        Ok(true) => tracing::info!("took the shared keys another replica changed"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot reload the shared keys"),
+    }
 }
 
 /// Starts this replica's presence, signalling and sweep tasks.

@@ -14,6 +14,7 @@ use stella_e2e::{
     Agent, PG_DATABASE, Plane, TargetCleanup, TestImage, containers_of, free_port, unique,
     wait_until,
 };
+use stella_e2e::{agent_cli, promotion_step as step};
 
 /// One replica's ports, known before any replica starts (each advertises both).
 struct Ports {
@@ -34,35 +35,43 @@ impl Ports {
     }
 }
 
-/// Starts a replica advertising both replicas' agent endpoints (its own first).
-fn replica(dir: &Path, pg: &Arc<PgCluster>, own: &Ports, other: &Ports) -> Plane {
-    let (own_url, other_url) = (own.agent_url(), other.agent_url());
-    Plane::start_replica(
+/// A key-encryption key for the replicas' sealed keys (`stella keys generate-kek`): every
+/// replica gets the same file, so all share one CA and one job-signing key.
+fn kek(dir: &Path) -> String {
+    let path = dir.join("stella.kek");
+    let out = std::process::Command::new(stella_e2e::stella_bin())
+        .args(["keys", "generate-kek", "--out"])
+        .arg(&path)
+        .output()
+        .expect("run stella keys generate-kek");
+    assert!(out.status.success(), "{out:?}");
+    path.display().to_string()
+}
+
+/// Starts a replica with the shared keys, advertising both replicas' agent endpoints (its own
+/// first), with a short run lease.
+fn replica(dir: &Path, pg: &Arc<PgCluster>, kek: &str, own: &Ports, other: &Ports) -> Plane {
+    replica_with(
         dir,
-        pg.clone(),
-        own.api,
-        own.agent,
+        pg,
+        kek,
+        own,
         &[
             "--advertise-endpoint",
-            &own_url,
+            &own.agent_url(),
             "--advertise-endpoint",
-            &other_url,
+            &other.agent_url(),
             "--run-lease",
             "3s",
         ],
     )
 }
 
-/// The replicas share the CA and signing keys: the second is given the first one's key files.
-fn share_keys(from: &Path, to: &Path) {
-    let (from, to) = (from.join("pki"), to.join("pki"));
-    std::fs::create_dir_all(&to).unwrap();
-    for file in ["ca.pem", "ca.key", "job-signing.key", "evidence.key"] {
-        std::fs::copy(from.join(file), to.join(file)).unwrap();
-    }
+fn replica_with(dir: &Path, pg: &Arc<PgCluster>, kek: &str, own: &Ports, extra: &[&str]) -> Plane {
+    let mut args = vec!["--key-encryption-key-file", kek];
+    args.extend_from_slice(extra);
+    Plane::start_replica(dir, pg.clone(), own.api, own.agent, &args)
 }
-
-use stella_e2e::agent_cli;
 
 /// Samples of a labelled counter, e.g. `stella_replica_signals_received_total{signal="work"}`.
 fn labelled(plane: &Plane, name: &str, label: &str) -> u64 {
@@ -118,17 +127,15 @@ fn lines(path: &Path) -> usize {
         .unwrap_or(0)
 }
 
-use stella_e2e::promotion_step as step;
-
 #[test]
 fn two_replicas_share_work_and_a_killed_one_hands_its_run_and_agents_to_the_other() {
     let tmp = tempfile::tempdir().unwrap();
     let pg = Arc::new(PgCluster::start());
     pg.create_database(PG_DATABASE);
     let (pa, pb) = (Ports::new(), Ports::new());
-    let mut a = replica(&tmp.path().join("a"), &pg, &pa, &pb);
-    share_keys(&tmp.path().join("a"), &tmp.path().join("b"));
-    let mut b = replica(&tmp.path().join("b"), &pg, &pb, &pa);
+    let kek = kek(tmp.path());
+    let mut a = replica(&tmp.path().join("a"), &pg, &kek, &pa, &pb);
+    let mut b = replica(&tmp.path().join("b"), &pg, &kek, &pb, &pa);
 
     // Each replica sees both.
     for plane in [&a, &b] {
@@ -373,28 +380,29 @@ fn two_replicas_share_work_and_a_killed_one_hands_its_run_and_agents_to_the_othe
     survivor.ok(&["evidence", "verify", &bundle.display().to_string()]);
 }
 
-/// Revoking an agent through one replica ends its session on the replica that holds it.
+/// Revoking an agent through one replica ends its session on the replica that holds it; a key
+/// rotation started through one replica reaches the other at once.
 /// A replica stopped gracefully gives up its leases at once: the other one takes the run over
 /// without waiting for the lease to run out (rolling upgrades restart replicas one at a time).
 #[test]
-fn revocation_reaches_the_holding_replica_and_a_graceful_stop_hands_leases_over_at_once() {
+fn revocation_and_rotation_reach_the_other_replica_and_a_graceful_stop_hands_leases_over() {
     let tmp = tempfile::tempdir().unwrap();
     let pg = Arc::new(PgCluster::start());
     pg.create_database(PG_DATABASE);
     let (pa, pb) = (Ports::new(), Ports::new());
-    let a = Plane::start_replica(
+    let kek = kek(tmp.path());
+    let a = replica_with(
         &tmp.path().join("a"),
-        pg.clone(),
-        pa.api,
-        pa.agent,
+        &pg,
+        &kek,
+        &pa,
         &["--run-lease", "10m"],
     );
-    share_keys(&tmp.path().join("a"), &tmp.path().join("b"));
-    let b = Plane::start_replica(
+    let b = replica_with(
         &tmp.path().join("b"),
-        pg.clone(),
-        pb.api,
-        pb.agent,
+        &pg,
+        &kek,
+        &pb,
         &["--run-lease", "10m"],
     );
     let (id_a, id_b) = (this_replica(&a), this_replica(&b));
@@ -427,6 +435,21 @@ fn revocation_reaches_the_holding_replica_and_a_graceful_stop_hands_leases_over_
     );
     assert_eq!(b.agent_status(&agent.id), "revoked");
     agent.stop();
+
+    // A job-key rotation started through A reaches B's memory at once (signalled, reloaded
+    // from the sealed keys), without a restart.
+    let started = a.json(&["keys", "rotate", "start"]);
+    let staged = started["next_key_id"].as_str().unwrap().to_string();
+    wait_until(Duration::from_secs(30), "B to hold the staged key", || {
+        (b.json(&["keys", "status"])["next_key_id"] == staged.as_str()).then_some(())
+    });
+    assert!(
+        labelled(
+            &b,
+            "stella_replica_signals_received_total",
+            "signal=\"trust\""
+        ) >= 1
+    );
 
     // A run that waits (a wait step) with its lease on A: B cannot take it for 10 minutes...
     a.ok(&["env", "create", "dev"]);
