@@ -64,6 +64,8 @@ pub struct ServeOptions {
 }
 
 pub const DEFAULT_RUN_LEASE: Duration = Duration::from_secs(15);
+/// Several renewals must fit in a lease, or a busy replica would lose its runs to the others.
+pub const MIN_RUN_LEASE: Duration = Duration::from_secs(2);
 
 /// The database a plane with this data directory and `--database` value uses.
 pub fn database_url(data_dir: &Path, database: Option<&str>) -> Result<DatabaseUrl, StoreError> {
@@ -181,6 +183,13 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
     }
     // Checked before anything is created or bound.
     let mut agent_endpoints = advertised_endpoints(&opts.advertise_endpoints)?;
+    if opts.run_lease < MIN_RUN_LEASE {
+        anyhow::bail!(
+            "--run-lease {:?} is too short: leases are renewed every 0.5 s, so use at least {:?}",
+            opts.run_lease,
+            MIN_RUN_LEASE
+        );
+    }
     std::fs::create_dir_all(&opts.data_dir)
         .with_context(|| format!("creating data directory {}", opts.data_dir.display()))?;
     let database = database_url(&opts.data_dir, opts.database.as_deref())?;

@@ -499,3 +499,26 @@ fn revocation_and_rotation_reach_the_other_replica_and_a_graceful_stop_hands_lea
     assert_eq!(shown.as_array().unwrap().len(), 1, "{shown}");
     assert_eq!(shown[0]["runs_leased"], 1, "{shown}");
 }
+
+/// A lease too short to be renewed in time is refused before anything is created.
+#[test]
+fn a_run_lease_shorter_than_its_renewals_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("plane");
+    let out = std::process::Command::new(stella_e2e::stella_bin())
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["serve", "--run-lease", "1s", "--api-listen", "127.0.0.1:0"])
+        .args(["--agent-listen", "127.0.0.1:0"])
+        .env_remove("STELLA_DATABASE_URL")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--run-lease") && stderr.contains("too short"),
+        "{stderr}"
+    );
+    assert!(!data.exists(), "nothing is created for a refused start");
+}
