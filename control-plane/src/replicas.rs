@@ -224,6 +224,18 @@ async fn reload_keys(state: &SharedState) {
     }
 }
 
+/// Clears the session marks a previous run of this replica left (it crashed, so they were never
+/// cleared): before any agent connects, nothing is held here.
+pub async fn forget_stale_sessions(state: &AppState) -> Result<u64, sqlx::Error> {
+    Ok(
+        sqlx::query("UPDATE agents SET session_replica = NULL WHERE session_replica = $1")
+            .bind(&state.replica.id)
+            .execute(&state.db)
+            .await?
+            .rows_affected(),
+    )
+}
+
 /// Starts this replica's presence, signalling and sweep tasks.
 pub fn spawn(state: SharedState, shutdown: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
     let mut tasks = vec![tokio::spawn(presence(state.clone(), shutdown.clone()))];

@@ -294,6 +294,9 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
         .await
         .map_err(|e| anyhow::anyhow!("publishing the first trust bundle: {e}"))?;
     state.tls.rebuild(&state.keys, &state.handshake_refusals)?;
+    crate::replicas::forget_stale_sessions(&state)
+        .await
+        .context("clearing this replica's session marks from before its restart")?;
     let runner_task = crate::runs::spawn_runner(state.clone());
     let drift_task = crate::drift::spawn_worker(state.clone());
     let api_task = tokio::spawn(serve_api(

@@ -378,6 +378,19 @@ fn two_replicas_share_work_and_a_killed_one_hands_its_run_and_agents_to_the_othe
     let bundle = tmp.path().join("evidence.json");
     survivor.ok(&["evidence", "export", "--out", &bundle.display().to_string()]);
     survivor.ok(&["evidence", "verify", &bundle.display().to_string()]);
+
+    // The killed replica comes back on its data directory: the same replica again, listed by
+    // both, seeing the agents the survivor holds as connected.
+    victim.restart();
+    assert_eq!(this_replica(victim), holder);
+    wait_until(
+        Duration::from_secs(30),
+        "both replicas listed again",
+        || (replica_ids(survivor).len() == 2).then_some(()),
+    );
+    for agent in &agents {
+        victim.wait_agent(&agent.id, "connected");
+    }
 }
 
 /// Revoking an agent through one replica ends its session on the replica that holds it; a key
