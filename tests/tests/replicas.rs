@@ -121,6 +121,35 @@ fn lease_owner(pg: &PgCluster, promotion_id: &str) -> String {
     )
 }
 
+/// Sets `workflow` (YAML) on environment `dev`, creates `release` of `image` and promotes it
+/// through `plane` without waiting; returns the promotion id.
+fn promote_through(
+    plane: &Plane,
+    dir: &Path,
+    workflow: &str,
+    release: &str,
+    image: &TestImage,
+) -> String {
+    let file = dir.join(format!("{release}.workflow.yaml"));
+    std::fs::write(&file, workflow).unwrap();
+    plane.ok(&[
+        "env",
+        "set",
+        "dev",
+        "--workflow",
+        &file.display().to_string(),
+    ]);
+    plane.ok(&[
+        "release",
+        "create",
+        release,
+        "--component",
+        &image.component("web"),
+    ]);
+    let promotion = plane.json(&["promote", release, "--to", "dev", "--no-wait"]);
+    promotion["id"].as_str().unwrap().to_string()
+}
+
 fn lines(path: &Path) -> usize {
     std::fs::read_to_string(path)
         .map(|s| s.lines().count())
@@ -239,33 +268,13 @@ fn two_replicas_share_work_and_a_killed_one_hands_its_run_and_agents_to_the_othe
     let hold = tmp.path().join("hold");
     let release = tmp.path().join("release");
     let verified = tmp.path().join("verified");
-    let workflow = tmp.path().join("ha.yaml");
-    std::fs::write(
-        &workflow,
-        format!(
-            "name: ha\nsteps:\n  - id: deploy\n    type: deploy\n  - id: hold\n    type: script\n    needs: [deploy]\n    with: {{ command: [\"/bin/sh\", \"-c\", \"echo held >> {hold}; while [ ! -f {release} ]; do sleep 0.1; done\"] }}\n    timeout: 5m\n  - id: verify\n    type: script\n    needs: [hold]\n    with: {{ command: [\"/bin/sh\", \"-c\", \"echo verified >> {verified}\"] }}\n",
-            hold = hold.display(),
-            release = release.display(),
-            verified = verified.display(),
-        ),
-    )
-    .unwrap();
-    a.ok(&[
-        "env",
-        "set",
-        "dev",
-        "--workflow",
-        &workflow.display().to_string(),
-    ]);
-    a.ok(&[
-        "release",
-        "create",
-        "r2",
-        "--component",
-        &v2.component("web"),
-    ]);
-    let promotion = a.json(&["promote", "r2", "--to", "dev", "--no-wait"]);
-    let promotion_id = promotion["id"].as_str().unwrap().to_string();
+    let workflow = format!(
+        "name: ha\nsteps:\n  - id: deploy\n    type: deploy\n  - id: hold\n    type: script\n    needs: [deploy]\n    with: {{ command: [\"/bin/sh\", \"-c\", \"echo held >> {hold}; while [ ! -f {release} ]; do sleep 0.1; done\"] }}\n    timeout: 5m\n  - id: verify\n    type: script\n    needs: [hold]\n    with: {{ command: [\"/bin/sh\", \"-c\", \"echo verified >> {verified}\"] }}\n",
+        hold = hold.display(),
+        release = release.display(),
+        verified = verified.display(),
+    );
+    let promotion_id = promote_through(&a, tmp.path(), &workflow, "r2", &v2);
 
     // Both agents run the hold script: the run is mid-way, its lease held by one replica.
     wait_until(
@@ -466,30 +475,14 @@ fn revocation_and_rotation_reach_the_other_replica_and_a_graceful_stop_hands_lea
 
     // A run that waits (a wait step) with its lease on A: B cannot take it for 10 minutes...
     a.ok(&["env", "create", "dev"]);
-    let workflow = tmp.path().join("wait.yaml");
-    std::fs::write(
-        &workflow,
+    let v1 = TestImage::busybox_sleeper(&unique("stella-e2e/replicas-stop"), "1");
+    let promotion_id = promote_through(
+        &a,
+        tmp.path(),
         "name: wait\nsteps:\n  - id: pause\n    type: wait\n    with: { duration: 10m }\n",
-    )
-    .unwrap();
-    a.ok(&[
-        "env",
-        "set",
-        "dev",
-        "--workflow",
-        &workflow.display().to_string(),
-    ]);
-    let repo = unique("stella-e2e/replicas-stop");
-    let v1 = TestImage::busybox_sleeper(&repo, "1");
-    a.ok(&[
-        "release",
-        "create",
         "r1",
-        "--component",
-        &v1.component("web"),
-    ]);
-    let promotion = a.json(&["promote", "r1", "--to", "dev", "--no-wait"]);
-    let promotion_id = promotion["id"].as_str().unwrap().to_string();
+        &v1,
+    );
     let lease_owner = || lease_owner(&pg, &promotion_id);
     let first = wait_until(Duration::from_secs(30), "the run to be leased", || {
         let owner = lease_owner();
