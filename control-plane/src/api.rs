@@ -1015,7 +1015,7 @@ async fn events(
         };
         let event = match item {
             Ok(e) => Event::default()
-                .event(e.kind)
+                .event(e.kind.as_ref())
                 .json_data(&e)
                 .unwrap_or_else(|_| Event::default().comment("unserializable event")),
             Err(_) => Event::default().event("lagged").data("{}"),

@@ -560,7 +560,7 @@ async fn issue_reconcile(
 
 fn publish(state: &AppState, target: &str) {
     state.publish(PlaneEvent {
-        kind: "drift",
+        kind: "drift".into(),
         id: target.to_string(),
         promotion: None,
         at: rfc3339(now_ms()),

@@ -169,13 +169,6 @@ impl AppState {
     }
 }
 
-/// The event kinds subscribers filter on (`PlaneEvent::kind` is static).
-fn event_kind(kind: &str) -> Option<&'static str> {
-    ["promotion", "deployment", "workflow_run", "drift"]
-        .into_iter()
-        .find(|k| *k == kind)
-}
-
 pub fn event_signal(event: &PlaneEvent) -> Signal {
     Signal::Event {
         kind: event.kind.to_string(),
@@ -192,8 +185,13 @@ async fn receive(state: &SharedState, signal: Signal) {
         Signal::Work { agent } => state.hub.notify(&agent),
         Signal::Evict { agent } => state.hub.evict(&agent),
         Signal::Trust => {
-            reload_keys(state).await;
-            state.hub.notify_all();
+            // Apart from the listener: a reload may re-sign waiting jobs, and the next signal
+            // should not wait for that.
+            let state = state.clone();
+            tokio::spawn(async move {
+                reload_keys(&state).await;
+                state.hub.notify_all();
+            });
         }
         Signal::Runner => state.runner_wake.notify_one(),
         Signal::Event {
@@ -201,16 +199,12 @@ async fn receive(state: &SharedState, signal: Signal) {
             id,
             promotion,
             at,
-        } => {
-            if let Some(kind) = event_kind(&kind) {
-                state.publish_local(PlaneEvent {
-                    kind,
-                    id,
-                    promotion,
-                    at,
-                });
-            }
-        }
+        } => state.publish_local(PlaneEvent {
+            kind: kind.into(),
+            id,
+            promotion,
+            at,
+        }),
     }
 }
 
@@ -526,13 +520,6 @@ mod tests {
             assert_eq!(back.from, "replica-x");
             assert_eq!(back.signal, signal);
         }
-    }
-
-    #[test]
-    fn only_known_event_kinds_are_republished() {
-        assert_eq!(event_kind("deployment"), Some("deployment"));
-        assert_eq!(event_kind("drift"), Some("drift"));
-        assert_eq!(event_kind("anything"), None);
     }
 
     #[test]

@@ -176,7 +176,7 @@ async fn save_unleased(state: &AppState, run: &LoadedRun) -> ApiResult<()> {
 
 fn published(state: &AppState, run: &LoadedRun) {
     state.publish(crate::state::PlaneEvent {
-        kind: "workflow_run",
+        kind: "workflow_run".into(),
         id: run.id.clone(),
         promotion: Some(run.promotion_id.clone()),
         at: rfc3339(now_ms()),

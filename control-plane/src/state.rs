@@ -59,10 +59,11 @@ pub struct AppState {
     pub drift: crate::drift::DriftQueue,
 }
 
-/// Something changed: `kind` (promotion, deployment, workflow_run) and the id of the thing.
+/// Something changed: `kind` (promotion, deployment, workflow_run, drift) and the id of the
+/// thing. The kind is owned when the event came from another replica.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PlaneEvent {
-    pub kind: &'static str,
+    pub kind: std::borrow::Cow<'static, str>,
     pub id: String,
     /// The promotion the change belongs to, when there is one (for filtering).
     pub promotion: Option<String>,
@@ -192,7 +193,7 @@ impl EnrollmentLimiter {
 impl AppState {
     pub fn publish_event(&self, kind: &'static str, id: &str) {
         self.publish(PlaneEvent {
-            kind,
+            kind: kind.into(),
             id: id.to_string(),
             promotion: (kind == "promotion").then(|| id.to_string()),
             at: crate::store::rfc3339(crate::store::now_ms()),

@@ -415,6 +415,55 @@ impl Plane {
         })
     }
 
+    /// Subscribes to `/api/v1/events?QUERY` (server-sent events) as admin; what arrives is
+    /// collected in the background until the returned stream is dropped.
+    pub fn events(&self, query: &str) -> EventStream {
+        let ca = std::fs::read_to_string(self.dir.join("pki/ca.pem")).expect("ca.pem");
+        let url = format!("{}/api/v1/events?{query}", self.api_url());
+        let token = self.admin_token();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let sink = seen.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                stella_pki::install_crypto_provider();
+                let tls = stella_pki::client_config_ca(&ca).expect("tls config");
+                let client = reqwest::Client::builder()
+                    .use_preconfigured_tls(tls)
+                    .build()
+                    .expect("client");
+                let mut resp = client
+                    .get(&url)
+                    .bearer_auth(token)
+                    .send()
+                    .await
+                    .expect("GET /api/v1/events");
+                let _ = ready_tx.send(resp.status().as_u16());
+                let reading = async {
+                    while let Ok(Some(chunk)) = resp.chunk().await {
+                        sink.lock()
+                            .expect("events")
+                            .push_str(&String::from_utf8_lossy(&chunk));
+                    }
+                };
+                tokio::select! {
+                    _ = reading => {}
+                    _ = stopped => {}
+                }
+            });
+        });
+        let status = ready
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the event stream to answer");
+        assert_eq!(status, 200, "GET /api/v1/events?{query}");
+        EventStream { seen, _stop: stop }
+    }
+
     pub fn db_path(&self) -> PathBuf {
         self.dir.join("stella.db")
     }
@@ -447,6 +496,20 @@ impl Plane {
 impl Drop for Plane {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Server-sent events collected in the background ([`Plane::events`]); dropping it closes the
+/// stream.
+pub struct EventStream {
+    seen: std::sync::Arc<std::sync::Mutex<String>>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl EventStream {
+    /// Everything received so far, as the raw `text/event-stream` body.
+    pub fn text(&self) -> String {
+        self.seen.lock().expect("events").clone()
     }
 }
 

@@ -274,6 +274,8 @@ fn two_replicas_share_work_and_a_killed_one_hands_its_run_and_agents_to_the_othe
         release = release.display(),
         verified = verified.display(),
     );
+    // Both replicas' event streams, open before the run starts.
+    let streams = [a.events(""), b.events("")];
     let promotion_id = promote_through(&a, tmp.path(), &workflow, "r2", &v2);
 
     // Both agents run the hold script: the run is mid-way, its lease held by one replica.
@@ -289,6 +291,17 @@ fn two_replicas_share_work_and_a_killed_one_hands_its_run_and_agents_to_the_othe
     } else {
         (&mut b, &a, id_a.clone())
     };
+    // The run's changes reached the other replica's event subscribers too: forwarded, since
+    // only the lease holder writes the run.
+    let other_stream = &streams[usize::from(holder == id_a)];
+    wait_until(
+        Duration::from_secs(30),
+        "the run's events on the other replica",
+        || {
+            let text = other_stream.text();
+            (text.contains("event: workflow_run") && text.contains(&promotion_id)).then_some(())
+        },
+    );
     // The agent whose session the victim holds must move.
     let moving = agents
         .iter()
