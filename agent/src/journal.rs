@@ -6,6 +6,11 @@
 //! - `spool/<job>.json`: results the plane has not acknowledged yet; re-sent on every session.
 //!
 //! Every write is atomic and fsynced before the agent tells the plane anything about it.
+//!
+//! A finished entry is kept while its job could still be offered again (until its envelope
+//! expires) and while its result waits in the spool; after that, plus `RETENTION`, it goes
+//! (`prune`): the plane only offers unfinished, unexpired jobs, and `state.json` keeps the
+//! replay protection, so a long-lived agent's journal does not grow without bound.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -47,7 +52,17 @@ pub struct JournalEntry {
     pub result: Option<StoredResult>,
     /// The verified envelope, kept so an interrupted job can be resumed after a restart.
     pub envelope: String,
+    /// The envelope's expiry (unix ms); absent in entries written before it was recorded.
+    #[serde(default)]
+    pub not_after_unix_ms: Option<i64>,
 }
+
+/// How long a finished, acknowledged entry outlives its job's expiry (or, for entries without
+/// one, its result): a margin for clock skew and for a plane restored from an older backup.
+pub const RETENTION: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// How often `acknowledge` looks for entries to prune.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct SequenceState {
@@ -59,6 +74,11 @@ pub struct Journal {
     spool: PathBuf,
     last_sequence: u64,
     entries: BTreeMap<String, JournalEntry>,
+    last_prune: Option<std::time::Instant>,
+}
+
+fn now_unix_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
 fn safe_name(job_id: &str) -> Option<String> {
@@ -104,9 +124,49 @@ impl Journal {
             spool,
             last_sequence,
             entries,
+            last_prune: None,
         };
         journal.settle_interrupted_finishes()?;
+        journal.prune(now_unix_ms())?;
         Ok(journal)
+    }
+
+    /// Removes finished entries whose result the plane acknowledged and whose job expired more
+    /// than `RETENTION` before `now_ms`; returns how many. Accepted (in-flight) entries and
+    /// results still in the spool always stay.
+    pub fn prune(&mut self, now_ms: i64) -> std::io::Result<usize> {
+        self.last_prune = Some(std::time::Instant::now());
+        let retention = i64::try_from(RETENTION.as_millis()).unwrap_or(i64::MAX);
+        let spooled: std::collections::HashSet<String> =
+            self.spooled().into_iter().map(|r| r.job_id).collect();
+        let expired: Vec<String> = self
+            .entries
+            .values()
+            .filter(|e| e.status == JournalStatus::Finished && !spooled.contains(&e.job_id))
+            .filter(|e| {
+                let finished = e.result.as_ref().map_or(0, |r| r.finished_at_unix_ms);
+                let gone_at = e.not_after_unix_ms.unwrap_or(0).max(finished);
+                gone_at.saturating_add(retention) < now_ms
+            })
+            .map(|e| e.job_id.clone())
+            .collect();
+        for job_id in &expired {
+            if let Some(name) = safe_name(job_id) {
+                match std::fs::remove_file(self.dir.join(format!("{name}.json"))) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            self.entries.remove(job_id);
+        }
+        if !expired.is_empty() {
+            tracing::info!(
+                entries = expired.len(),
+                "pruned finished jobs from the journal"
+            );
+        }
+        Ok(expired.len())
     }
 
     /// `finish` writes the spool before the entry, so an agent killed between the two leaves a
@@ -201,7 +261,8 @@ impl Journal {
         out
     }
 
-    /// The plane persisted this result: it may leave the spool.
+    /// The plane persisted this result: it may leave the spool. Now and then (hourly) the
+    /// journal is pruned on the way.
     pub fn acknowledge(&mut self, job_id: &str) -> std::io::Result<()> {
         if let Some(name) = safe_name(job_id) {
             match std::fs::remove_file(self.spool.join(format!("{name}.json"))) {
@@ -209,6 +270,9 @@ impl Journal {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
+        }
+        if self.last_prune.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
+            self.prune(now_unix_ms())?;
         }
         Ok(())
     }
@@ -250,6 +314,7 @@ mod tests {
                 status: JournalStatus::Accepted,
                 result: None,
                 envelope: "{}".into(),
+                not_after_unix_ms: None,
             })
             .unwrap();
         drop(journal);
@@ -290,6 +355,7 @@ mod tests {
                 status: JournalStatus::Accepted,
                 result: None,
                 envelope: "{}".into(),
+                not_after_unix_ms: None,
             })
             .unwrap();
         drop(journal);
@@ -308,6 +374,76 @@ mod tests {
             journal.get("job_3").unwrap().status,
             JournalStatus::Finished
         );
+    }
+
+    fn finished_entry(journal: &mut Journal, job: &str, sequence: u64, not_after: Option<i64>) {
+        journal
+            .accept(JournalEntry {
+                job_id: job.into(),
+                sequence,
+                envelope_digest: "sha256:aa".into(),
+                status: JournalStatus::Accepted,
+                result: None,
+                envelope: "{}".into(),
+                not_after_unix_ms: not_after,
+            })
+            .unwrap();
+        journal.finish(result(job)).unwrap();
+    }
+
+    /// Only finished, acknowledged entries past their expiry plus the retention go; the
+    /// sequence (replay protection) stays, also across a reopen, which prunes too.
+    #[test]
+    fn prune_drops_only_acknowledged_entries_long_expired() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (j, s) = (tmp.path().join("journal"), tmp.path().join("spool"));
+        let mut journal = Journal::open(j.clone(), s.clone()).unwrap();
+        let day = 24 * 3600 * 1000;
+        let now = 100 * day;
+        let retention = i64::try_from(RETENTION.as_millis()).unwrap();
+        // Expired long ago and acknowledged: pruned.
+        finished_entry(&mut journal, "old_acked", 1, Some(now - retention - day));
+        journal.acknowledge("old_acked").unwrap();
+        // Expired long ago but its result never reached the plane: kept, with its spool.
+        finished_entry(&mut journal, "old_spooled", 2, Some(now - retention - day));
+        // Acknowledged, but expired within the retention: kept.
+        finished_entry(&mut journal, "recent", 3, Some(now - day));
+        journal.acknowledge("recent").unwrap();
+        // An entry from before expiries were recorded: judged by its result's time (here
+        // unix ms 2, long ago).
+        finished_entry(&mut journal, "legacy", 4, None);
+        journal.acknowledge("legacy").unwrap();
+        // Still running: kept whatever its age.
+        journal
+            .accept(JournalEntry {
+                job_id: "running".into(),
+                sequence: 5,
+                envelope_digest: "sha256:aa".into(),
+                status: JournalStatus::Accepted,
+                result: None,
+                envelope: "{}".into(),
+                not_after_unix_ms: Some(1),
+            })
+            .unwrap();
+
+        assert_eq!(journal.prune(now).unwrap(), 2);
+        assert!(journal.get("old_acked").is_none());
+        assert!(journal.get("legacy").is_none());
+        assert!(!j.join("old_acked.json").exists());
+        for kept in ["old_spooled", "recent", "running"] {
+            assert!(journal.get(kept).is_some(), "{kept}");
+            assert!(j.join(format!("{kept}.json")).exists(), "{kept}");
+        }
+        assert_eq!(journal.spooled(), vec![result("old_spooled")]);
+        assert_eq!(
+            journal.prune(now).unwrap(),
+            0,
+            "pruning twice changes nothing"
+        );
+        drop(journal);
+        let journal = Journal::open(j, s).unwrap();
+        assert_eq!(journal.last_sequence(), 5);
+        assert!(journal.get("old_acked").is_none());
     }
 
     #[test]

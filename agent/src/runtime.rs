@@ -736,6 +736,7 @@ async fn handle_offer(
         status: JournalStatus::Accepted,
         result: None,
         envelope: String::from_utf8_lossy(&offer.envelope).into_owned(),
+        not_after_unix_ms: Some((payload.not_after.unix_timestamp_nanos() / 1_000_000) as i64),
     };
     lock(&shared.journal)
         .accept(entry)
@@ -1150,6 +1151,7 @@ mod tests {
                 status: JournalStatus::Accepted,
                 result: None,
                 envelope: String::from_utf8_lossy(&offer.envelope).into_owned(),
+                not_after_unix_ms: None,
             })
             .expect("journal");
         let (out, mut out_rx) = mpsc::channel(4);
