@@ -11,7 +11,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -194,16 +193,7 @@ fn probe_error(e: &reqwest::Error) -> String {
 
 /// HTTPS probes trust the host's store (ring only, like every TLS in Stella).
 fn probe_client() -> Result<reqwest::Client, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    roots.add_parsable_certificates(native.certs);
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let (tls, _) = stella_pki::client_config_host_trust(None).map_err(|e| e.to_string())?;
     reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .redirect(reqwest::redirect::Policy::none())
@@ -539,13 +529,13 @@ mod tests {
     /// counting the requests it answered.
     struct Server {
         url: String,
-        answered: Arc<std::sync::atomic::AtomicU32>,
+        answered: std::sync::Arc<std::sync::atomic::AtomicU32>,
     }
 
     fn serve(plan: Vec<u16>) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/healthz", listener.local_addr().unwrap());
-        let answered = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let answered = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
         let count = answered.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming() {

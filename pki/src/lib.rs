@@ -47,8 +47,8 @@ pub use receipt::{
 pub use renewal::{cert_matches_key, cert_validity, issued_by, renewal_proof_message};
 pub use sealed::{KEK_LEN, KeyEncryptionKey, SealError};
 pub use tls::{
-    HandshakeObserver, client_config_ca, client_config_mtls, client_config_pinned_fingerprint,
-    install_crypto_provider, parse_fingerprint, private_key_from_pem, server_config,
-    server_config_mtls, server_config_mtls_observed,
+    HandshakeObserver, HostTrust, client_config_ca, client_config_host_trust, client_config_mtls,
+    client_config_pinned_fingerprint, install_crypto_provider, parse_fingerprint,
+    private_key_from_pem, server_config, server_config_mtls, server_config_mtls_observed,
 };
 pub use token::{generate_api_token, generate_join_token, hash_token, token_matches};

@@ -214,6 +214,41 @@ pub fn client_config_ca(ca_pem: &str) -> Result<ClientConfig, PkiError> {
         .with_no_client_auth())
 }
 
+/// What the host's trust store gave [`client_config_host_trust`]: for the caller to log.
+#[derive(Debug, Default)]
+pub struct HostTrust {
+    pub added: usize,
+    pub ignored: usize,
+    /// Parts of the store that could not be read.
+    pub errors: Vec<String>,
+}
+
+/// Client config trusting the host's trust store plus the CA(s) in `extra_ca_pem`: for peers
+/// outside Stella's own PKI (registries, HTTP health probes). An unusable `extra_ca_pem` is an
+/// error; an unreadable part of the host's store is reported in [`HostTrust::errors`].
+pub fn client_config_host_trust(
+    extra_ca_pem: Option<&str>,
+) -> Result<(ClientConfig, HostTrust), PkiError> {
+    let mut roots = RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    let (added, ignored) = roots.add_parsable_certificates(native.certs);
+    let trust = HostTrust {
+        added,
+        ignored,
+        errors: native.errors.iter().map(|e| e.to_string()).collect(),
+    };
+    if let Some(pem) = extra_ca_pem {
+        for cert in certs_from_pem(pem)? {
+            roots.add(cert)?;
+        }
+    }
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok((config, trust))
+}
+
 /// Client config trusting only `ca_pem` and authenticating with the given certificate and key
 /// (an agent's identity).
 pub fn client_config_mtls(
@@ -588,6 +623,20 @@ mod tests {
         let server = server_config_mtls(&p.cert_pem, &p.key_pem, p.ca.cert_pem()).unwrap();
         let client = client_config_mtls(p.ca.cert_pem(), &issued.cert_pem, &key_pem).unwrap();
         assert!(handshake(client, server, "localhost").is_err());
+    }
+
+    #[test]
+    fn host_trust_takes_an_extra_ca_and_refuses_an_unusable_one() {
+        let ca = crate::CertificateAuthority::generate("Registry CA").unwrap();
+        let (_, trust) = client_config_host_trust(Some(ca.cert_pem())).unwrap();
+        assert!(trust.errors.iter().all(|e| !e.is_empty()));
+        assert!(client_config_host_trust(None).is_ok());
+        for bad in [
+            "not a pem",
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        ] {
+            assert!(client_config_host_trust(Some(bad)).is_err(), "{bad}");
+        }
     }
 
     #[test]

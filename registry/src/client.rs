@@ -2,14 +2,13 @@
 //! (which tags, which digest, which versions).
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::{StreamExt, stream};
 use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, LINK, WWW_AUTHENTICATE};
 use reqwest::{Method, Response, StatusCode, Url};
-use rustls::{ClientConfig, RootCertStore};
+use rustls::ClientConfig;
 use serde::Deserialize;
 use tracing::{debug, warn};
 
@@ -519,28 +518,16 @@ impl RegistryClient {
 
 /// The host's trust store plus `extra_ca_pem`, on ring.
 fn tls_config(extra_ca_pem: Option<&str>) -> Result<ClientConfig, RegistryError> {
-    let mut roots = RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    for e in &native.errors {
+    let (config, trust) = stella_pki::client_config_host_trust(extra_ca_pem)
+        .map_err(|e| RegistryError::InvalidConfig(format!("extra CA PEM is unusable: {e}")))?;
+    for e in &trust.errors {
         warn!(error = %e, "cannot read part of the host's trust store");
     }
-    let (added, ignored) = roots.add_parsable_certificates(native.certs);
-    debug!(added, ignored, "host trust store loaded");
-    if let Some(pem) = extra_ca_pem {
-        let certs = stella_pki::certs_from_pem(pem)
-            .map_err(|e| RegistryError::InvalidConfig(format!("extra CA PEM is unusable: {e}")))?;
-        for cert in certs {
-            roots.add(cert).map_err(|e| {
-                RegistryError::InvalidConfig(format!("extra CA certificate is unusable: {e}"))
-            })?;
-        }
-    }
-    let config =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| RegistryError::InvalidConfig(format!("TLS configuration: {e}")))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+    debug!(
+        added = trust.added,
+        ignored = trust.ignored,
+        "host trust store loaded"
+    );
     Ok(config)
 }
 
