@@ -402,17 +402,25 @@ impl Plane {
             .enable_all()
             .build()
             .expect("runtime");
+        let client = https_client(&ca);
         rt.block_on(async {
-            stella_pki::install_crypto_provider();
-            let tls = stella_pki::client_config_ca(&ca).expect("tls config");
-            let client = reqwest::Client::builder()
-                .use_preconfigured_tls(tls)
-                .build()
-                .expect("client");
             let resp = client.get(&url).send().await.expect("GET /metrics");
             assert!(resp.status().is_success(), "/metrics: {}", resp.status());
             resp.text().await.expect("metrics body")
         })
+    }
+
+    /// Writes `yaml` to `dir/NAME.yaml` and sets it as environment `dev`'s workflow.
+    pub fn set_workflow(&self, dir: &Path, name: &str, yaml: &str) {
+        let file = dir.join(format!("{name}.yaml"));
+        std::fs::write(&file, yaml).expect("write the workflow");
+        self.ok(&[
+            "env",
+            "set",
+            "dev",
+            "--workflow",
+            &file.display().to_string(),
+        ]);
     }
 
     /// Subscribes to `/api/v1/events?QUERY` (server-sent events) as admin; what arrives is
@@ -430,13 +438,8 @@ impl Plane {
                 .enable_all()
                 .build()
                 .expect("runtime");
+            let client = https_client(&ca);
             rt.block_on(async move {
-                stella_pki::install_crypto_provider();
-                let tls = stella_pki::client_config_ca(&ca).expect("tls config");
-                let client = reqwest::Client::builder()
-                    .use_preconfigured_tls(tls)
-                    .build()
-                    .expect("client");
                 let mut resp = client
                     .get(&url)
                     .bearer_auth(token)
@@ -1036,6 +1039,16 @@ pub fn handshake(plane: &Plane, cert_pem: &str, key_pem: &str) -> bool {
         let mut buf = [0u8; 64];
         matches!(tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read(&mut tls, &mut buf)).await, Ok(Ok(n)) if n > 0)
     })
+}
+
+/// An HTTPS client trusting only the plane's CA (`ca_pem`).
+fn https_client(ca_pem: &str) -> reqwest::Client {
+    stella_pki::install_crypto_provider();
+    let tls = stella_pki::client_config_ca(ca_pem).expect("tls config");
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .build()
+        .expect("client")
 }
 
 /// `stella-agent ARGS --data-dir DIR` (an agent subcommand other than `run`), its output.

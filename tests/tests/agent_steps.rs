@@ -100,18 +100,6 @@ fn finished_step_job(plane: &Plane, promotion: &Value, step_id: &str) -> (Value,
     (deployment.clone(), jobs[0].clone())
 }
 
-fn set_workflow(plane: &Plane, dir: &Path, name: &str, yaml: &str) {
-    let file = dir.join(format!("{name}.yaml"));
-    std::fs::write(&file, yaml).unwrap();
-    plane.ok(&[
-        "env",
-        "set",
-        "dev",
-        "--workflow",
-        &file.display().to_string(),
-    ]);
-}
-
 fn promotion_of(plane: &Plane, release: &str) -> Value {
     let all = plane.json(&["promotion", "list"]);
     let id = all
@@ -146,8 +134,7 @@ fn an_http_health_probe_run_by_the_agent_decides_between_deployed_and_rolled_bac
     );
 
     let server = HealthServer::start();
-    set_workflow(
-        &plane,
+    plane.set_workflow(
         tmp.path(),
         "http-health",
         &format!(
@@ -224,8 +211,7 @@ fn an_http_health_probe_run_by_the_agent_decides_between_deployed_and_rolled_bac
 
     // This agent does not offer scripts: a script step fails with the reason, and nothing is
     // sent to the agent.
-    set_workflow(
-        &plane,
+    plane.set_workflow(
         tmp.path(),
         "script",
         "name: script\nsteps:\n  - id: check\n    type: script\n    with: { command: [\"/bin/true\"] }\n",
@@ -276,8 +262,7 @@ fn script_steps_pass_on_exit_zero_and_fail_when_killed_at_their_timeout() {
     let _cleanup = TargetCleanup(target.clone());
 
     let pid_file = tmp.path().join("slow.pid");
-    set_workflow(
-        &plane,
+    plane.set_workflow(
         tmp.path(),
         "scripts",
         &format!(

@@ -130,15 +130,7 @@ fn promote_through(
     release: &str,
     image: &TestImage,
 ) -> String {
-    let file = dir.join(format!("{release}.workflow.yaml"));
-    std::fs::write(&file, workflow).unwrap();
-    plane.ok(&[
-        "env",
-        "set",
-        "dev",
-        "--workflow",
-        &file.display().to_string(),
-    ]);
+    plane.set_workflow(dir, &format!("{release}.workflow"), workflow);
     plane.ok(&[
         "release",
         "create",
