@@ -76,8 +76,8 @@ pub struct Replica {
     outbox: Option<mpsc::UnboundedSender<Signal>>,
     outbox_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Signal>>>,
     /// Signals sent to and received from the other replicas since start, by name.
-    pub sent: crate::state::RefusalCounts,
-    pub received: crate::state::RefusalCounts,
+    pub sent: crate::state::NamedCounts,
+    pub received: crate::state::NamedCounts,
 }
 
 /// Where a replica keeps its id in its data directory.

@@ -18,7 +18,7 @@ use crate::group_commit::GroupCommit;
 use crate::hub::{AdmissionConfig, Hub};
 use crate::keys::PlaneKeys;
 use crate::session::AgentSessionService;
-use crate::state::{AppState, PlaneConfig, RefusalCounts, SharedState};
+use crate::state::{AppState, NamedCounts, PlaneConfig, SharedState};
 use crate::store::{DatabaseUrl, StoreError};
 use crate::{api, store, tokens};
 
@@ -133,10 +133,14 @@ fn advertised_endpoints(urls: &[String]) -> anyhow::Result<Vec<String>> {
 }
 
 /// Writes the admin token file if it is missing (creating or replacing the token's hash).
-/// `shared`: other replicas may use the database; a replica started with a fresh data
-/// directory then gets an admin token of its own (named after its host and data directory)
-/// instead of replacing the one whose file another replica holds.
-async fn ensure_admin_token_file(db: &store::Db, path: &Path, shared: bool) -> anyhow::Result<()> {
+/// `shared_by`: this replica's id when other replicas may use the database; a replica started
+/// with a fresh data directory then gets an admin token of its own (`admin@REPLICA`) instead of
+/// replacing the one whose file another replica holds.
+async fn ensure_admin_token_file(
+    db: &store::Db,
+    path: &Path,
+    shared_by: Option<&str>,
+) -> anyhow::Result<()> {
     if path.exists() {
         let token =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -144,33 +148,20 @@ async fn ensure_admin_token_file(db: &store::Db, path: &Path, shared: bool) -> a
             return Ok(());
         }
     }
-    let token = match tokens::ensure_admin_token(db, "admin").await? {
-        Some(token) => token,
-        None if shared => {
-            let name = replica_admin_token_name(path);
+    let token = match (tokens::ensure_admin_token(db, "admin").await?, shared_by) {
+        (Some(token), _) => token,
+        (None, Some(replica)) => {
+            let name = format!("admin@{replica}");
             tracing::info!(token = %name, "the admin token belongs to another data directory; issuing this replica's own");
             tokens::rotate_admin_token(db, &name).await?
         }
         // The token exists in the database but its file is gone or stale: only the hash is
         // stored, so the old plaintext cannot be recovered; issue a new one.
-        None => tokens::rotate_admin_token(db, "admin").await?,
+        (None, None) => tokens::rotate_admin_token(db, "admin").await?,
     };
     stella_pki::write_secret_file(path, format!("{token}\n").as_bytes())
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
-}
-
-/// `admin@HOST-TAG`: the same for a replica's data directory across restarts, different for
-/// each data directory.
-fn replica_admin_token_name(token_file: &Path) -> String {
-    use sha2::Digest;
-    let parent = token_file.parent().unwrap_or(token_file);
-    let dir = parent
-        .canonicalize()
-        .unwrap_or_else(|_| parent.to_path_buf());
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let digest = sha2::Sha256::digest(format!("{}\n{}", host.trim(), dir.display()).as_bytes());
-    format!("admin@{}-{}", host.trim(), &hex::encode(digest)[..12])
 }
 
 pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
@@ -205,10 +196,20 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
     .await
     .context("loading the plane's keys")?;
     let admin_token_path = opts.data_dir.join(ADMIN_TOKEN_FILE);
+    let replica_id = crate::replicas::load_or_create_id(&opts.data_dir).with_context(|| {
+        format!(
+            "reading {}",
+            opts.data_dir
+                .join(crate::replicas::REPLICA_ID_FILE)
+                .display()
+        )
+    })?;
+    // Only PostgreSQL can be shared by several replicas; a SQLite file belongs to one plane.
+    let shared = database.backend() == store::Backend::Postgres;
     ensure_admin_token_file(
         &db,
         &admin_token_path,
-        database.backend() == store::Backend::Postgres,
+        shared.then_some(replica_id.as_str()),
     )
     .await?;
 
@@ -246,18 +247,8 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
     }
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let handshake_refusals: RefusalCounts = Default::default();
-    // Only PostgreSQL can be shared by several replicas; a SQLite file belongs to one plane.
-    let replica_id = crate::replicas::load_or_create_id(&opts.data_dir).with_context(|| {
-        format!(
-            "reading {}",
-            opts.data_dir
-                .join(crate::replicas::REPLICA_ID_FILE)
-                .display()
-        )
-    })?;
-    let replica =
-        crate::replicas::Replica::new(replica_id, database.backend() == store::Backend::Postgres);
+    let handshake_refusals: NamedCounts = Default::default();
+    let replica = crate::replicas::Replica::new(replica_id, shared);
     tracing::info!(replica = %replica.id, "this replica");
     let state: SharedState = Arc::new(AppState {
         writes: GroupCommit::start(db.clone(), &replica.id),

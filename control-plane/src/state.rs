@@ -47,7 +47,7 @@ pub struct AppState {
     pub enrollment_refusals: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
     pub enrollment_limiter: EnrollmentLimiter,
     /// Client certificates refused during TLS handshakes on the agent endpoint, by reason.
-    pub handshake_refusals: RefusalCounts,
+    pub handshake_refusals: NamedCounts,
     /// TLS configurations of the API and the agent endpoint, rebuilt when CAs rotate.
     pub tls: TlsConfigs,
     /// Live changes for `/api/v1/events` (server-sent events). Lagging subscribers lose
@@ -81,7 +81,7 @@ impl TlsConfigs {
     pub fn rebuild(
         &self,
         keys: &crate::keys::PlaneKeys,
-        refusals: &RefusalCounts,
+        refusals: &NamedCounts,
     ) -> Result<(), stella_pki::PkiError> {
         let server = keys.server();
         let cas = keys.cas().trusted_pem();
@@ -144,19 +144,20 @@ fn unconfigured() -> rustls::ServerConfig {
     })
 }
 
-/// Counts by reason, shared with code that runs outside request handlers (TLS verifiers).
-pub type RefusalCounts =
+/// Counts by name (refusal reasons, signals), shared with code that runs outside request
+/// handlers (TLS verifiers, the replicas' listener).
+pub type NamedCounts =
     std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>>;
 
 /// A snapshot of `counts`, by name.
-pub fn counts(counts: &RefusalCounts) -> Vec<(&'static str, u64)> {
+pub fn counts(counts: &NamedCounts) -> Vec<(&'static str, u64)> {
     counts
         .lock()
         .map(|m| m.iter().map(|(k, v)| (*k, *v)).collect())
         .unwrap_or_default()
 }
 
-pub fn count(counts: &RefusalCounts, reason: &'static str) {
+pub fn count(counts: &NamedCounts, reason: &'static str) {
     if let Ok(mut m) = counts.lock() {
         *m.entry(reason).or_default() += 1;
     }
