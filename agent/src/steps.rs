@@ -735,17 +735,18 @@ mod tests {
         assert_eq!(result.reason_code, "script_timeout");
         assert_eq!(result.outcome["timed_out"], true);
         assert!(result.message.contains("killed"), "{}", result.message);
-        // The background child is gone too (kill -0 fails on a pid that does not exist; a
-        // zombie would still answer, so look at its state instead).
-        let pid = std::fs::read_to_string(&pidfile)
+        // The background child is gone too (SIGKILL is delivered asynchronously: wait for the
+        // end rather than look once).
+        let pid: i32 = std::fs::read_to_string(&pidfile)
             .unwrap()
             .trim()
-            .to_string();
-        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let alive = state
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'));
-        assert!(!alive, "the script's child {pid} survived: {state}");
+            .parse()
+            .unwrap();
+        stella_plugin_testkit::process::assert_exits(
+            pid,
+            std::time::Duration::from_secs(10),
+            "the script's background child",
+        );
     }
 
     #[tokio::test]

@@ -303,9 +303,9 @@ fn script_steps_pass_on_exit_zero_and_fail_when_killed_at_their_timeout() {
     assert_eq!(job["reason_code"], "script_timeout", "{job}");
     assert_eq!(job["outcome"]["timed_out"], true, "{job}");
     let pid = std::fs::read_to_string(&pid_file).expect("the slow script ran");
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
-    let alive = stat
-        .rsplit_once(") ")
-        .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'));
-    assert!(!alive, "the timed-out script is still running: {stat}");
+    stella_plugin_testkit::process::assert_exits(
+        pid.trim().parse().unwrap(),
+        Duration::from_secs(10),
+        "the timed-out script",
+    );
 }

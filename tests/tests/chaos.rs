@@ -475,13 +475,6 @@ fn promotion_of(plane: &Plane, release: &str) -> Value {
     plane.json(&["promotion", "show", &id])
 }
 
-/// Whether a process runs (a zombie or a missing pid does not).
-fn process_alive(pid: &str) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    stat.rsplit_once(") ")
-        .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'))
-}
-
 /// A script is not idempotent, so the agent runs it at most once: killed while its script runs,
 /// the restarted agent fails the job as `script_interrupted` instead of starting it again, and
 /// the script does not live on without its agent (unsupervised, it would finish its effect after
@@ -566,10 +559,10 @@ fn an_agent_killed_mid_script_fails_the_job_once_and_no_script_outlives_it() {
         "killed mid-script: the promotion ended {:?} after the kill",
         killed.elapsed()
     );
-    wait_until(
+    stella_plugin_testkit::process::assert_exits(
+        pid.parse().unwrap(),
         Duration::from_secs(30),
-        "the interrupted script to be gone",
-        || (!process_alive(&pid)).then_some(()),
+        "the interrupted script",
     );
     // Nothing is left that could do the script's effect once the gate opens.
     std::fs::write(&gate, b"open").unwrap();

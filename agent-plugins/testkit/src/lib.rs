@@ -5,6 +5,7 @@
 //!   what a test made on the engine when dropped, also when the test fails.
 //! - [`expect`]: one-line assertions on the errors every executor reports, and the sticker
 //!   round trip every executor must pass.
+//! - [`process`]: waiting (on a pidfd) for a killed process that is not the test's child to end.
 //! - [`sshd`]: a real OpenSSH server per test, with its own host key, client keys and port.
 //! - [`registry`]: a real OCI registry (distribution 2.8) per test, anonymous, htpasswd or
 //!   token auth, http or https, that locally imported images are pushed to.
@@ -15,6 +16,7 @@
 
 pub mod docker;
 pub mod expect;
+pub mod process;
 pub mod registry;
 pub mod sshd;
 
