@@ -1,4 +1,5 @@
-//! Air-gap files for relays with no link at all (`stella airgap export|import`).
+//! Air-gap files for relays with no link at all (`stella airgap export|import`; their shapes:
+//! `stella_proto::airgap`).
 //!
 //! Export: the jobs waiting for the agents last seen behind a relay (directly or behind a relay
 //! behind it), with their targets, in a DSSE envelope signed by the job-signing key — the relay
@@ -17,80 +18,15 @@ use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use stella_proto::AgentMessage;
 use stella_proto::agent_message::Body as AgentBody;
+use stella_proto::airgap::{
+    AgentJobs, AirgapJob, AirgapTarget, JOBS_FORMAT, JOBS_PAYLOAD_TYPE, JobsDocument,
+    ResultsDocument, SignedResults,
+};
 
 use crate::error::{ApiError, ApiResult};
 use crate::state::SharedState;
 use crate::store::now_ms;
 use crate::{agents, deployments, relays, session, targets};
-
-pub const JOBS_PAYLOAD_TYPE: &str = "application/vnd.stella.airgap-jobs+json";
-pub const JOBS_FORMAT: &str = "stella.airgap.jobs/v1";
-pub const RESULTS_FORMAT: &str = "stella.airgap.results/v1";
-
-// The file formats are the agent's (`agent/src/relay/airgap.rs`); the plane does not link the
-// agent, so the shapes are repeated here and pinned by the end-to-end tests.
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JobsDocument {
-    format: String,
-    relay_id: String,
-    created_at_unix_ms: i64,
-    agents: Vec<AgentJobs>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AgentJobs {
-    agent_id: String,
-    targets: Vec<AirgapTarget>,
-    jobs: Vec<AirgapJob>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AirgapTarget {
-    name: String,
-    kind: String,
-    config_json: String,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AirgapJob {
-    job_id: String,
-    envelope: String,
-}
-
-/// The relay's results file.
-#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct SignedResults {
-    pub format: String,
-    pub relay_cert_pem: String,
-    /// Base64 of the results document (JSON).
-    pub payload: String,
-    /// Base64 signature of the payload bytes by the relay's certificate key.
-    pub signature: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ResultsDocument {
-    relay_id: String,
-    #[allow(dead_code)]
-    created_at_unix_ms: i64,
-    leaves: Vec<LeafMessages>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LeafMessages {
-    agent_id: String,
-    cert_der: String,
-    hello: String,
-    messages: Vec<String>,
-}
 
 /// What an import did.
 #[derive(Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
@@ -172,12 +108,8 @@ fn b64(field: &str, what: &str) -> ApiResult<Vec<u8>> {
 /// Imports a relay's results file. The whole file is checked (format, relay certificate and
 /// signature, every message decodes) before anything is fed to the plane.
 pub async fn import(state: &SharedState, file: SignedResults) -> ApiResult<ImportSummary> {
-    if file.format != RESULTS_FORMAT {
-        return Err(ApiError::BadRequest(format!(
-            "unknown air-gap results format {:?} (expected {RESULTS_FORMAT})",
-            file.format
-        )));
-    }
+    file.check_format()
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let payload = b64(&file.payload, "payload")?;
     let signature = b64(&file.signature, "signature")?;
     let relay_der = stella_pki::cert_der_from_pem(&file.relay_cert_pem)

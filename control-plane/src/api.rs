@@ -1270,13 +1270,13 @@ async fn airgap_export(
 /// against their agents' receipts exactly as on a live session; a file imported before changes
 /// nothing.
 #[utoipa::path(post, path = "/airgap/import", tag = "agents", security(("bearer" = [])),
-    request_body = crate::airgap::SignedResults,
+    request_body = stella_proto::airgap::SignedResults,
     responses((status = 200, body = crate::airgap::ImportSummary), (status = 400, body = ErrorBody),
         (status = 422, body = ErrorBody)))]
 async fn airgap_import(
     State(state): State<SharedState>,
     actor: Actor,
-    Body(file): Body<crate::airgap::SignedResults>,
+    Body(file): Body<stella_proto::airgap::SignedResults>,
 ) -> ApiResult<impl IntoResponse> {
     actor.require(Permission::Administer)?;
     Ok(Json(crate::airgap::import(&state, file).await?))

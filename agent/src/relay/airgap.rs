@@ -1,4 +1,4 @@
-//! Air-gap files, for relays with no link at all.
+//! Air-gap files, for relays with no link at all (their shapes: `stella_proto::airgap`).
 //!
 //! - Jobs, plane → relay (`stella airgap export --relay R`): a DSSE envelope signed by the
 //!   plane's job-signing key over the jobs waiting for the agents behind R (each job is itself a
@@ -14,81 +14,14 @@ use std::path::Path;
 
 use anyhow::{Context as _, bail};
 use prost::Message as _;
-use serde::{Deserialize, Serialize};
+use stella_proto::airgap::{
+    JOBS_PAYLOAD_TYPE, JobsDocument, LeafMessages, RESULTS_FORMAT, ResultsDocument, SignedResults,
+};
 use stella_proto::plane_message::Body as PlaneBody;
 use stella_proto::{JobOffer, PlaneMessage, TargetInfo, Welcome};
 
 use super::store::{LeafRecord, Store, b64_encode};
 use crate::config::{DataDir, write_atomic};
-
-pub const JOBS_PAYLOAD_TYPE: &str = "application/vnd.stella.airgap-jobs+json";
-pub const JOBS_FORMAT: &str = "stella.airgap.jobs/v1";
-pub const RESULTS_FORMAT: &str = "stella.airgap.results/v1";
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JobsDocument {
-    pub format: String,
-    pub relay_id: String,
-    pub created_at_unix_ms: i64,
-    pub agents: Vec<AgentJobs>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AgentJobs {
-    pub agent_id: String,
-    pub targets: Vec<AirgapTarget>,
-    pub jobs: Vec<AirgapJob>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AirgapTarget {
-    pub name: String,
-    pub kind: String,
-    pub config_json: String,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AirgapJob {
-    pub job_id: String,
-    /// The signed job envelope (DSSE JSON), exactly as the plane offers it.
-    pub envelope: String,
-}
-
-/// The results file: a payload signed by the relay's certificate key.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SignedResults {
-    pub format: String,
-    pub relay_cert_pem: String,
-    /// Base64 of the `ResultsDocument` JSON.
-    pub payload: String,
-    /// Base64 ECDSA signature of the payload bytes by the relay's key.
-    pub signature: String,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ResultsDocument {
-    pub relay_id: String,
-    pub created_at_unix_ms: i64,
-    pub leaves: Vec<LeafMessages>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LeafMessages {
-    pub agent_id: String,
-    /// The leaf's certificate (DER, base64).
-    pub cert_der: String,
-    /// Its last hello (encoded `AgentMessage`, base64).
-    pub hello: String,
-    /// Its stored messages (encoded `AgentMessage`s, base64), in order.
-    pub messages: Vec<String>,
-}
 
 /// What `relay import` did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -115,9 +48,8 @@ pub fn import_jobs(dir: &DataDir, store: &Store, file: &Path) -> anyhow::Result<
         .with_context(|| format!("{}: signature check failed", file.display()))?;
     let doc: JobsDocument = serde_json::from_slice(&payload)
         .with_context(|| format!("{}: malformed jobs document", file.display()))?;
-    if doc.format != JOBS_FORMAT {
-        bail!("{}: unknown format {:?}", file.display(), doc.format);
-    }
+    doc.check_format()
+        .with_context(|| file.display().to_string())?;
     if doc.relay_id != config.agent_id {
         bail!(
             "{} is for relay {}, this is {}",
@@ -153,7 +85,11 @@ pub fn import_jobs(dir: &DataDir, store: &Store, file: &Path) -> anyhow::Result<
 }
 
 /// The targets of a leaf go into the welcome the relay serves it offline.
-fn remember_targets(store: &Store, agent_id: &str, targets: &[AirgapTarget]) -> anyhow::Result<()> {
+fn remember_targets(
+    store: &Store,
+    agent_id: &str,
+    targets: &[stella_proto::airgap::AirgapTarget],
+) -> anyhow::Result<()> {
     let mut record = store.leaf(agent_id).unwrap_or(LeafRecord {
         agent_id: agent_id.to_string(),
         cert_der: Vec::new(),

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::Subcommand;
 
-use stella_control_plane::airgap::{ImportSummary, SignedResults};
+use stella_control_plane::airgap::ImportSummary;
 use stella_control_plane::client::ApiClient;
+use stella_proto::airgap::SignedResults;
 
 use super::path_seg;
 
