@@ -213,6 +213,7 @@ impl PlaneListenArgs {
         ServeOptions {
             data_dir,
             key_encryption_key_file: None,
+            previous_key_encryption_key_file: None,
             api_listen: self.api_listen,
             agent_listen: self.agent_listen,
             quic_listen: self.quic_listen,
@@ -256,6 +257,15 @@ struct ServeArgs {
     /// given the same file. Without it they are files in <data-dir>/pki/.
     #[arg(long, env = "STELLA_KEY_ENCRYPTION_KEY_FILE")]
     key_encryption_key_file: Option<PathBuf>,
+    /// Changing the key-encryption key: the key being replaced. Secrets still sealed with it are
+    /// opened and sealed again with --key-encryption-key-file at start (docs/operations.md,
+    /// "Changing the key-encryption key"). Drop it once every replica runs with the new key.
+    #[arg(
+        long,
+        env = "STELLA_PREVIOUS_KEY_ENCRYPTION_KEY_FILE",
+        requires = "key_encryption_key_file"
+    )]
+    previous_key_encryption_key_file: Option<PathBuf>,
     /// Do not apply pending schema migrations at start (apply them with `stella migrate`).
     #[arg(long)]
     no_migrate: bool,
@@ -930,6 +940,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 async fn serve(data_dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
     let mut options = args.listen.options(data_dir);
     options.key_encryption_key_file = args.key_encryption_key_file;
+    options.previous_key_encryption_key_file = args.previous_key_encryption_key_file;
     options.database = args.database.database;
     options.migrate = !args.no_migrate;
     options.run_lease = args.run_lease;

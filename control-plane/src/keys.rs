@@ -55,6 +55,11 @@ pub enum KeysError {
          --key-encryption-key-file (or STELLA_KEY_ENCRYPTION_KEY_FILE) like its other replicas"
     )]
     SealedWithoutKek,
+    #[error(
+        "--previous-key-encryption-key-file needs --key-encryption-key-file: the previous key \
+         only opens, the current one seals"
+    )]
+    PreviousKekWithoutKek,
 }
 
 /// The key that signs jobs now, and the one being rolled out to agents during a rotation.
@@ -254,12 +259,24 @@ impl PlaneKeys {
         hostnames: &[String],
         db: &Db,
         kek_file: Option<&Path>,
+        previous_kek_file: Option<&Path>,
     ) -> Result<Self, KeysError> {
         match kek_file {
             Some(path) => {
-                let kek = KeyEncryptionKey::load(path)?;
-                Self::load_sealed(pki_dir, trust_domain, hostnames, db.clone(), kek).await
+                let mut store = SealedStore::new(db.clone(), KeyEncryptionKey::load(path)?);
+                if let Some(previous) = previous_kek_file {
+                    store = store.with_previous(KeyEncryptionKey::load(previous)?)?;
+                    let resealed = store.reseal_previous().await?;
+                    tracing::warn!(
+                        resealed,
+                        kek = store.kek_id(),
+                        "sealed plane keys are on the new key-encryption key; once every replica \
+                         runs with it, drop --previous-key-encryption-key-file"
+                    );
+                }
+                Self::load_sealed(pki_dir, trust_domain, hostnames, store).await
             }
+            None if previous_kek_file.is_some() => Err(KeysError::PreviousKekWithoutKek),
             None if sealed_keys::any_sealed(db).await => Err(KeysError::SealedWithoutKek),
             None => Self::load_or_create(pki_dir, trust_domain, hostnames),
         }
@@ -273,10 +290,8 @@ impl PlaneKeys {
         pki_dir: &Path,
         trust_domain: &str,
         hostnames: &[String],
-        db: Db,
-        kek: KeyEncryptionKey,
+        store: SealedStore,
     ) -> Result<Self, KeysError> {
-        let store = SealedStore::new(db, kek);
         let rows = store.rows().await?;
         let material = match store.material_of(&rows)? {
             Some(material) => {

@@ -93,11 +93,14 @@ fn decode_signing_key(name: &str, text: &str) -> Result<SigningKey, SealedKeysEr
     SigningKey::from_pem(text).map_err(|e| invalid(name)(e.to_string()))
 }
 
-/// The database and the key that seals and opens its secrets.
+/// The database and the key that seals and opens its secrets; while the key-encryption key is
+/// being changed, also the previous key, which only opens (and [`SealedStore::reseal_previous`]
+/// moves its rows onto the current key).
 #[derive(Clone)]
 pub struct SealedStore {
     db: Db,
     kek: Arc<KeyEncryptionKey>,
+    previous: Option<Arc<KeyEncryptionKey>>,
 }
 
 /// A row as stored: (sealed value, kek id).
@@ -160,24 +163,51 @@ impl SealedStore {
         Self {
             db,
             kek: Arc::new(kek),
+            previous: None,
         }
+    }
+
+    /// Also opens secrets sealed with `previous` (the key being replaced). Refused when it is
+    /// the current key: a typo that would otherwise look like a finished change.
+    pub fn with_previous(mut self, previous: KeyEncryptionKey) -> Result<Self, SealedKeysError> {
+        if previous.key_id() == self.kek.key_id() {
+            return Err(SealedKeysError::Conflict(format!(
+                "the previous key-encryption key is the current one ({}): give the new key as                  --key-encryption-key-file and the old one as --previous-key-encryption-key-file",
+                self.kek.key_id()
+            )));
+        }
+        self.previous = Some(Arc::new(previous));
+        Ok(self)
     }
 
     pub fn kek_id(&self) -> &str {
         self.kek.key_id()
     }
 
-    /// Refuses rows sealed under another key before anything is opened or written.
+    /// The key that opens a row sealed with `kek_id`: the current one or the previous one.
+    fn opener(&self, name: &str, kek_id: &str) -> Result<&KeyEncryptionKey, SealError> {
+        if kek_id == self.kek.key_id() {
+            return Ok(&self.kek);
+        }
+        match &self.previous {
+            Some(previous) if kek_id == previous.key_id() => Ok(previous),
+            Some(previous) => Err(SealError::WrongKey {
+                name: name.to_string(),
+                sealed_with: kek_id.to_string(),
+                have: format!("{} (and previous {})", self.kek.key_id(), previous.key_id()),
+            }),
+            None => Err(SealError::WrongKey {
+                name: name.to_string(),
+                sealed_with: kek_id.to_string(),
+                have: self.kek.key_id().to_string(),
+            }),
+        }
+    }
+
+    /// Refuses rows sealed under a key this store lacks before anything is opened or written.
     fn check_kek(&self, rows: &Rows) -> Result<(), SealedKeysError> {
         for (name, (_, kek_id)) in rows {
-            if kek_id != self.kek.key_id() {
-                return Err(SealError::WrongKey {
-                    name: name.clone(),
-                    sealed_with: kek_id.clone(),
-                    have: self.kek.key_id().to_string(),
-                }
-                .into());
-            }
+            self.opener(name, kek_id)?;
         }
         Ok(())
     }
@@ -190,7 +220,8 @@ impl SealedStore {
     }
 
     fn open(&self, name: &str, sealed: &str) -> Result<String, SealedKeysError> {
-        let plain = self.kek.open(name, sealed)?;
+        let kek_id = KeyEncryptionKey::sealed_key_id(name, sealed)?;
+        let plain = self.opener(name, kek_id)?.open(name, sealed)?;
         String::from_utf8(plain).map_err(|_| invalid(name)("not UTF-8 text".into()))
     }
 
@@ -302,6 +333,40 @@ impl SealedStore {
     ) -> Result<CertificateAuthority, SealedKeysError> {
         let stored = self.stage(name, &encode_ca(name, ca)?).await?;
         decode_ca(name, &stored)
+    }
+
+    /// Seals again with the current key every secret sealed with the previous one, in one write
+    /// transaction (a row changed meanwhile by another replica is left to it: the update is
+    /// conditional on the value read). Returns how many were resealed; 0 once done, so every
+    /// replica restarted with both keys may run it.
+    pub async fn reseal_previous(&self) -> Result<usize, SealedKeysError> {
+        let Some(previous) = &self.previous else {
+            return Ok(0);
+        };
+        let mut tx = write_tx(&self.db).await?;
+        let rows = read_rows(&mut *tx).await?;
+        self.check_kek(&rows)?;
+        let mut resealed = 0;
+        for (name, (sealed, kek_id)) in &rows {
+            if kek_id != previous.key_id() {
+                continue;
+            }
+            let plain = self.open(name, sealed)?;
+            let updated = sqlx::query(
+                "UPDATE plane_secrets SET sealed = $1, kek_id = $2, updated_at = $3
+                 WHERE name = $4 AND sealed = $5",
+            )
+            .bind(self.seal(name, &plain)?)
+            .bind(self.kek.key_id())
+            .bind(now_ms())
+            .bind(name)
+            .bind(sealed)
+            .execute(&mut *tx)
+            .await?;
+            resealed += updated.rows_affected() as usize;
+        }
+        tx.commit().await?;
+        Ok(resealed)
     }
 
     /// Moves the secret staged under `from` onto `to` (resealed under its new name) and removes
@@ -499,5 +564,81 @@ mod tests {
             );
         }
         assert_eq!(read_rows(&db).await.unwrap(), before);
+    }
+
+    /// The same key twice (a `KeyEncryptionKey` is not `Clone`: each replica loads its file).
+    fn kek(hex_digit: char) -> KeyEncryptionKey {
+        let text: String = std::iter::repeat_n(hex_digit, 64).collect();
+        KeyEncryptionKey::parse(std::path::Path::new("test.kek"), &text).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_new_key_encryption_key_reseals_what_the_previous_one_sealed() {
+        let (_dir, db) = db().await;
+        let old = SealedStore::new(db.clone(), kek('1'));
+        old.initialize(&generated(), no_generate).await.unwrap();
+        old.stage_signing_key(NEXT_JOB_KEY, &SigningKey::generate())
+            .await
+            .unwrap();
+        let before = old.material().await.unwrap();
+        let (old_id, new_id) = (kek('1').key_id().to_string(), kek('2').key_id().to_string());
+
+        // The new key alone cannot open the rows, and says which key it would need.
+        let e = SealedStore::new(db.clone(), kek('2'))
+            .material()
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains(&old_id) && e.contains(&new_id), "{e}");
+        // The same key as both is refused (it would look like a finished change).
+        let e = SealedStore::new(db.clone(), kek('2'))
+            .with_previous(kek('2'))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("previous key-encryption key is the current one"),
+            "{e}"
+        );
+
+        // With the old key as previous: it opens, and the rows move onto the new key.
+        let both = SealedStore::new(db.clone(), kek('2'))
+            .with_previous(kek('1'))
+            .unwrap();
+        assert_eq!(
+            both.material().await.unwrap().job.key_id(),
+            before.job.key_id()
+        );
+        assert_eq!(both.reseal_previous().await.unwrap(), 4);
+        assert_eq!(both.reseal_previous().await.unwrap(), 0, "done once");
+        let rows = read_rows(&db).await.unwrap();
+        assert!(
+            rows.values()
+                .all(|(sealed, id)| id == &new_id && sealed.starts_with(&format!("v1:{new_id}:")))
+        );
+
+        // The new key alone opens everything now, the same keys as before; the old one is refused.
+        let new = SealedStore::new(db.clone(), kek('2'));
+        let after = new.material().await.unwrap();
+        assert_eq!(after.job.key_id(), before.job.key_id());
+        assert_eq!(
+            after.next_job.map(|k| k.key_id().to_string()),
+            before.next_job.map(|k| k.key_id().to_string())
+        );
+        assert_eq!(after.ca.fingerprint(), before.ca.fingerprint());
+        assert_eq!(after.evidence.key_id(), before.evidence.key_id());
+        assert!(old.material().await.is_err());
+
+        // A third key with the wrong previous one is refused, naming all three, and writes nothing.
+        let wrong = SealedStore::new(db.clone(), kek('3'))
+            .with_previous(kek('1'))
+            .unwrap();
+        let e = wrong.reseal_previous().await.unwrap_err().to_string();
+        assert!(
+            e.contains(&new_id) && e.contains(&old_id) && e.contains(kek('3').key_id()),
+            "{e}"
+        );
+        assert_eq!(read_rows(&db).await.unwrap(), rows);
     }
 }

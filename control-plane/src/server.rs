@@ -33,6 +33,9 @@ pub struct ServeOptions {
     /// keys live sealed in the database, shared by every replica given the same file; `None`:
     /// they are files in `<data-dir>/pki/`.
     pub key_encryption_key_file: Option<PathBuf>,
+    /// The key-encryption key being replaced (`--previous-key-encryption-key-file`): it opens
+    /// secrets still sealed with it, which are resealed with the current key at start.
+    pub previous_key_encryption_key_file: Option<PathBuf>,
     pub api_listen: SocketAddr,
     pub agent_listen: SocketAddr,
     /// UDP address of the agent endpoint over QUIC, if enabled.
@@ -192,6 +195,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
         &opts.hostnames,
         &db,
         opts.key_encryption_key_file.as_deref(),
+        opts.previous_key_encryption_key_file.as_deref(),
     )
     .await
     .context("loading the plane's keys")?;

@@ -65,7 +65,7 @@ fn ids(keys: &PlaneKeys) -> (String, String, Option<String>, String) {
 }
 
 async fn load(pki: &Path, db: &store::Db, kek: &Path) -> Result<PlaneKeys, String> {
-    PlaneKeys::load(pki, TRUST_DOMAIN, &[], db, Some(kek))
+    PlaneKeys::load(pki, TRUST_DOMAIN, &[], db, Some(kek), None)
         .await
         .map_err(|e| e.to_string())
 }
@@ -141,7 +141,7 @@ async fn sealed_keys_on(url: DatabaseUrl, tmp: &Path) {
         assert_eq!(sealed_rows(&db).await, rows, "{url}");
 
         // Without a key-encryption key, a sealed database is refused (no CA of its own).
-        let e = PlaneKeys::load(&tmp.join("e/pki"), TRUST_DOMAIN, &[], &db, None)
+        let e = PlaneKeys::load(&tmp.join("e/pki"), TRUST_DOMAIN, &[], &db, None, None)
             .await
             .err()
             .unwrap()
@@ -469,4 +469,116 @@ fn two_replicas_share_sealed_keys_through_postgresql() {
         std::fs::read_to_string(r2.dir.join("pki/ca.pem")).unwrap()
     );
     drop(agent);
+}
+
+/// Changing the key-encryption key (a KEK file leaked, or is due): restarted with the new key
+/// and the old one as `--previous-key-encryption-key-file`, the plane reseals its secrets with
+/// the new key and keeps its CA and job key, so enrolled agents notice nothing; afterwards the
+/// new key alone suffices and the old one is refused. Runs on whichever database the suite uses.
+#[test]
+fn the_key_encryption_key_is_changed_and_the_plane_keys_stay() {
+    let tmp = tempfile::tempdir().unwrap();
+    let generate = |name: &str| {
+        let path = tmp.path().join(name);
+        let out = stella(&[
+            "keys",
+            "generate-kek",
+            "--out",
+            path.to_str().unwrap(),
+            "-o",
+            "json",
+        ]);
+        assert!(out.status.success(), "{out:?}");
+        let id = string(&serde_json::from_slice::<Value>(&out.stdout).unwrap()["key_id"]);
+        (path.to_str().unwrap().to_string(), id)
+    };
+    let ((old, old_id), (new, new_id)) = (generate("old.kek"), generate("new.kek"));
+    let mut plane = Plane::start_with(
+        &tmp.path().join("plane"),
+        free_port(),
+        free_port(),
+        &["--key-encryption-key-file", &old],
+    );
+    let mut agent = Agent::enroll_and_start(&plane, &tmp.path().join("agent"), "kek-change");
+    wait_until(WAIT, "the agent's session", || {
+        (plane.metric("stella_agents_connected") == Some(1)).then_some(())
+    });
+    let before = trust(&plane);
+    // The lowest and highest key id the rows were sealed with.
+    let kek_ids = |plane: &Plane| {
+        sql_string(
+            &plane.db(),
+            "SELECT MIN(kek_id) || ' ' || MAX(kek_id) FROM plane_secrets",
+            &[],
+        )
+    };
+    let all_sealed_with = |id: &str| format!("{id} {id}");
+    assert_eq!(kek_ids(&plane), all_sealed_with(&old_id));
+    agent.stop();
+    plane.stop();
+
+    // The new key alone cannot open the secrets: refused, naming both keys, nothing changed.
+    let database = plane.db();
+    let refused = serve_fails(
+        &plane.dir,
+        &["--database", &database, "--key-encryption-key-file", &new],
+    );
+    assert!(
+        refused.contains(&old_id) && refused.contains(&new_id),
+        "{refused}"
+    );
+    assert_eq!(kek_ids(&plane), all_sealed_with(&old_id));
+    // The previous key needs a current one.
+    let refused = serve_fails(
+        &plane.dir,
+        &[
+            "--database",
+            &database,
+            "--previous-key-encryption-key-file",
+            &old,
+        ],
+    );
+    assert!(refused.contains("--key-encryption-key-file"), "{refused}");
+
+    // New key, old one as previous: resealed at start, the same plane keys.
+    plane.extra_args = ["--key-encryption-key-file", &new]
+        .into_iter()
+        .chain(["--previous-key-encryption-key-file", &old])
+        .map(String::from)
+        .collect();
+    plane.restart();
+    assert_eq!(kek_ids(&plane), all_sealed_with(&new_id));
+    let after = trust(&plane);
+    assert_eq!(after["ca_fingerprint"], before["ca_fingerprint"]);
+    assert_eq!(after["active_key_id"], before["active_key_id"]);
+    agent.start();
+    wait_until(WAIT, "the agent's session after the change", || {
+        (plane.metric("stella_agents_connected") == Some(1)).then_some(())
+    });
+    plane.stop();
+
+    // Done: the new key alone starts the plane; the old one is refused.
+    let refused = serve_fails(
+        &plane.dir,
+        &["--database", &database, "--key-encryption-key-file", &old],
+    );
+    assert!(
+        refused.contains(&old_id) && refused.contains(&new_id),
+        "{refused}"
+    );
+    plane.extra_args = vec!["--key-encryption-key-file".to_string(), new.clone()];
+    plane.restart();
+    assert_eq!(
+        trust(&plane)["ca_fingerprint"],
+        before["ca_fingerprint"],
+        "the same CA"
+    );
+    wait_until(WAIT, "the agent's session with the new key alone", || {
+        (plane.metric("stella_agents_connected") == Some(1)).then_some(())
+    });
+    let dump = plane.db_dump();
+    assert!(
+        !dump.contains(&format!("v1:{old_id}:")),
+        "a row still sealed with the old key"
+    );
 }
