@@ -62,6 +62,31 @@ pub enum KeysError {
     PreviousKekWithoutKek,
 }
 
+/// The key-encryption keys `stella serve` was given: the one that seals, and during a change of
+/// key the previous one, which only opens.
+pub struct SealingKeys {
+    pub current: KeyEncryptionKey,
+    pub previous: Option<KeyEncryptionKey>,
+}
+
+impl SealingKeys {
+    /// Reads the key files (`None` without a current one). Done before the database is opened,
+    /// so a bad key file stops `stella serve` before anything is migrated or written.
+    pub fn load(
+        current: Option<&Path>,
+        previous: Option<&Path>,
+    ) -> Result<Option<Self>, KeysError> {
+        match (current, previous) {
+            (Some(current), previous) => Ok(Some(Self {
+                current: KeyEncryptionKey::load(current)?,
+                previous: previous.map(KeyEncryptionKey::load).transpose()?,
+            })),
+            (None, Some(_)) => Err(KeysError::PreviousKekWithoutKek),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
 /// The key that signs jobs now, and the one being rolled out to agents during a rotation.
 #[derive(Clone)]
 pub struct JobKeys {
@@ -249,23 +274,22 @@ impl PlaneKeys {
         })
     }
 
-    /// The plane's keys as `stella serve` is configured: sealed in the database with the key in
-    /// `kek_file`, or (without one) files in `pki_dir` — refused when the database holds sealed
-    /// keys, so that a replica started without its key-encryption key does not create a CA of
-    /// its own.
+    /// The plane's keys as `stella serve` is configured: sealed in the database with the
+    /// `sealing` keys, or (without them) files in `pki_dir` — refused when the database holds
+    /// sealed keys, so that a replica started without its key-encryption key does not create a
+    /// CA of its own.
     pub async fn load(
         pki_dir: &Path,
         trust_domain: &str,
         hostnames: &[String],
         db: &Db,
-        kek_file: Option<&Path>,
-        previous_kek_file: Option<&Path>,
+        sealing: Option<SealingKeys>,
     ) -> Result<Self, KeysError> {
-        match kek_file {
-            Some(path) => {
-                let mut store = SealedStore::new(db.clone(), KeyEncryptionKey::load(path)?);
-                if let Some(previous) = previous_kek_file {
-                    store = store.with_previous(KeyEncryptionKey::load(previous)?)?;
+        match sealing {
+            Some(SealingKeys { current, previous }) => {
+                let mut store = SealedStore::new(db.clone(), current);
+                if let Some(previous) = previous {
+                    store = store.with_previous(previous)?;
                     let resealed = store.reseal_previous().await?;
                     tracing::warn!(
                         resealed,
@@ -276,7 +300,6 @@ impl PlaneKeys {
                 }
                 Self::load_sealed(pki_dir, trust_domain, hostnames, store).await
             }
-            None if previous_kek_file.is_some() => Err(KeysError::PreviousKekWithoutKek),
             None if sealed_keys::any_sealed(db).await => Err(KeysError::SealedWithoutKek),
             None => Self::load_or_create(pki_dir, trust_domain, hostnames),
         }

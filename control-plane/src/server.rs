@@ -186,6 +186,11 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
     }
     std::fs::create_dir_all(&opts.data_dir)
         .with_context(|| format!("creating data directory {}", opts.data_dir.display()))?;
+    let sealing = crate::keys::SealingKeys::load(
+        opts.key_encryption_key_file.as_deref(),
+        opts.previous_key_encryption_key_file.as_deref(),
+    )
+    .context("loading the key-encryption key")?;
     let database = database_url(&opts.data_dir, opts.database.as_deref())?;
     tracing::info!(%database, migrate = opts.migrate, "opening the database");
     let db = store::open(&database, opts.migrate).await?;
@@ -194,8 +199,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningPlane> {
         &opts.trust_domain,
         &opts.hostnames,
         &db,
-        opts.key_encryption_key_file.as_deref(),
-        opts.previous_key_encryption_key_file.as_deref(),
+        sealing,
     )
     .await
     .context("loading the plane's keys")?;

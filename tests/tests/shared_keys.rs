@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use stella_control_plane::keys::PlaneKeys;
+use stella_control_plane::keys::{PlaneKeys, SealingKeys};
 use stella_control_plane::store::{self, DatabaseUrl};
 use stella_e2e::postgres::PgCluster;
 use stella_e2e::{
@@ -65,9 +65,15 @@ fn ids(keys: &PlaneKeys) -> (String, String, Option<String>, String) {
 }
 
 async fn load(pki: &Path, db: &store::Db, kek: &Path) -> Result<PlaneKeys, String> {
-    PlaneKeys::load(pki, TRUST_DOMAIN, &[], db, Some(kek), None)
-        .await
-        .map_err(|e| e.to_string())
+    PlaneKeys::load(
+        pki,
+        TRUST_DOMAIN,
+        &[],
+        db,
+        SealingKeys::load(Some(kek), None).map_err(|e| e.to_string())?,
+    )
+    .await
+    .map_err(|e| e.to_string())
 }
 
 async fn sealed_keys_on(url: DatabaseUrl, tmp: &Path) {
@@ -141,7 +147,7 @@ async fn sealed_keys_on(url: DatabaseUrl, tmp: &Path) {
         assert_eq!(sealed_rows(&db).await, rows, "{url}");
 
         // Without a key-encryption key, a sealed database is refused (no CA of its own).
-        let e = PlaneKeys::load(&tmp.join("e/pki"), TRUST_DOMAIN, &[], &db, None, None)
+        let e = PlaneKeys::load(&tmp.join("e/pki"), TRUST_DOMAIN, &[], &db, None)
             .await
             .err()
             .unwrap()
@@ -493,6 +499,29 @@ fn the_key_encryption_key_is_changed_and_the_plane_keys_stay() {
         (path.to_str().unwrap().to_string(), id)
     };
     let ((old, old_id), (new, new_id)) = (generate("old.kek"), generate("new.kek"));
+
+    // A key file others can read stops `stella serve` before the database is even created.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let (loose, _) = generate("loose.kek");
+        std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let fresh = tmp.path().join("fresh");
+        let refused = serve_fails(&fresh, &["--key-encryption-key-file", &loose]);
+        assert!(refused.contains("loose.kek"), "{refused}");
+        assert!(!fresh.join("stella.db").exists(), "a database was created");
+        let refused = serve_fails(
+            &fresh,
+            &[
+                "--key-encryption-key-file",
+                &old,
+                "--previous-key-encryption-key-file",
+                &loose,
+            ],
+        );
+        assert!(refused.contains("loose.kek"), "{refused}");
+        assert!(!fresh.join("stella.db").exists(), "a database was created");
+    }
     let mut plane = Plane::start_with(
         &tmp.path().join("plane"),
         free_port(),
