@@ -138,7 +138,12 @@ struct RelayRunArgs {
     /// the listen address.
     #[arg(long = "server-name")]
     server_names: Vec<String>,
-    /// URL agents enrolling through this relay are told to dial (default https://LISTEN).
+    /// Also serve agent sessions over QUIC on this UDP address (host:port; the same port as
+    /// --listen is fine). Enrollment stays on --listen.
+    #[arg(long)]
+    quic_listen: Option<std::net::SocketAddr>,
+    /// URL agents enrolling through this relay are told to dial (default https://LISTEN;
+    /// quic://HOST:PORT for the --quic-listen address).
     #[arg(long)]
     advertise: Option<String>,
     /// Disk budget for what the relay stores while the uplink is down (bytes; K, M, G
@@ -207,6 +212,7 @@ async fn relay_command(
                     listen,
                     upstream: run.upstream,
                     names: run.server_names,
+                    quic_listen: run.quic_listen,
                     advertise: run.advertise,
                     max_backlog_bytes: run.max_backlog_bytes,
                 },

@@ -13,6 +13,7 @@
 //! relayed frames.
 
 pub mod airgap;
+pub mod quic;
 pub mod server;
 pub mod store;
 
@@ -56,6 +57,8 @@ pub struct RelayOptions {
     pub upstream: Option<String>,
     /// Names (DNS or IP) the relay's server certificate must carry; default: the listen address.
     pub names: Vec<String>,
+    /// Where leaves holding `quic://` endpoints connect (UDP), if anywhere.
+    pub quic_listen: Option<std::net::SocketAddr>,
     /// The URL leaves are told to dial after enrolling through this relay.
     pub advertise: Option<String>,
     /// Disk budget of the store (results, inventory, offers).
@@ -562,15 +565,23 @@ pub async fn run(
     if let Err(e) = relay.load_tls() {
         tracing::info!(error = %format!("{e:#}"), "no server certificate yet; leaves can connect once the uplink has fetched one");
     }
+    if let Some(url) = &relay.options.advertise {
+        crate::transport::EndpointUrl::parse(url).with_context(|| format!("--advertise {url}"))?;
+    }
     let listener = tokio::net::TcpListener::bind(relay.options.listen)
         .await
         .with_context(|| format!("listening on {}", relay.options.listen))?;
-    tracing::info!(listen = %relay.options.listen, upstream = %relay.upstream, agent_id = %relay.config.agent_id, "relay starting");
+    let quic = relay.options.quic_listen.map(quic::bind).transpose()?;
+    tracing::info!(listen = %relay.options.listen, quic_listen = ?relay.options.quic_listen, upstream = %relay.upstream, agent_id = %relay.config.agent_id, "relay starting");
     let server = tokio::spawn(server::serve(relay.clone(), listener));
+    let quic_server = quic.map(|endpoint| tokio::spawn(quic::serve(relay.clone(), endpoint)));
     let uplink = tokio::spawn(uplink_loop(relay.clone()));
     shutdown.await;
     tracing::info!("relay stopping");
     server.abort();
+    if let Some(quic_server) = quic_server {
+        quic_server.abort();
+    }
     uplink.abort();
     Ok(())
 }

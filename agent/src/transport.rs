@@ -21,9 +21,9 @@ use crate::identity::AgentIdentity;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// QUIC keep-alive from the agent's side; the plane sends its own at its heartbeat interval.
-const QUIC_KEEP_ALIVE: Duration = Duration::from_secs(5);
+pub(crate) const QUIC_KEEP_ALIVE: Duration = Duration::from_secs(5);
 /// Upper bound of the QUIC idle timeout; the smaller of both sides' values applies.
-const QUIC_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const QUIC_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -347,25 +347,36 @@ async fn open_quic(
 
     let (out_tx, mut out_rx) = mpsc::channel::<AgentMessage>(256);
     tokio::spawn(async move {
-        while let Some(message) = out_rx.recv().await {
-            let frame = match framing::encode(&message) {
-                Ok(frame) => frame,
-                Err(e) => {
-                    tracing::error!(error = %e, "a message cannot be framed; dropped");
-                    continue;
-                }
-            };
-            if send.write_all(&frame).await.is_err() {
-                return;
-            }
+        if write_frames(&mut send, &mut out_rx).await {
+            let _ = send.finish();
         }
-        let _ = send.finish();
     });
     Ok(Link {
         outbound: out_tx,
-        inbound: Box::pin(quic_inbound(recv)),
+        inbound: Box::pin(framed_inbound(recv, "plane")),
         quic: Some((client, connection)),
     })
+}
+
+/// Writes each message of `messages` as a frame until the channel closes (true) or the stream
+/// fails (false). Shared by the agent's session and the relay's QUIC listener.
+pub(crate) async fn write_frames<M: prost::Message>(
+    send: &mut quinn::SendStream,
+    messages: &mut mpsc::Receiver<M>,
+) -> bool {
+    while let Some(message) = messages.recv().await {
+        let frame = match framing::encode(&message) {
+            Ok(frame) => frame,
+            Err(e) => {
+                tracing::error!(error = %e, "a message cannot be framed; dropped");
+                continue;
+            }
+        };
+        if send.write_all(&frame).await.is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 /// A connection the plane closed with `REFUSED` is a refusal; anything else is a broken link.
@@ -378,15 +389,22 @@ fn closed_error(e: quinn::ConnectionError, authority: &str) -> LinkError {
     LinkError::Broken(anyhow::Error::new(e).context(format!("quic://{authority}")))
 }
 
-fn quic_inbound(recv: quinn::RecvStream) -> impl Stream<Item = Result<PlaneMessage, LinkError>> {
-    futures_util::stream::unfold(
+/// The messages of a framed QUIC stream from `peer` (for error messages): decoded as they
+/// arrive; a cut frame, an oversized or undecodable message or a lost connection end the stream
+/// with an error (a connection `peer` closed as `REFUSED` is a refusal). Shared by the agent's
+/// session (plane messages) and the relay's QUIC listener (agent messages).
+pub(crate) fn framed_inbound<M: prost::Message + Default + Send + 'static>(
+    recv: quinn::RecvStream,
+    peer: &'static str,
+) -> impl Stream<Item = Result<M, LinkError>> + Send + Unpin {
+    Box::pin(futures_util::stream::unfold(
         (recv, FrameDecoder::new(), false),
-        |(mut recv, mut decoder, done)| async move {
+        move |(mut recv, mut decoder, done)| async move {
             if done {
                 return None;
             }
             loop {
-                match decoder.next_message::<PlaneMessage>() {
+                match decoder.next_message::<M>() {
                     Ok(Some(message)) => return Some((Ok(message), (recv, decoder, false))),
                     Ok(None) => {}
                     Err(e) => {
@@ -405,13 +423,13 @@ fn quic_inbound(recv: quinn::RecvStream) -> impl Stream<Item = Result<PlaneMessa
                             LinkError::Broken(anyhow::Error::new(e).context("session stream"))
                         }
                     },
-                    Err(quinn::ReadError::ConnectionLost(e)) => closed_error(e, "plane"),
+                    Err(quinn::ReadError::ConnectionLost(e)) => closed_error(e, peer),
                     Err(e) => LinkError::Broken(anyhow::Error::new(e).context("session stream")),
                 };
                 return Some((Err(error), (recv, decoder, true)));
             }
         },
-    )
+    ))
 }
 
 #[cfg(test)]

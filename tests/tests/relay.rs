@@ -126,6 +126,78 @@ fn an_agent_enrolls_and_deploys_through_a_relay() {
     );
 }
 
+/// Leaves reach a relay over QUIC too (`--quic-listen`): enrolled through the relay's TLS
+/// listener and told its `quic://` URL, a leaf holds its session over QUIC and deploys; the
+/// QUIC listener refuses a connection that presents no client certificate.
+#[test]
+fn an_agent_behind_a_relay_holds_its_session_over_quic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plane = Plane::start(&tmp.path().join("plane"));
+    let mut relay = Relay::enroll(
+        &plane,
+        &plane.api_url(),
+        &tmp.path().join("relay"),
+        "relay-quic",
+    );
+    let quic = std::net::SocketAddr::from(([127, 0, 0, 1], stella_e2e::free_port()));
+    let quic_url = format!("quic://{quic}");
+    relay.extra_args = vec![
+        "--quic-listen".to_string(),
+        quic.to_string(),
+        "--advertise".to_string(),
+        quic_url.clone(),
+    ];
+    relay.start_and_wait();
+
+    let mut leaf = enroll_through(&plane, &relay.url(), &tmp.path().join("leaf"), "leaf-quic");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(leaf.dir.join("agent.json")).unwrap()).unwrap();
+    assert_eq!(config["agent_endpoint"], quic_url.as_str());
+    leaf.start();
+    plane.wait_agent(&leaf.id, "connected");
+    assert_eq!(relay_of(&plane, &leaf.id), relay.id);
+    let over_quic = leaf
+        .log()
+        .lines()
+        .any(|l| l.contains("session established") && l.contains(&quic_url));
+    assert!(over_quic, "{}", leaf.log());
+
+    let (target, _cleanup) = docker_target(&plane, &leaf);
+    let image = TestImage::busybox_sleeper(&unique("stella-e2e/relay-quic"), "1");
+    release(&plane, "via-quic-1", &image);
+    let dep = plane.json(&["deploy", "via-quic-1", "--env", "dev"]);
+    assert_eq!(dep["status"], "succeeded", "{dep:#}");
+    assert_eq!(containers_of(&target).len(), 1);
+    let job_id = dep["jobs"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(runs_of(&leaf, &job_id), 1);
+
+    // No client certificate: the handshake completes (enrollment needs certificate-less TLS on
+    // the other listener, and the server configuration is shared), then the relay refuses.
+    let ca = std::fs::read_to_string(plane.dir.join("pki/ca.pem")).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let closed = rt.block_on(async {
+        let mut tls = stella_pki::client_config_ca(&ca).unwrap();
+        tls.alpn_protocols = vec![stella_proto::framing::QUIC_ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+        let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        client.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(crypto)));
+        let connection = client.connect(quic, "127.0.0.1").unwrap().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(30), connection.closed())
+            .await
+            .expect("the relay to close the connection")
+    });
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(
+                close.error_code,
+                quinn::VarInt::from(stella_proto::framing::close::REFUSED)
+            );
+            assert_eq!(&close.reason[..], b"a client certificate is required");
+        }
+        other => panic!("closed with {other:?}"),
+    }
+}
+
 #[test]
 fn relays_chain_and_an_agent_behind_two_relays_deploys() {
     let tmp = tempfile::tempdir().unwrap();

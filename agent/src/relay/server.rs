@@ -250,72 +250,94 @@ impl AgentSession for LeafSessions {
             .peer_certs()
             .and_then(|certs| certs.first().map(|c| c.to_vec()))
             .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-        let agent_id = stella_pki::agent_id_from_cert(&cert, &self.relay.config.trust_domain)
-            .map_err(|e| Status::unauthenticated(format!("client certificate refused: {e}")))?;
-        let mut inbound = request.into_inner();
-        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.next()).await {
-            Ok(Some(Ok(m))) if matches!(m.body, Some(AgentBody::Hello(_))) => m,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "the first message must be a hello",
-                ));
-            }
-        };
-        let is_relay = match &hello.body {
-            Some(AgentBody::Hello(h)) => {
-                h.capabilities.iter().any(|c| c == super::RELAY_CAPABILITY)
-            }
-            _ => false,
-        };
-        let record = LeafRecord {
-            agent_id: agent_id.clone(),
-            cert_der: cert,
-            hello: hello.encode_to_vec(),
-            welcome: Vec::new(),
-            moved_away: false,
-        };
-        let (welcome, conn, from_relay, kick) = self
-            .relay
-            .leaf_connected(record, is_relay)
-            .await
-            .map_err(Status::permission_denied)?;
-        tracing::info!(agent_id, uplink = self.relay.uplink_up(), "leaf connected");
-        let (tx, rx) = mpsc::channel::<PlaneMessage>(64);
-        let _ = tx
-            .send(PlaneMessage {
-                body: Some(PlaneBody::Welcome(welcome)),
-            })
-            .await;
-        tokio::spawn(serve_leaf(
-            self.relay.clone(),
-            agent_id,
-            conn,
-            inbound,
-            from_relay,
-            kick,
-            tx,
-        ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
+        let inbound = request
+            .into_inner()
+            .map(|m| m.map_err(|status| format!("stream error: {status}")));
+        match open_leaf(self.relay.clone(), cert, inbound).await {
+            Ok(rx) => Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok)))),
+            Err(LeafRefusal::Unauthenticated(m)) => Err(Status::unauthenticated(m)),
+            Err(LeafRefusal::NoHello) => Err(Status::invalid_argument(
+                "the first message must be a hello",
+            )),
+            Err(LeafRefusal::PermissionDenied(m)) => Err(Status::permission_denied(m)),
+        }
     }
 }
 
+/// Why a leaf's session was not opened.
+pub(super) enum LeafRefusal {
+    /// Its certificate names no agent of this trust domain.
+    Unauthenticated(String),
+    /// It sent something other than a hello first, or nothing in time.
+    NoHello,
+    /// The relay will not serve it (see `Relay::leaf_connected`).
+    PermissionDenied(String),
+}
+
+/// Opens a leaf's session, whatever carries it (gRPC or QUIC): the certificate names the agent,
+/// the first message must be its hello; the relay answers with the welcome and serves the leaf
+/// from then on. Returns what goes to the leaf.
+pub(super) async fn open_leaf<S>(
+    relay: Arc<Relay>,
+    cert: Vec<u8>,
+    mut inbound: S,
+) -> Result<mpsc::Receiver<PlaneMessage>, LeafRefusal>
+where
+    S: Stream<Item = Result<AgentMessage, String>> + Unpin + Send + 'static,
+{
+    let agent_id = stella_pki::agent_id_from_cert(&cert, &relay.config.trust_domain)
+        .map_err(|e| LeafRefusal::Unauthenticated(format!("client certificate refused: {e}")))?;
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.next()).await {
+        Ok(Some(Ok(m))) if matches!(m.body, Some(AgentBody::Hello(_))) => m,
+        _ => return Err(LeafRefusal::NoHello),
+    };
+    let is_relay = match &hello.body {
+        Some(AgentBody::Hello(h)) => h.capabilities.iter().any(|c| c == super::RELAY_CAPABILITY),
+        _ => false,
+    };
+    let record = LeafRecord {
+        agent_id: agent_id.clone(),
+        cert_der: cert,
+        hello: hello.encode_to_vec(),
+        welcome: Vec::new(),
+        moved_away: false,
+    };
+    let (welcome, conn, from_relay, kick) = relay
+        .leaf_connected(record, is_relay)
+        .await
+        .map_err(LeafRefusal::PermissionDenied)?;
+    tracing::info!(agent_id, uplink = relay.uplink_up(), "leaf connected");
+    let (tx, rx) = mpsc::channel::<PlaneMessage>(64);
+    let _ = tx
+        .send(PlaneMessage {
+            body: Some(PlaneBody::Welcome(welcome)),
+        })
+        .await;
+    tokio::spawn(serve_leaf(
+        relay, agent_id, conn, inbound, from_relay, kick, tx,
+    ));
+    Ok(rx)
+}
+
 /// One leaf connection: the relay is its peer until it goes.
-async fn serve_leaf(
+async fn serve_leaf<S>(
     relay: Arc<Relay>,
     agent_id: String,
     conn: u64,
-    mut inbound: Streaming<AgentMessage>,
+    mut inbound: S,
     mut from_relay: mpsc::Receiver<PlaneMessage>,
     kick: Arc<tokio::sync::Notify>,
     tx: mpsc::Sender<PlaneMessage>,
-) {
+) where
+    S: Stream<Item = Result<AgentMessage, String>> + Unpin + Send,
+{
     let mut sent: HashSet<String> = HashSet::new();
     let mut scan = tokio::time::interval(INBOX_SCAN);
     let end = loop {
         tokio::select! {
             incoming = inbound.next() => match incoming {
                 None => break "closed by the agent".to_string(),
-                Some(Err(status)) => break format!("stream error: {status}"),
+                Some(Err(e)) => break e,
                 Some(Ok(message)) => {
                     if let Err(e) = from_leaf(&relay, &agent_id, message, &tx, &mut sent).await {
                         break e;
