@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use futures_util::{Stream, StreamExt as _};
 use stella_proto::agent_session_client::AgentSessionClient;
-use stella_proto::framing::{self, FrameDecoder, close};
+use stella_proto::framing::{self, close};
 use stella_proto::{AgentMessage, PlaneMessage};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -347,7 +347,7 @@ async fn open_quic(
 
     let (out_tx, mut out_rx) = mpsc::channel::<AgentMessage>(256);
     tokio::spawn(async move {
-        if write_frames(&mut send, &mut out_rx).await {
+        if stella_quic::write_frames(&mut send, &mut out_rx).await {
             let _ = send.finish();
         }
     });
@@ -356,27 +356,6 @@ async fn open_quic(
         inbound: Box::pin(framed_inbound(recv, "plane")),
         quic: Some((client, connection)),
     })
-}
-
-/// Writes each message of `messages` as a frame until the channel closes (true) or the stream
-/// fails (false). Shared by the agent's session and the relay's QUIC listener.
-pub(crate) async fn write_frames<M: prost::Message>(
-    send: &mut quinn::SendStream,
-    messages: &mut mpsc::Receiver<M>,
-) -> bool {
-    while let Some(message) = messages.recv().await {
-        let frame = match framing::encode(&message) {
-            Ok(frame) => frame,
-            Err(e) => {
-                tracing::error!(error = %e, "a message cannot be framed; dropped");
-                continue;
-            }
-        };
-        if send.write_all(&frame).await.is_err() {
-            return false;
-        }
-    }
-    true
 }
 
 /// A connection the plane closed with `REFUSED` is a refusal; anything else is a broken link.
@@ -389,47 +368,19 @@ fn closed_error(e: quinn::ConnectionError, authority: &str) -> LinkError {
     LinkError::Broken(anyhow::Error::new(e).context(format!("quic://{authority}")))
 }
 
-/// The messages of a framed QUIC stream from `peer` (for error messages): decoded as they
-/// arrive; a cut frame, an oversized or undecodable message or a lost connection end the stream
-/// with an error (a connection `peer` closed as `REFUSED` is a refusal). Shared by the agent's
-/// session (plane messages) and the relay's QUIC listener (agent messages).
+/// The messages of a framed QUIC stream from `peer` (named in errors); a connection `peer`
+/// closed as `REFUSED` is a refusal. The agent's session reads plane messages, the relay's QUIC
+/// listener agent messages.
 pub(crate) fn framed_inbound<M: prost::Message + Default + Send + 'static>(
     recv: quinn::RecvStream,
     peer: &'static str,
 ) -> impl Stream<Item = Result<M, LinkError>> + Send + Unpin {
-    Box::pin(futures_util::stream::unfold(
-        (recv, FrameDecoder::new(), false),
-        move |(mut recv, mut decoder, done)| async move {
-            if done {
-                return None;
-            }
-            loop {
-                match decoder.next_message::<M>() {
-                    Ok(Some(message)) => return Some((Ok(message), (recv, decoder, false))),
-                    Ok(None) => {}
-                    Err(e) => {
-                        let e = LinkError::Broken(anyhow::Error::new(e).context("session stream"));
-                        return Some((Err(e), (recv, decoder, true)));
-                    }
-                }
-                let error = match recv.read_chunk(64 * 1024, true).await {
-                    Ok(Some(chunk)) => {
-                        decoder.push(&chunk.bytes);
-                        continue;
-                    }
-                    Ok(None) => match decoder.finish() {
-                        Ok(()) => return None,
-                        Err(e) => {
-                            LinkError::Broken(anyhow::Error::new(e).context("session stream"))
-                        }
-                    },
-                    Err(quinn::ReadError::ConnectionLost(e)) => closed_error(e, peer),
-                    Err(e) => LinkError::Broken(anyhow::Error::new(e).context("session stream")),
-                };
-                return Some((Err(error), (recv, decoder, true)));
-            }
-        },
-    ))
+    stella_quic::framed_inbound(recv).map(move |m| {
+        m.map_err(|e| match e {
+            stella_quic::ReadError::ConnectionLost(e) => closed_error(e, peer),
+            stella_quic::ReadError::Stream(e) => LinkError::Broken(anyhow::anyhow!(e)),
+        })
+    })
 }
 
 #[cfg(test)]

@@ -9,14 +9,14 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use futures_util::Stream;
-use rustls::pki_types::CertificateDer;
-use stella_proto::framing::{self, FrameDecoder, close};
+use futures_util::StreamExt as _;
+use stella_proto::framing::{self, close};
 use stella_proto::{AgentMessage, PlaneMessage};
+use stella_quic::{ServerConfigCache, framed_inbound, peer_certificate, write_frames};
 use tokio::sync::{mpsc, watch};
 
 use crate::session::{self, Opening, Refusal};
@@ -78,45 +78,8 @@ fn stateless_reset_key(path: &Path) -> anyhow::Result<ring::hmac::Key> {
 /// QUIC transport settings derived from the heartbeat interval: keep-alives at that interval and
 /// an idle timeout of three intervals — the same bound the session applies to silent agents.
 fn transport(heartbeat: Duration) -> quinn::TransportConfig {
-    let mut t = quinn::TransportConfig::default();
     let heartbeat = heartbeat.clamp(Duration::from_millis(200), Duration::from_secs(15));
-    t.keep_alive_interval(Some(heartbeat));
-    if let Ok(idle) = quinn::IdleTimeout::try_from((heartbeat * 3).max(Duration::from_secs(3))) {
-        t.max_idle_timeout(Some(idle));
-    }
-    // One session stream per connection; nothing else is accepted from an agent.
-    t.max_concurrent_bidi_streams(1u8.into());
-    t.max_concurrent_uni_streams(0u8.into());
-    t
-}
-
-/// The quinn server configuration for the current TLS configuration, rebuilt only when that
-/// changes (CA rotation swaps it at run time).
-struct ServerConfigCache {
-    heartbeat: Duration,
-    current: Mutex<Option<(Arc<rustls::ServerConfig>, Arc<quinn::ServerConfig>)>>,
-}
-
-impl ServerConfigCache {
-    fn get(&self, state: &SharedState) -> anyhow::Result<Arc<quinn::ServerConfig>> {
-        let tls = state.tls.agent();
-        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((source, built)) = current.as_ref()
-            && Arc::ptr_eq(source, &tls)
-        {
-            return Ok(built.clone());
-        }
-        let mut rustls_config = (*tls).clone();
-        rustls_config.alpn_protocols = vec![framing::QUIC_ALPN.to_vec()];
-        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(rustls_config)
-            .context("the agent TLS configuration cannot serve QUIC")?;
-        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        config.transport_config(Arc::new(transport(self.heartbeat)));
-        config.migration(true);
-        let built = Arc::new(config);
-        *current = Some((tls, built.clone()));
-        Ok(built)
-    }
+    stella_quic::session_transport(heartbeat, (heartbeat * 3).max(Duration::from_secs(3)))
 }
 
 /// Accepts QUIC connections until shutdown; each handshake holds a slot of the plane's
@@ -126,13 +89,12 @@ pub async fn serve(
     state: SharedState,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let configs = Arc::new(ServerConfigCache {
-        heartbeat: state.config.heartbeat_interval,
-        current: Mutex::new(None),
-    });
+    let configs = Arc::new(ServerConfigCache::new(transport(
+        state.config.heartbeat_interval,
+    )));
     // quinn drops new connections while the endpoint has no server configuration; each
     // connection is then accepted with the configuration current at that moment.
-    match configs.get(&state) {
+    match configs.get(state.tls.agent()) {
         Ok(config) => endpoint.set_server_config(Some((*config).clone())),
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "QUIC agent endpoint disabled: no usable TLS configuration");
@@ -151,7 +113,7 @@ pub async fn serve(
             _ = shutdown.wait_for(|v| *v) => break,
         };
         let Some(incoming) = incoming else { break };
-        let config = match configs.get(&state) {
+        let config = match configs.get(state.tls.agent()) {
             Ok(config) => config,
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), "QUIC connection refused: no usable TLS configuration");
@@ -189,16 +151,10 @@ pub async fn serve(
     endpoint.wait_idle().await;
 }
 
-fn leaf_certificate(connection: &quinn::Connection) -> Option<Vec<u8>> {
-    let identity = connection.peer_identity()?;
-    let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
-    certs.first().map(|c| c.to_vec())
-}
-
 async fn serve_connection(connection: quinn::Connection, state: SharedState) {
     let peer = connection.remote_address();
     // The verifier required a certificate; its absence here would be a quinn/rustls change.
-    let Some(leaf) = leaf_certificate(&connection) else {
+    let Some(leaf) = peer_certificate(&connection) else {
         connection.close(close::REFUSED.into(), b"a client certificate is required");
         return;
     };
@@ -241,17 +197,8 @@ async fn serve_connection(connection: quinn::Connection, state: SharedState) {
     let (tx, mut rx) = mpsc::channel::<PlaneMessage>(64);
     let writer_connection = connection.clone();
     let writer = tokio::spawn(async move {
-        while let Some(message) = rx.recv().await {
-            let frame = match framing::encode(&message) {
-                Ok(frame) => frame,
-                Err(e) => {
-                    tracing::error!(error = %e, "a plane message cannot be framed; dropped");
-                    continue;
-                }
-            };
-            if send.write_all(&frame).await.is_err() {
-                return;
-            }
+        if !write_frames(&mut send, &mut rx).await {
+            return;
         }
         // The session ended: say so cleanly, then give the agent a moment to read the rest.
         let _ = send.finish();
@@ -259,41 +206,9 @@ async fn serve_connection(connection: quinn::Connection, state: SharedState) {
         writer_connection.close(close::DONE.into(), b"session ended");
     });
     // Shutdown is handled inside the session: it sends a drain and ends.
-    session::serve_opened(state, opened, inbound(recv), tx).await;
+    let inbound = framed_inbound::<AgentMessage>(recv).map(|m| m.map_err(|e| e.to_string()));
+    session::serve_opened(state, opened, inbound, tx).await;
     // The writer ends when the session drops its sender; it closes the connection.
     let _ = writer.await;
     tracing::debug!(%peer, "QUIC session connection closed");
-}
-
-/// The agent's messages from the session stream: frames decoded as they arrive; a cut frame,
-/// an oversized or undecodable message, or a lost connection end the stream with an error.
-pub(crate) fn inbound(
-    recv: quinn::RecvStream,
-) -> impl Stream<Item = Result<AgentMessage, String>> + Unpin + Send {
-    let state = (recv, FrameDecoder::new(), false);
-    Box::pin(futures_util::stream::unfold(
-        state,
-        |(mut recv, mut decoder, done)| async move {
-            if done {
-                return None;
-            }
-            loop {
-                match decoder.next_message::<AgentMessage>() {
-                    Ok(Some(message)) => return Some((Ok(message), (recv, decoder, false))),
-                    Ok(None) => {}
-                    Err(e) => return Some((Err(e.to_string()), (recv, decoder, true))),
-                }
-                match recv.read_chunk(64 * 1024, true).await {
-                    Ok(Some(chunk)) => decoder.push(&chunk.bytes),
-                    Ok(None) => {
-                        return match decoder.finish() {
-                            Ok(()) => None,
-                            Err(e) => Some((Err(e.to_string()), (recv, decoder, true))),
-                        };
-                    }
-                    Err(e) => return Some((Err(e.to_string()), (recv, decoder, true))),
-                }
-            }
-        },
-    ))
 }

@@ -8,18 +8,18 @@
 //! through to the plane, and a leaf without a certificate has nothing to present here.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use futures_util::StreamExt as _;
-use rustls::pki_types::CertificateDer;
-use stella_proto::framing::{self, close};
+use stella_proto::framing::close;
 use stella_proto::{AgentMessage, PlaneMessage};
+use stella_quic::{ServerConfigCache, peer_certificate, session_transport, write_frames};
 
 use super::Relay;
 use super::server::{LeafRefusal, open_leaf};
-use crate::transport::{QUIC_IDLE_TIMEOUT, QUIC_KEEP_ALIVE, framed_inbound, write_frames};
+use crate::transport::{QUIC_IDLE_TIMEOUT, QUIC_KEEP_ALIVE, framed_inbound};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a leaf has to open its session stream after the handshake.
@@ -39,49 +39,9 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
     .context("starting the relay's QUIC endpoint")
 }
 
-fn transport() -> quinn::TransportConfig {
-    let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(QUIC_KEEP_ALIVE));
-    if let Ok(idle) = quinn::IdleTimeout::try_from(QUIC_IDLE_TIMEOUT) {
-        t.max_idle_timeout(Some(idle));
-    }
-    // One session stream per connection; nothing else is accepted from a leaf.
-    t.max_concurrent_bidi_streams(1u8.into());
-    t.max_concurrent_uni_streams(0u8.into());
-    t
-}
-
-/// The quinn configuration for the relay's current TLS configuration, rebuilt only when that
-/// is replaced (a renewed server certificate, a CA rotation).
-#[derive(Default)]
-struct ServerConfigCache {
-    current: Mutex<Option<(Arc<rustls::ServerConfig>, Arc<quinn::ServerConfig>)>>,
-}
-
-impl ServerConfigCache {
-    fn get(&self, tls: Arc<rustls::ServerConfig>) -> anyhow::Result<Arc<quinn::ServerConfig>> {
-        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((source, built)) = current.as_ref()
-            && Arc::ptr_eq(source, &tls)
-        {
-            return Ok(built.clone());
-        }
-        let mut rustls_config = (*tls).clone();
-        rustls_config.alpn_protocols = vec![framing::QUIC_ALPN.to_vec()];
-        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(rustls_config)
-            .context("the relay's TLS configuration cannot serve QUIC")?;
-        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        config.transport_config(Arc::new(transport()));
-        config.migration(true);
-        let built = Arc::new(config);
-        *current = Some((tls, built.clone()));
-        Ok(built)
-    }
-}
-
 /// Accepts leaves over QUIC until the task is aborted (the relay stopping).
 pub async fn serve(relay: Arc<Relay>, endpoint: quinn::Endpoint) {
-    let configs = ServerConfigCache::default();
+    let configs = ServerConfigCache::new(session_transport(QUIC_KEEP_ALIVE, QUIC_IDLE_TIMEOUT));
     // quinn refuses connections while the endpoint has no server configuration: set one as soon
     // as the relay has its certificate; each connection then takes the one current at its
     // arrival.
@@ -125,16 +85,10 @@ pub async fn serve(relay: Arc<Relay>, endpoint: quinn::Endpoint) {
     }
 }
 
-fn leaf_certificate(connection: &quinn::Connection) -> Option<Vec<u8>> {
-    let identity = connection.peer_identity()?;
-    let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
-    certs.first().map(|c| c.to_vec())
-}
-
 async fn serve_connection(relay: Arc<Relay>, connection: quinn::Connection) {
     let peer = connection.remote_address();
     // The TLS listener lets certificate-less clients through for enrollment; a session needs one.
-    let Some(cert) = leaf_certificate(&connection) else {
+    let Some(cert) = peer_certificate(&connection) else {
         connection.close(close::REFUSED.into(), b"a client certificate is required");
         return;
     };
