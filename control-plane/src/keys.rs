@@ -158,11 +158,17 @@ fn write_secret(path: &Path, contents: &str) -> Result<(), KeysError> {
     })
 }
 
+/// Writes a public file whole or not at all (a temporary file renamed over it): the CLI may read
+/// `ca.pem` at any moment, also while a CA rotation rewrites it.
 fn write_public(path: &Path, contents: &str) -> Result<(), KeysError> {
-    std::fs::write(path, contents).map_err(|source| KeysError::Io {
+    let io = |source| KeysError::Io {
         path: path.to_path_buf(),
         source,
-    })
+    };
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, contents).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
 }
 
 fn pki_err(path: &Path) -> impl FnOnce(stella_pki::PkiError) -> KeysError + '_ {
@@ -398,9 +404,15 @@ impl PlaneKeys {
         self.changes.lock().await
     }
 
-    /// Writes the active CA's certificate to `pki/ca.pem` (sealed mode: the CLI reads it there).
-    pub fn write_ca_pem(&self) -> Result<(), KeysError> {
-        write_public(&self.pki_dir.join(CA_CERT_FILE), self.ca().cert_pem())
+    /// Writes the active CA's certificate to `pki/ca.pem` (sealed mode: the CLI reads it there),
+    /// followed by `also`'s when given (while the server certificate moves from one CA to the
+    /// other, the file must trust both).
+    pub fn write_ca_pem(&self, also: Option<&CertificateAuthority>) -> Result<(), KeysError> {
+        let mut pem = self.ca().cert_pem().to_string();
+        if let Some(also) = also {
+            pem.push_str(also.cert_pem());
+        }
+        write_public(&self.pki_dir.join(CA_CERT_FILE), &pem)
     }
 
     pub fn evidence_key(&self) -> &SigningKey {

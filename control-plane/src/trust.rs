@@ -213,16 +213,10 @@ async fn reload_locked(state: &AppState) -> ApiResult<bool> {
             next: stored.next_ca.clone(),
         });
         if active_changed {
-            state
-                .keys
-                .reissue_server()
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
-            state
-                .keys
-                .write_ca_pem()
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            present_active_ca(state, &cas.active)?;
+        } else {
+            state.tls.rebuild(&state.keys, &state.handshake_refusals)?;
         }
-        state.tls.rebuild(&state.keys, &state.handshake_refusals)?;
         changed = true;
     }
     if changed {
@@ -237,6 +231,22 @@ async fn reload_locked(state: &AppState) -> ApiResult<bool> {
         );
     }
     Ok(changed)
+}
+
+/// Presents a server certificate from the newly active CA (sealed mode) in an order that keeps
+/// `pki/ca.pem`, which the CLI trusts, valid for the certificate served at every moment: the
+/// file trusts both CAs while the certificate changes, then the new CA alone. (Written in the
+/// other order, a CLI call to a replica reloading a rotation another replica finished could
+/// find the new CA in the file and the old certificate on the wire.)
+fn present_active_ca(
+    state: &AppState,
+    previous: &stella_pki::CertificateAuthority,
+) -> ApiResult<()> {
+    let internal = |e: crate::keys::KeysError| ApiError::Internal(e.to_string());
+    state.keys.write_ca_pem(Some(previous)).map_err(internal)?;
+    state.keys.reissue_server().map_err(internal)?;
+    state.tls.rebuild(&state.keys, &state.handshake_refusals)?;
+    state.keys.write_ca_pem(None).map_err(internal)
 }
 
 fn write_key(state: &AppState, file: &str, key: &SigningKey) -> ApiResult<()> {
@@ -505,22 +515,21 @@ pub async fn rotate_ca_finish(state: &AppState, force: bool) -> ApiResult<TrustS
             let _ = std::fs::remove_file(dir.join(crate::keys::NEXT_CA_KEY_FILE));
         }
     }
+    let previous = state.keys.ca();
     state.keys.set_cas(CaSet {
         active: next,
         next: None,
     });
-    state
-        .keys
-        .reissue_server()
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
     if state.keys.sealed().is_some() {
-        // File mode wrote ca.pem with the CA above; the CLI reads the active CA there.
+        present_active_ca(state, &previous)?;
+    } else {
+        // File mode wrote ca.pem with the CA above (it is the CA's own file).
         state
             .keys
-            .write_ca_pem()
+            .reissue_server()
             .map_err(|e| ApiError::Internal(e.to_string()))?;
+        state.tls.rebuild(&state.keys, &state.handshake_refusals)?;
     }
-    state.tls.rebuild(&state.keys, &state.handshake_refusals)?;
     let keys = state.keys.job_keys();
     publish(state, &[&keys.active], bundle_keys(&keys)).await?;
     tracing::warn!(ca = state.keys.ca().fingerprint(), "CA rotation finished");

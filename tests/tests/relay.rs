@@ -75,32 +75,67 @@ fn runs_of(agent: &Agent, job_id: &str) -> usize {
         .count()
 }
 
-#[test]
-fn an_agent_enrolls_and_deploys_through_a_relay() {
+/// What [`deploy_through_a_relay`] set up; dropped at the end of the test.
+struct RelayedDeployment {
+    plane: Plane,
+    relay: Relay,
+    _leaf: Agent,
+    target: String,
+    _cleanup: TargetCleanup,
+    _tmp: tempfile::TempDir,
+}
+
+/// A plane, a relay, and a leaf enrolled through the relay that deploys release `release`.
+/// With `quic`, the relay also listens on QUIC and advertises it, and the leaf must hold its
+/// session over QUIC. Checks what both transports share: enrollment passes through the relay
+/// unchanged (token, CSR, pinned CA fingerprint) and the agent is told the advertised URL; the
+/// plane sees the leaf behind the relay; the deployment succeeds and the job ran once.
+fn deploy_through_a_relay(release_name: &str, quic: bool) -> RelayedDeployment {
     let tmp = tempfile::tempdir().unwrap();
     let plane = Plane::start(&tmp.path().join("plane"));
     let mut relay = Relay::enroll(
         &plane,
         &plane.api_url(),
         &tmp.path().join("relay"),
-        "relay-a",
+        &format!("relay-{release_name}"),
     );
+    let mut advertised = relay.url();
+    if quic {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], stella_e2e::free_port()));
+        advertised = format!("quic://{addr}");
+        relay.extra_args = [
+            "--quic-listen",
+            &addr.to_string(),
+            "--advertise",
+            &advertised,
+        ]
+        .map(String::from)
+        .to_vec();
+    }
     relay.start_and_wait();
 
-    // Enrollment passes through the relay unchanged (token, CSR, pinned CA fingerprint); the
-    // agent is told to dial the relay.
-    let mut leaf = enroll_through(&plane, &relay.url(), &tmp.path().join("leaf"), "leaf-a");
+    let mut leaf = enroll_through(
+        &plane,
+        &relay.url(),
+        &tmp.path().join("leaf"),
+        &format!("leaf-{release_name}"),
+    );
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(leaf.dir.join("agent.json")).unwrap()).unwrap();
-    assert_eq!(config["agent_endpoint"], relay.url().as_str());
+    assert_eq!(config["agent_endpoint"], advertised.as_str());
     leaf.start();
     plane.wait_agent(&leaf.id, "connected");
     assert_eq!(relay_of(&plane, &leaf.id), relay.id);
+    let established = leaf
+        .log()
+        .lines()
+        .any(|l| l.contains("session established") && l.contains(&advertised));
+    assert!(established, "{}", leaf.log());
 
-    let (target, _cleanup) = docker_target(&plane, &leaf);
+    let (target, cleanup) = docker_target(&plane, &leaf);
     let image = TestImage::busybox_sleeper(&unique("stella-e2e/relay"), "1");
-    release(&plane, "via-relay-1", &image);
-    let dep = plane.json(&["deploy", "via-relay-1", "--env", "dev"]);
+    release(&plane, release_name, &image);
+    let dep = plane.json(&["deploy", release_name, "--env", "dev"]);
     assert_eq!(dep["status"], "succeeded", "{dep:#}");
     let ids = containers_of(&target);
     assert_eq!(ids.len(), 1);
@@ -109,18 +144,31 @@ fn an_agent_enrolls_and_deploys_through_a_relay() {
     let job_id = dep["jobs"][0]["id"].as_str().unwrap().to_string();
     assert!(!finished_at(&plane, &job_id).is_empty());
     assert_eq!(runs_of(&leaf, &job_id), 1);
+    RelayedDeployment {
+        plane,
+        relay,
+        _leaf: leaf,
+        target,
+        _cleanup: cleanup,
+        _tmp: tmp,
+    }
+}
+
+#[test]
+fn an_agent_enrolls_and_deploys_through_a_relay() {
+    let d = deploy_through_a_relay("via-relay-1", false);
     // Nothing is left waiting at the relay once the plane has acknowledged it.
     wait_until(
         Duration::from_secs(30),
         "the relay's backlog to drain",
-        || (relay.metric("stella_relay_backlog_results") == Some(0)).then_some(()),
+        || (d.relay.metric("stella_relay_backlog_results") == Some(0)).then_some(()),
     );
     // Inventory reached the plane through the relay.
     wait_until(
         Duration::from_secs(30),
         "inventory through the relay",
         || {
-            let t = plane.json(&["target", "show", &target]);
+            let t = d.plane.json(&["target", "show", &d.target]);
             (t["observed_at"].is_string() && !t["observed"].as_array()?.is_empty()).then_some(())
         },
     );
@@ -131,45 +179,9 @@ fn an_agent_enrolls_and_deploys_through_a_relay() {
 /// QUIC listener refuses a connection that presents no client certificate.
 #[test]
 fn an_agent_behind_a_relay_holds_its_session_over_quic() {
-    let tmp = tempfile::tempdir().unwrap();
-    let plane = Plane::start(&tmp.path().join("plane"));
-    let mut relay = Relay::enroll(
-        &plane,
-        &plane.api_url(),
-        &tmp.path().join("relay"),
-        "relay-quic",
-    );
-    let quic = std::net::SocketAddr::from(([127, 0, 0, 1], stella_e2e::free_port()));
-    let quic_url = format!("quic://{quic}");
-    relay.extra_args = vec![
-        "--quic-listen".to_string(),
-        quic.to_string(),
-        "--advertise".to_string(),
-        quic_url.clone(),
-    ];
-    relay.start_and_wait();
-
-    let mut leaf = enroll_through(&plane, &relay.url(), &tmp.path().join("leaf"), "leaf-quic");
-    let config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(leaf.dir.join("agent.json")).unwrap()).unwrap();
-    assert_eq!(config["agent_endpoint"], quic_url.as_str());
-    leaf.start();
-    plane.wait_agent(&leaf.id, "connected");
-    assert_eq!(relay_of(&plane, &leaf.id), relay.id);
-    let over_quic = leaf
-        .log()
-        .lines()
-        .any(|l| l.contains("session established") && l.contains(&quic_url));
-    assert!(over_quic, "{}", leaf.log());
-
-    let (target, _cleanup) = docker_target(&plane, &leaf);
-    let image = TestImage::busybox_sleeper(&unique("stella-e2e/relay-quic"), "1");
-    release(&plane, "via-quic-1", &image);
-    let dep = plane.json(&["deploy", "via-quic-1", "--env", "dev"]);
-    assert_eq!(dep["status"], "succeeded", "{dep:#}");
-    assert_eq!(containers_of(&target).len(), 1);
-    let job_id = dep["jobs"][0]["id"].as_str().unwrap().to_string();
-    assert_eq!(runs_of(&leaf, &job_id), 1);
+    let d = deploy_through_a_relay("via-quic-1", true);
+    let quic: std::net::SocketAddr = d.relay.extra_args[1].parse().unwrap();
+    let plane = &d.plane;
 
     // No client certificate: the handshake completes (enrollment needs certificate-less TLS on
     // the other listener, and the server configuration is shared), then the relay refuses.
